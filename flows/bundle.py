@@ -1,0 +1,217 @@
+"""Model bundles: a directory holding both models of the two-model posterior and what they need.
+
+```
+bundle/
+  manifest.json     format version, kind, preset, Glow config, preprocessing, versions,
+                    training-data fingerprints, training metrics, sha256 of each weight file
+  m0.pt             state dict of M0 (normal images only)
+  m1.pt             state dict of M1 (unlabelled mixture)
+  calibration.json  reference distribution of the abnormality score, operating thresholds
+```
+Loading verifies every hash and refuses a bundle whose format version or preprocessing
+does not match what the caller will feed it. Weights are loaded with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from flows.glow import Glow, GlowConfig
+from flows.preprocess import Preprocessing
+
+FORMAT_VERSION = 1
+WEIGHT_FILES = ("m0.pt", "m1.pt")
+
+
+class BundleError(ValueError):
+    """A bundle that cannot be used, with the reason."""
+
+
+@dataclass
+class Calibration:
+    """Reference distribution of the abnormality score (``-log posterior``) and thresholds.
+
+    ``reference`` are abnormality scores on the calibration set (the mixture by default), so
+    a new case's percentile says where it falls among the hospital's own cases.
+    """
+
+    reference: list[float]
+    threshold: float
+    threshold_method: str  # "youden" (labelled validation set) or "percentile:<p>"
+    youden: dict[str, float] | None = None
+    auroc: dict[str, float] | None = None
+
+    def percentile(self, scores: np.ndarray) -> np.ndarray:
+        ref = np.sort(np.asarray(self.reference, dtype=np.float64))
+        if ref.size == 0:
+            raise BundleError("calibration has an empty reference distribution")
+        return 100.0 * np.searchsorted(ref, np.asarray(scores, dtype=np.float64), side="right") / ref.size
+
+    @classmethod
+    def from_scores(cls, reference: np.ndarray, *, labels: np.ndarray | None = None,
+                    scores: np.ndarray | None = None, percentile: float = 90.0) -> Calibration:
+        """Youden cutoff when a labelled validation set is given, else a reference percentile."""
+        ref = np.asarray(reference, dtype=np.float64)
+        if ref.size == 0 or not np.isfinite(ref).all():
+            raise BundleError("calibration scores are empty or non-finite")
+        if labels is not None and scores is not None and len(np.unique(labels)) == 2:
+            from flows.evaluate import roc_auc_ci, youden_cutoff
+
+            cut = youden_cutoff(labels, scores)
+            ci = roc_auc_ci(labels, scores, n_boot=500)
+            return cls(reference=ref.tolist(), threshold=float(cut.threshold),
+                       threshold_method="youden", youden=asdict(cut),
+                       auroc={"auc": ci.auc, "lo": ci.lo, "hi": ci.hi})
+        return cls(reference=ref.tolist(), threshold=float(np.percentile(ref, percentile)),
+                   threshold_method=f"percentile:{percentile:g}")
+
+
+@dataclass
+class Bundle:
+    path: Path
+    manifest: dict[str, Any]
+    m0: Glow
+    m1: Glow
+    calibration: Calibration
+    preprocessing: Preprocessing = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.preprocessing = Preprocessing.from_dict(self.manifest["preprocessing"])
+
+    @property
+    def name(self) -> str:
+        return str(self.manifest.get("name", self.path.name))
+
+    @property
+    def version(self) -> str:
+        return str(self.manifest.get("version", "0"))
+
+    @property
+    def kind(self) -> str:
+        return str(self.manifest["kind"])
+
+    @property
+    def fingerprint(self) -> str:
+        """Changes whenever any weight file changes (for device UIDs and provenance)."""
+        h = hashlib.sha256()
+        for name in WEIGHT_FILES:
+            h.update(self.manifest["files"][name].encode())
+        return h.hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        ours = version("triage-node")
+    except PackageNotFoundError:
+        ours = "unknown"
+    return {"triage-node": ours, "torch": torch.__version__, "numpy": np.__version__,
+            "python": platform.python_version()}
+
+
+def save_bundle(path: str | Path, *, m0: Glow, m1: Glow, preset: str, preprocessing: Preprocessing,
+                calibration: Calibration, name: str, version: str = "1",
+                training: dict[str, Any] | None = None) -> Path:
+    """Write a bundle directory (weights first, manifest last, each file atomically)."""
+    if m0.config != m1.config:
+        raise BundleError("M0 and M1 must share one Glow configuration")
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for fname, model in zip(WEIGHT_FILES, (m0, m1), strict=True):
+        tmp = out / (fname + ".tmp")
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+        os.replace(tmp, out / fname)
+        files[fname] = sha256_file(out / fname)
+    _write_atomic(out / "calibration.json", json.dumps(asdict(calibration)).encode())
+    files["calibration.json"] = sha256_file(out / "calibration.json")
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "name": name,
+        "version": version,
+        "kind": preprocessing.kind,
+        "preset": preset,
+        "glow": asdict(m0.config),
+        "preprocessing": preprocessing.to_dict(),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "versions": versions(),
+        "training": training or {},
+        "files": files,
+    }
+    _write_atomic(out / "manifest.json", json.dumps(manifest, indent=2).encode())
+    return out
+
+
+def load_bundle(path: str | Path, *, expect: Preprocessing | None = None,
+                device: str | torch.device = "cpu") -> Bundle:
+    """Load and verify a bundle; raise :class:`BundleError` naming what is wrong."""
+    root = Path(path)
+    mpath = root / "manifest.json"
+    if not mpath.is_file():
+        raise BundleError(f"{root}: not a model bundle (no manifest.json)")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except json.JSONDecodeError as e:
+        raise BundleError(f"{mpath}: manifest is not valid JSON ({e})") from e
+    fv = manifest.get("format_version")
+    if fv != FORMAT_VERSION:
+        raise BundleError(f"{root}: bundle format version {fv!r}, this software reads "
+                          f"version {FORMAT_VERSION}; re-export the bundle")
+    prep = Preprocessing.from_dict(manifest["preprocessing"])
+    if expect is not None:
+        diff = prep.mismatch(expect)
+        if diff:
+            raise BundleError(f"{root}: preprocessing does not match what the node feeds it: "
+                              + "; ".join(diff))
+    files = manifest.get("files", {})
+    for fname in (*WEIGHT_FILES, "calibration.json"):
+        fp = root / fname
+        if not fp.is_file():
+            raise BundleError(f"{root}: missing {fname}")
+        if fname not in files:
+            raise BundleError(f"{root}: manifest has no hash for {fname}")
+        if sha256_file(fp) != files[fname]:
+            raise BundleError(f"{root}: {fname} is corrupted or was modified "
+                              "(sha256 does not match the manifest)")
+    config = GlowConfig(**manifest["glow"])
+    models = []
+    for fname in WEIGHT_FILES:
+        model = Glow(config)
+        try:
+            state = torch.load(root / fname, map_location="cpu", weights_only=True)
+            model.load_state_dict(state)
+        except Exception as e:
+            raise BundleError(f"{root}: cannot load {fname}: {e}") from e
+        if not model.initialized:
+            raise BundleError(f"{root}: {fname} holds an uninitialised model")
+        models.append(model.to(device).eval())
+    cal = Calibration(**json.loads((root / "calibration.json").read_text()))
+    return Bundle(path=root, manifest=manifest, m0=models[0], m1=models[1], calibration=cal)

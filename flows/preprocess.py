@@ -1,0 +1,111 @@
+"""Per-kind preprocessing: raw pixel arrays -> model grid, values in [0, 1].
+
+A bundle records the :class:`Preprocessing` its models were trained with, and the node must
+feed them exactly that; :func:`Preprocessing.mismatch` says which field differs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
+
+import numpy as np
+from scipy import ndimage
+
+Intensity = Literal["minmax", "window", "none"]
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a raw image becomes a model input.
+
+    ``window`` (for CT, in HU) maps ``[lo, hi]`` to [0, 1]; the paper's head-CT window
+    ``clip(HU + 14, 0, 127)`` is ``(-14, 114)`` at 7 bits. ``minmax`` rescales each image
+    to its own range (radiographs: exposure and detector gain vary between sites).
+    """
+
+    kind: str
+    shape: tuple[int, ...]
+    n_bits: int = 8
+    intensity: Intensity = "minmax"
+    window: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.intensity == "window" and self.window is None:
+            raise ValueError("intensity='window' needs a (lo, hi) window")
+        if any(int(s) <= 0 for s in self.shape):
+            raise ValueError(f"model shape must be positive, got {self.shape}")
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        d["window"] = list(self.window) if self.window is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown preprocessing field(s): {sorted(unknown)}")
+        window = d.get("window")
+        return cls(kind=str(d["kind"]), shape=tuple(int(s) for s in d["shape"]),
+                   n_bits=int(d.get("n_bits", 8)), intensity=d.get("intensity", "minmax"),
+                   window=(float(window[0]), float(window[1])) if window is not None else None)
+
+    def mismatch(self, other: Preprocessing) -> list[str]:
+        """Human-readable differences, empty when the two are interchangeable."""
+        out = []
+        for f in fields(self):
+            a, b = getattr(self, f.name), getattr(other, f.name)
+            if a != b:
+                out.append(f"{f.name}: {a!r} != {b!r}")
+        return out
+
+    def apply(self, images: np.ndarray) -> np.ndarray:
+        """``(N, *spatial)`` or ``(N, 1, *spatial)`` raw arrays -> ``(N, 1, *shape)`` float32 in [0, 1]."""
+        arr = np.asarray(images)
+        if arr.ndim == self.ndim + 2 and arr.shape[1] == 1:
+            arr = arr[:, 0]
+        if arr.ndim != self.ndim + 1:
+            raise ValueError(
+                f"{self.kind}: expected a batch of {self.ndim}D images shaped (N, *spatial) "
+                f"or (N, 1, *spatial), got shape {arr.shape}")
+        if arr.shape[0] == 0:
+            raise ValueError(f"{self.kind}: empty batch")
+        if not np.issubdtype(arr.dtype, np.number):
+            raise ValueError(f"{self.kind}: images must be numeric, got dtype {arr.dtype}")
+        bad = ~np.isfinite(arr)
+        if bad.any():
+            first = int(np.argwhere(bad.reshape(arr.shape[0], -1).any(axis=1))[0][0])
+            raise ValueError(f"{self.kind}: {int(bad.sum())} NaN/inf pixel(s); first bad image index {first}")
+        out = np.empty((arr.shape[0], 1, *self.shape), dtype=np.float32)
+        for i in range(arr.shape[0]):
+            out[i, 0] = self._one(arr[i].astype(np.float32, copy=False))
+        return out
+
+    def _one(self, img: np.ndarray) -> np.ndarray:
+        if self.intensity == "window":
+            assert self.window is not None
+            lo, hi = self.window
+            img = np.clip((img - lo) / (hi - lo), 0.0, 1.0)
+        elif self.intensity == "minmax":
+            lo, hi = float(img.min()), float(img.max())
+            img = (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
+        img = resize(img, self.shape)
+        return np.clip(img, 0.0, 1.0)
+
+
+def resize(img: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Linear resampling to ``shape`` with a Gaussian anti-alias filter when shrinking."""
+    if tuple(img.shape) == tuple(shape):
+        return img.astype(np.float32, copy=False)
+    factors = [t / s for t, s in zip(shape, img.shape, strict=True)]
+    sigma = [max(0.0, (1.0 / f - 1.0) / 2.0) for f in factors]
+    if any(s > 0 for s in sigma):
+        img = ndimage.gaussian_filter(img, sigma)
+    return ndimage.zoom(img, factors, order=1, grid_mode=True, mode="nearest").astype(np.float32)

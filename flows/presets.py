@@ -1,0 +1,94 @@
+"""Named training presets.
+
+``paper-*`` reproduce the papers' settings and need a GPU; ``cpu-*`` are small enough to
+train in minutes on a 2-core CPU machine (tests, the demo, CI).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from flows.glow import GlowConfig
+from flows.preprocess import Preprocessing
+
+BCT_WINDOW = (-14.0, 114.0)  # clip(HU + 14, 0, 127) at 7 bits (Shibata et al.)
+CHESTCT_WINDOW = (-1020.0, 200.0)  # CT-3DFlow
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    glow: GlowConfig
+    preprocessing: Preprocessing
+    batch_size: int
+    lr: float
+    epochs: int
+    weight_decay: float = 0.0
+    warmup_steps: int = 200
+    grad_clip: float = 50.0
+    # Fine-tuning M0 from M1 (see docs/decisions.md): epochs on the normal set.
+    finetune_epochs: int = 0
+    finetune_lr: float = 0.0
+
+    @property
+    def kind(self) -> str:
+        return self.preprocessing.kind
+
+    def with_overrides(self, **kw: object) -> Preset:
+        return replace(self, **kw)  # type: ignore[arg-type]
+
+
+def _cxr(shape: tuple[int, int], n_bits: int = 8) -> Preprocessing:
+    return Preprocessing(kind="cxr", shape=shape, n_bits=n_bits, intensity="minmax")
+
+
+def _bct(shape: tuple[int, int, int]) -> Preprocessing:
+    return Preprocessing(kind="bct", shape=shape, n_bits=7, intensity="window", window=BCT_WINDOW)
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in [
+        Preset("paper-cxr", "Shibata et al. CXR: 512x512, L7 K32, width 512 (GPU)",
+               GlowConfig(1, 2, levels=7, steps=32, hidden=512, scale_fn="paper", checkpoint=True),
+               _cxr((512, 512)), batch_size=128, lr=1e-3, epochs=200),
+        Preset("paper-bct", "Shibata et al. head CT: 32x128x128, L4 K32, width 512, 7-bit (GPU)",
+               GlowConfig(1, 3, levels=4, steps=32, hidden=512, scale_fn="paper", checkpoint=True),
+               _bct((32, 128, 128)), batch_size=1, lr=1e-4, epochs=200),
+        Preset("ct3dflow", "CT-3DFlow chest-CT patches: 48^3 at 2 mm, L4 K64 (GPU)",
+               # 48 is divisible by 2**4.
+               GlowConfig(1, 3, levels=4, steps=64, hidden=512, scale_fn="glow", checkpoint=True),
+               Preprocessing(kind="chestct", shape=(48, 48, 48), n_bits=8, intensity="window",
+                             window=CHESTCT_WINDOW),
+               batch_size=8, lr=1e-4, epochs=100, weight_decay=1e-5),
+        Preset("cpu-cxr", "small CXR model for a 2-core CPU: 64x64, L4 K8, width 96",
+               GlowConfig(1, 2, levels=4, steps=8, hidden=96, scale_fn="paper"),
+               _cxr((64, 64)), batch_size=32, lr=1e-3, epochs=12, warmup_steps=100,
+               finetune_epochs=6, finetune_lr=2e-4),
+        Preset("cpu-bct", "small head-CT model for a 2-core CPU: 16x64x64, L3 K6, width 48",
+               GlowConfig(1, 3, levels=3, steps=6, hidden=48, scale_fn="paper"),
+               _bct((16, 64, 64)), batch_size=8, lr=1e-3, epochs=10, warmup_steps=100,
+               finetune_epochs=5, finetune_lr=2e-4),
+        Preset("cpu-chestct", "small chest-CT patch model for a 2-core CPU: 16^3, L2 K6, width 48",
+               GlowConfig(1, 3, levels=2, steps=6, hidden=48, scale_fn="glow"),
+               Preprocessing(kind="chestct", shape=(16, 16, 16), n_bits=8, intensity="window",
+                             window=CHESTCT_WINDOW),
+               batch_size=32, lr=1e-3, epochs=10, weight_decay=1e-5),
+        Preset("tiny-cxr", "a toy model for unit tests: 16x16, L2 K2, width 16",
+               GlowConfig(1, 2, levels=2, steps=2, hidden=16, scale_fn="paper"),
+               _cxr((16, 16)), batch_size=16, lr=1e-3, epochs=2, warmup_steps=5,
+               finetune_epochs=1, finetune_lr=5e-4),
+        Preset("tiny-bct", "a toy model for unit tests: 8x16x16, L2 K2, width 8",
+               GlowConfig(1, 3, levels=2, steps=2, hidden=8, scale_fn="paper"),
+               _bct((8, 16, 16)), batch_size=4, lr=1e-3, epochs=2, warmup_steps=5,
+               finetune_epochs=1, finetune_lr=5e-4),
+    ]
+}
+
+
+def get_preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}") from None
