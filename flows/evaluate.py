@@ -850,3 +850,29 @@ def evaluate(
     _write_atomic(out / "summary.json", json.dumps(summary, indent=2, allow_nan=False) + "\n")
     _write_atomic(out / "summary.md", _markdown(summary, names))
     return summary
+
+
+def save_samples(path: Path, images: np.ndarray, *, title: str = "", ncol: int = 4) -> Path:
+    """A plain grid of images (e.g. samples drawn from a model), middle slice for 3D."""
+    from matplotlib import colormaps
+
+    n = int(np.shape(images)[0])
+    if n == 0:
+        raise ValueError("no images to show")
+    ncol = max(1, min(ncol, n))
+    nrow = math.ceil(n / ncol)
+    panels = [_panel(images, i) for i in range(n)]
+    H, W = panels[0].shape
+    mosaic = np.full((nrow * (H + 1), ncol * (W + 1)), np.nan)
+    for j, p in enumerate(panels):
+        r, c = divmod(j, ncol)
+        mosaic[r * (H + 1): r * (H + 1) + H, c * (W + 1): c * (W + 1) + W] = p
+    fig = _figure(2.0 * ncol, 2.0 * nrow * H / W + 0.4, dpi=110)
+    ax = fig.add_axes((0.0, 0.0, 1.0, 0.92))
+    ax.imshow(mosaic, cmap=colormaps["gray"].with_extremes(bad="white"), vmin=0.0, vmax=1.0)
+    ax.set_axis_off()
+    fig.suptitle(title, fontsize=10)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    return out

@@ -284,7 +284,7 @@ def train(images: np.ndarray, preset: Preset, *, out_dir: str | Path | None = No
                 if ok:
                     opt.step()
                     bad_run = 0
-                    run_loss += float(loss) * len(idx)
+                    run_loss += float(loss.detach()) * len(idx)
                     run_n += len(idx)
                 else:
                     skipped += 1

@@ -1,0 +1,100 @@
+"""Bundles: round trip, verification, refusal with reasons; the posterior scorer."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flows.bundle import Bundle, BundleError, load_bundle
+from flows.posterior import PosteriorScorer
+from flows.preprocess import Preprocessing
+from tests.conftest import blobs
+
+
+def _copy(b: Bundle, tmp_path: Path) -> Path:
+    dst = tmp_path / "copy"
+    shutil.copytree(b.path, dst)
+    return dst
+
+
+def test_bundle_round_trip_and_manifest(tiny_bundle: Bundle) -> None:
+    m = tiny_bundle.manifest
+    assert m["kind"] == "cxr" and m["preset"] == "tiny-cxr"
+    assert set(m["files"]) == {"m0.pt", "m1.pt", "calibration.json"}
+    assert m["training"]["normal"]["n"] == 64 and len(m["training"]["normal"]["sha256"]) == 64
+    assert m["versions"]["torch"]
+    again = load_bundle(tiny_bundle.path, expect=tiny_bundle.preprocessing)
+    assert again.fingerprint == tiny_bundle.fingerprint
+    assert tiny_bundle.calibration.threshold_method == "youden"
+
+
+def test_corrupted_weights_are_refused(tiny_bundle: Bundle, tmp_path: Path) -> None:
+    p = _copy(tiny_bundle, tmp_path)
+    data = bytearray((p / "m1.pt").read_bytes())
+    data[-100] ^= 0xFF
+    (p / "m1.pt").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"m1\.pt is corrupted"):
+        load_bundle(p)
+
+
+def test_preprocessing_mismatch_is_named(tiny_bundle: Bundle) -> None:
+    other = Preprocessing(kind="cxr", shape=(32, 32), n_bits=8)
+    with pytest.raises(BundleError, match=r"shape: \(16, 16\) != \(32, 32\)"):
+        load_bundle(tiny_bundle.path, expect=other)
+
+
+def test_format_version_and_missing_files(tiny_bundle: Bundle, tmp_path: Path) -> None:
+    p = _copy(tiny_bundle, tmp_path)
+    m = json.loads((p / "manifest.json").read_text())
+    m["format_version"] = 99
+    (p / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="format version 99"):
+        load_bundle(p)
+    with pytest.raises(BundleError, match="not a model bundle"):
+        load_bundle(tmp_path / "nowhere")
+    q = tmp_path / "q"
+    shutil.copytree(tiny_bundle.path, q)
+    (q / "m0.pt").unlink()
+    with pytest.raises(BundleError, match=r"missing m0\.pt"):
+        load_bundle(q)
+
+
+def test_scorer_is_deterministic_and_consistent(tiny_bundle: Bundle) -> None:
+    x, _ = blobs(24, (16, 16), abnormal=0.5, seed=9)
+    s1 = PosteriorScorer(tiny_bundle, batch_size=5).score(x)
+    s2 = PosteriorScorer(tiny_bundle, batch_size=24).score(x)
+    np.testing.assert_allclose(s1.log_posterior, s2.log_posterior, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(s1.log_posterior, s1.log_p_normal - s1.log_p_mixture)
+    assert ((s1.percentile >= 0) & (s1.percentile <= 100)).all()
+    drawn = PosteriorScorer(tiny_bundle, draws=3).score(x)
+    again = PosteriorScorer(tiny_bundle, draws=3).score(x)
+    np.testing.assert_array_equal(drawn.log_posterior, again.log_posterior)
+
+
+def test_scorer_refuses_bad_input(tiny_bundle: Bundle) -> None:
+    sc = PosteriorScorer(tiny_bundle)
+    with pytest.raises(ValueError, match="expects images shaped"):
+        sc.score(np.zeros((2, 1, 8, 8), np.float32))
+    with pytest.raises(ValueError, match="empty"):
+        sc.score(np.zeros((0, 1, 16, 16), np.float32))
+    bad = np.zeros((2, 1, 16, 16), np.float32)
+    bad[0, 0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        sc.score(bad)
+    with pytest.raises(ValueError, match="NaN"):
+        sc.score_raw(bad[:, 0])
+
+
+def test_preprocessing_apply() -> None:
+    p = Preprocessing(kind="bct", shape=(4, 8, 8), n_bits=7, intensity="window", window=(-14, 114))
+    hu = np.full((2, 8, 16, 16), 50.0, np.float32)
+    out = p.apply(hu)
+    assert out.shape == (2, 1, 4, 8, 8)
+    np.testing.assert_allclose(out, 64 / 128, atol=1e-5)
+    with pytest.raises(ValueError, match="shaped"):
+        p.apply(np.zeros((8, 16, 16)))
+    assert Preprocessing.from_dict(p.to_dict()) == p
