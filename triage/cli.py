@@ -1,0 +1,237 @@
+"""The ``triage`` command line.
+
+Heavy imports (torch, matplotlib) happen inside the commands so ``triage --help`` is quick.
+"""
+
+from __future__ import annotations
+
+import json
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="DICOM/PACS AI triage node: normalizing-flow anomaly scores for CXR and CT.",
+                  no_args_is_help=True, pretty_exceptions_show_locals=False)
+console = Console(stderr=True)
+
+
+class Kind(StrEnum):
+    cxr = "cxr"
+    bct = "bct"
+
+
+def _fail(msg: str) -> typer.Exit:
+    console.print(f"[red]error:[/] {msg}")
+    return typer.Exit(code=2)
+
+
+@app.command()
+def synth(
+    kind: Annotated[Kind, typer.Argument(help="cxr (chest radiographs) or bct (head CT)")],
+    out: Annotated[Path, typer.Argument(help="output .npz file, or a folder with --dicom")],
+    n: Annotated[int, typer.Option(help="number of cases")] = 1000,
+    abnormal_fraction: Annotated[float, typer.Option(help="0 = all normal; 0.5 = a mixture")] = 0.0,
+    size: Annotated[int, typer.Option(help="CXR image size (pixels)")] = 64,
+    shape: Annotated[str, typer.Option(help="head-CT volume D,H,W")] = "16,64,64",
+    seed: Annotated[int, typer.Option(help="random seed; case i depends only on (seed, i)")] = 0,
+    dicom: Annotated[bool, typer.Option(help="write DICOM studies + labels.csv instead of .npz")] = False,
+) -> None:
+    """Generate a phantom data set with labelled abnormalities."""
+    from flows.phantoms import make_cxr, make_headct
+
+    if not 0.0 <= abnormal_fraction <= 1.0:
+        raise _fail("--abnormal-fraction must be between 0 and 1")
+    try:
+        with console.status(f"generating {n} {kind.value} phantoms"):
+            if kind is Kind.cxr:
+                ps = make_cxr(n, size=size, abnormal_fraction=abnormal_fraction, seed=seed)
+            else:
+                dims = tuple(int(s) for s in shape.split(","))
+                if len(dims) != 3:
+                    raise ValueError("--shape must be three integers D,H,W")
+                ps = make_headct(n, shape=dims, abnormal_fraction=abnormal_fraction,
+                                 seed=seed)
+    except ValueError as e:
+        raise _fail(str(e)) from e
+    if dicom:
+        from triage.phantom_dicom import write_dicom_studies
+
+        write_dicom_studies(ps, out, seed=seed)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        ps.save_npz(out)
+    counts = {f: ps.findings.count(f) for f in sorted(set(ps.findings))}
+    console.print(f"wrote {n} {kind.value} cases to {out}: {counts}")
+
+
+def _load_set(path: Path, preset_name: str) -> tuple[object, object, object]:
+    """(preprocessed images, labels or None, phantom set or None) from .npz / folder."""
+    import triage.imaging  # noqa: F401  (registers the DICOM folder loader)
+    from flows.phantoms import PhantomSet
+    from flows.presets import get_preset
+    from flows.train import load_images
+
+    preset = get_preset(preset_name)
+    prep = preset.preprocessing
+    if path.suffix == ".npz" and path.is_file():
+        try:
+            ps = PhantomSet.load_npz(path)
+            return prep.apply(ps.images), ps.labels, ps
+        except (KeyError, ValueError):
+            pass
+    raw = load_images(path, prep.ndim)
+    return prep.apply(raw), None, None
+
+
+@app.command()
+def train(
+    preset: Annotated[str, typer.Option(help="preset name (see `triage presets`)")] = "cpu-cxr",
+    out: Annotated[Path, typer.Option(help="output: a bundle directory, or a model directory")] = Path(
+        "runs/bundle"),
+    normal: Annotated[Path | None, typer.Option(help="normal images (.npz/.npy/folder/DICOM folder)")] = None,
+    mixture: Annotated[Path | None, typer.Option(help="unlabelled mixture images")] = None,
+    data: Annotated[Path | None, typer.Option(help="train ONE model on these images instead")] = None,
+    validation: Annotated[Path | None, typer.Option(help="labelled set for the Youden threshold")] = None,
+    name: Annotated[str | None, typer.Option(help="bundle name")] = None,
+    version: Annotated[str, typer.Option(help="bundle version")] = "1",
+    strategy: Annotated[str, typer.Option(help="independent | finetune-m1 | finetune-m0")] = "finetune-m1",
+    epochs: Annotated[int | None, typer.Option(help="override the preset's epochs")] = None,
+    finetune_epochs: Annotated[int | None, typer.Option(help="override fine-tuning epochs")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="override the preset's batch size")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 (default: auto)")] = None,
+    resume: Annotated[bool, typer.Option(help="continue from out/checkpoint.pt (single model)")] = False,
+) -> None:
+    """Train a bundle (--normal + --mixture) or a single model (--data)."""
+    from flows.build import BuildOptions, build_bundle
+    from flows.presets import get_preset
+    from flows.train import TrainOptions
+    from flows.train import train as train_one
+
+    try:
+        p = get_preset(preset)
+        if data is not None:
+            imgs, _, _ = _load_set(data, preset)
+            opts = TrainOptions.from_preset(p, epochs=epochs, batch_size=batch_size, seed=seed)
+            res = train_one(imgs, p, out_dir=out, options=opts, resume=resume, device=device)  # type: ignore[arg-type]
+            import torch
+
+            torch.save(res.model.state_dict(), out / "model.pt")
+            (out / "model.json").write_text(json.dumps({"preset": p.name, **res.metrics}, indent=2))
+            console.print(f"model written to {out / 'model.pt'} (val {res.best_val_bpd:.3f} bits/dim)")
+            return
+        if normal is None or mixture is None:
+            raise ValueError("give --normal and --mixture for a bundle, or --data for one model")
+        n_imgs, _, _ = _load_set(normal, preset)
+        m_imgs, _, _ = _load_set(mixture, preset)
+        val = None
+        if validation is not None:
+            v_imgs, v_labels, _ = _load_set(validation, preset)
+            if v_labels is None:
+                raise ValueError(f"{validation}: no labels (use a phantom .npz or give none)")
+            val = (v_imgs, v_labels)
+        build_bundle(out, preset=p, normal=n_imgs, mixture=m_imgs, name=name or out.name,  # type: ignore[arg-type]
+                     version=version, validation=val,  # type: ignore[arg-type]
+                     options=BuildOptions(strategy=strategy, seed=seed, epochs=epochs,  # type: ignore[arg-type]
+                                          finetune_epochs=finetune_epochs, batch_size=batch_size,
+                                          device=device),
+                     log=console.print)
+    except (ValueError, FileNotFoundError) as e:
+        raise _fail(str(e)) from e
+
+
+@app.command()
+def evaluate(
+    bundle: Annotated[Path, typer.Option(help="bundle directory")],
+    data: Annotated[Path, typer.Option(help="labelled test set (.npz from `triage synth`)")],
+    out: Annotated[Path, typer.Option(help="report directory")] = Path("runs/eval"),
+    n_boot: Annotated[int, typer.Option(help="bootstrap draws for the CIs")] = 1000,
+) -> None:
+    """Score a labelled set: AUROC with CIs, histograms, montages, confound plots."""
+    from flows.bundle import BundleError, load_bundle
+    from flows.evaluate import evaluate as run_eval
+    from flows.phantoms import PhantomSet
+    from flows.phantoms.baselines import trivial_baselines
+    from flows.posterior import PosteriorScorer
+
+    try:
+        b = load_bundle(bundle)
+        ps = PhantomSet.load_npz(data)
+        imgs = b.preprocessing.apply(ps.images)
+        with console.status(f"scoring {len(imgs)} images"):
+            s = PosteriorScorer(b).score(imgs)
+        scores = {"posterior": s.abnormality, "likelihood": -s.log_p_normal,
+                  **{f"baseline_{k}": v for k, v in
+                     trivial_baselines(ps.images, kind=b.kind).items()}}
+        classes = ["normal", *sorted({f for f in ps.findings if f != "normal"})]
+        labels = [classes.index(f) for f in ps.findings]
+        import numpy as np
+
+        summary = run_eval(out, labels=np.asarray(labels), findings=classes, scores=scores,
+                           images=imgs, zero_fraction=ps.zero_fraction, n_boot=n_boot,
+                           title=f"{b.name} on {data.name}",
+                           extra={"bundle": b.name, "preset": b.manifest.get("preset"),
+                                  "data": str(data)})
+    except (ValueError, FileNotFoundError, BundleError) as e:
+        raise _fail(str(e)) from e
+    table = Table(title=f"{b.name} on {data.name}")
+    table.add_column("score")
+    table.add_column("AUROC [95% CI]")
+    for name, entry in summary["scores"].items():
+        o = entry["overall"]
+        table.add_row(name, f"{o['auc']:.3f} [{o['lo']:.3f}, {o['hi']:.3f}]")
+    Console().print(table)
+    console.print(f"report: {out / 'summary.md'}")
+
+
+@app.command()
+def sample(
+    bundle: Annotated[Path, typer.Option(help="bundle directory")],
+    out: Annotated[Path, typer.Option(help="output PNG")] = Path("runs/samples.png"),
+    model: Annotated[str, typer.Option(help="m0 (normal) or m1 (mixture)")] = "m0",
+    n: Annotated[int, typer.Option(help="number of samples")] = 16,
+    temperature: Annotated[float, typer.Option(help="prior temperature (0.6-0.8 looks best)")] = 0.7,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Draw fictional images from a bundle's model (like Shibata et al.'s Fig. 15)."""
+    import torch
+
+    from flows.bundle import BundleError, load_bundle
+    from flows.evaluate import save_samples
+
+    try:
+        b = load_bundle(bundle)
+        if model not in ("m0", "m1"):
+            raise ValueError("--model must be m0 or m1")
+        g = b.m0 if model == "m0" else b.m1
+        x = g.sample(n, b.preprocessing.shape, temperature=temperature,
+                     generator=torch.Generator().manual_seed(seed))
+        imgs = (x.clamp(-0.5, 0.5) + 0.5).cpu().numpy()
+        save_samples(out, imgs, title=f"{b.name} {model}, temperature {temperature:g}")
+    except (ValueError, BundleError) as e:
+        raise _fail(str(e)) from e
+    console.print(f"wrote {n} samples to {out}")
+
+
+@app.command()
+def presets() -> None:
+    """List the training presets."""
+    from flows.presets import PRESETS
+
+    table = Table(title="presets")
+    for col in ("name", "kind", "grid", "L", "K", "width", "batch", "lr", "epochs", "description"):
+        table.add_column(col)
+    for p in PRESETS.values():
+        g = p.glow
+        table.add_row(p.name, p.kind, "x".join(map(str, p.preprocessing.shape)), str(g.levels),
+                      str(g.steps), str(g.hidden), str(p.batch_size), f"{p.lr:g}", str(p.epochs),
+                      p.description)
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    app()
