@@ -8,6 +8,9 @@ Strategies (see docs/decisions.md):
   explains (noise, texture, anatomy), so ``log p0 - log p1`` is not swamped by two
   independent trainings' idiosyncrasies and moves only where the mixture differs.
 - ``finetune-m0``: the mirror image (M1 from scratch, M0 fine-tuned on normals).
+- ``shared``: a base model on normal + mixture, then M0 and M1 are each fine-tuned from it,
+  on normals and on the mixture, with the same schedule. Whatever the base had not yet
+  learnt, both learn equally, so ``log p0 - log p1`` is not a measure of training progress.
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ from flows.posterior import log_likelihood
 from flows.presets import Preset
 from flows.train import TrainOptions, TrainResult, fingerprint, train
 
-Strategy = Literal["independent", "finetune-m1", "finetune-m0"]
-STRATEGIES: tuple[str, ...] = ("independent", "finetune-m1", "finetune-m0")
+Strategy = Literal["independent", "finetune-m1", "finetune-m0", "shared"]
+STRATEGIES: tuple[str, ...] = ("independent", "finetune-m1", "finetune-m0", "shared")
 
 
 @dataclass
@@ -63,24 +66,30 @@ def build_bundle(out: str | Path, *, preset: Preset, normal: np.ndarray, mixture
         preset, epochs=opts.finetune_epochs or preset.finetune_epochs or preset.epochs,
         lr=opts.finetune_lr or preset.finetune_lr or preset.lr, batch_size=opts.batch_size,
         seed=opts.seed + 1, augment_shift=opts.augment_shift, warmup_steps=1,
-        max_seconds=opts.max_seconds_per_model)
+        max_seconds=opts.max_seconds_per_model, keep_best=False, patience=10**6)
 
-    def fit(images: np.ndarray, label: str, o: TrainOptions, init: TrainResult | None) -> TrainResult:
-        log(f"training {label} on {len(images)} images ({preset.name}, "
-            f"{'fine-tuned from ' + ('M0' if label == 'M1' else 'M1') if init else 'from scratch'})")
+    def fit(images: np.ndarray, label: str, o: TrainOptions, init: TrainResult | None,
+            init_name: str = "") -> TrainResult:
+        how = f"fine-tuned from {init_name}" if init else "from scratch"
+        log(f"training {label} on {len(images)} images ({preset.name}, {how})")
         return train(images, preset, out_dir=out / "work" / label.lower(), options=o,
                      init_state=init.model.state_dict() if init else None, device=opts.device,
                      progress=opts.progress, label=label)
 
+    base: TrainResult | None = None
     if opts.strategy == "independent":
         r0 = fit(normal, "M0", scratch, None)
         r1 = fit(mixture, "M1", TrainOptions(**{**scratch.__dict__, "seed": opts.seed + 1}), None)
     elif opts.strategy == "finetune-m1":
         r0 = fit(normal, "M0", scratch, None)
-        r1 = fit(mixture, "M1", tune, r0)
-    else:
+        r1 = fit(mixture, "M1", tune, r0, "M0")
+    elif opts.strategy == "finetune-m0":
         r1 = fit(mixture, "M1", scratch, None)
-        r0 = fit(normal, "M0", tune, r1)
+        r0 = fit(normal, "M0", tune, r1, "M1")
+    else:
+        base = fit(np.concatenate([normal, mixture]), "base", scratch, None)
+        r0 = fit(normal, "M0", tune, base, "base")
+        r1 = fit(mixture, "M1", tune, base, "base")
 
     n_bits = preset.preprocessing.n_bits
     ref = -(log_likelihood(r0.model, mixture, n_bits) - log_likelihood(r1.model, mixture, n_bits))
@@ -98,6 +107,8 @@ def build_bundle(out: str | Path, *, preset: Preset, normal: np.ndarray, mixture
         "m0": r0.metrics,
         "m1": r1.metrics,
     }
+    if base is not None:
+        training["base"] = base.metrics
     save_bundle(out, m0=r0.model, m1=r1.model, preset=preset.name,
                 preprocessing=preset.preprocessing, calibration=cal, name=name, version=version,
                 training=training)

@@ -140,6 +140,7 @@ class TrainOptions:
     max_bad_steps: int = 50  # consecutive non-finite steps before giving up
     augment_shift: int = 0  # random translation (pixels/voxels) during training
     max_seconds: float | None = None
+    keep_best: bool = True  # end with the best-validation weights (else the last ones)
 
     @classmethod
     def from_preset(cls, preset: Preset, **kw: Any) -> TrainOptions:
@@ -318,7 +319,7 @@ def train(images: np.ndarray, preset: Preset, *, out_dir: str | Path | None = No
             if opts.max_seconds is not None and time.monotonic() - t0 > opts.max_seconds:
                 bar.console.log(f"{label}: time budget reached after epoch {epoch + 1}")
                 break
-    if best_state is not None:
+    if opts.keep_best and best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
     result = TrainResult(model=model, history=history, best_val_bpd=best_val, skipped_steps=skipped,
