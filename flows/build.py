@@ -40,6 +40,7 @@ class BuildOptions:
     finetune_lr: float | None = None
     batch_size: int | None = None
     augment_shift: int = 0
+    freeze_levels: int | None = None  # fine-tuning keeps the k finest levels shared
     threshold_percentile: float = 90.0
     device: str | None = None
     progress: bool = True
@@ -66,7 +67,8 @@ def build_bundle(out: str | Path, *, preset: Preset, normal: np.ndarray, mixture
         preset, epochs=opts.finetune_epochs or preset.finetune_epochs or preset.epochs,
         lr=opts.finetune_lr or preset.finetune_lr or preset.lr, batch_size=opts.batch_size,
         seed=opts.seed + 1, augment_shift=opts.augment_shift, warmup_steps=1,
-        max_seconds=opts.max_seconds_per_model, keep_best=False, patience=10**6)
+        max_seconds=opts.max_seconds_per_model, keep_best=False, patience=10**6,
+        freeze_levels=opts.freeze_levels if opts.freeze_levels is not None else preset.finetune_freeze)
 
     def fit(images: np.ndarray, label: str, o: TrainOptions, init: TrainResult | None,
             init_name: str = "") -> TrainResult:

@@ -167,13 +167,26 @@ class ZeroConv(nn.Module):
         return self.conv(x) * torch.exp(self.logs * 3.0)
 
 
-class CouplingNet(nn.Module):
-    """conv3 - ActNorm - ReLU - conv1 - ActNorm - ReLU - ZeroConv3."""
+def coordinate_channels(x: Tensor) -> Tensor:
+    """One channel per spatial axis holding the position in [-1, 1], batch-expanded."""
+    axes = [torch.linspace(-1.0, 1.0, s, device=x.device, dtype=x.dtype) for s in x.shape[2:]]
+    grids = torch.meshgrid(*axes, indexing="ij")
+    return torch.stack(grids)[None].expand(x.shape[0], -1, *x.shape[2:])
 
-    def __init__(self, cin: int, cout: int, hidden: int, ndim: int) -> None:
+
+class CouplingNet(nn.Module):
+    """conv3 - ActNorm - ReLU - conv1 - ActNorm - ReLU - ZeroConv3.
+
+    With ``coords`` the conditioner also sees where it is in the image: radiographs and head
+    CTs are roughly aligned, and "dense tissue here" is normal at the heart and abnormal in a
+    lung base. The coupling stays exactly invertible (the conditioner may be any function).
+    """
+
+    def __init__(self, cin: int, cout: int, hidden: int, ndim: int, coords: bool = False) -> None:
         super().__init__()
         conv = _conv(ndim)
-        self.c1 = conv(cin, hidden, 3, padding=1, bias=False)
+        self.coords = coords
+        self.c1 = conv(cin + (ndim if coords else 0), hidden, 3, padding=1, bias=False)
         self.n1 = ActNorm(hidden, ndim)
         self.c2 = conv(hidden, hidden, 1, bias=False)
         self.n2 = ActNorm(hidden, ndim)
@@ -182,6 +195,8 @@ class CouplingNet(nn.Module):
         nn.init.normal_(self.c2.weight, std=0.05)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.coords:
+            x = torch.cat([x, coordinate_channels(x)], dim=1)
         h = F.relu(self.n1(self.c1(x))[0])
         h = F.relu(self.n2(self.c2(h))[0])
         return self.c3(h)
@@ -197,11 +212,12 @@ def scale_function(kind: ScaleFn) -> Callable[[Tensor], Tensor]:
 
 
 class AffineCoupling(nn.Module):
-    def __init__(self, channels: int, hidden: int, ndim: int, scale_fn: ScaleFn) -> None:
+    def __init__(self, channels: int, hidden: int, ndim: int, scale_fn: ScaleFn,
+                 coords: bool = False) -> None:
         super().__init__()
         self.ca = channels // 2
         self.cb = channels - self.ca
-        self.net = CouplingNet(self.ca, 2 * self.cb, hidden, ndim)
+        self.net = CouplingNet(self.ca, 2 * self.cb, hidden, ndim, coords)
         self.scale_fn_name = scale_fn
         self.scale_fn = scale_function(scale_fn)
 
@@ -226,11 +242,11 @@ class FlowStep(nn.Module):
     """ActNorm -> invertible 1x1 conv -> affine coupling."""
 
     def __init__(self, channels: int, hidden: int, ndim: int, scale_fn: ScaleFn,
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None, coords: bool = False) -> None:
         super().__init__()
         self.actnorm = ActNorm(channels, ndim)
         self.invconv = InvConvLU(channels, ndim, generator)
-        self.coupling = AffineCoupling(channels, hidden, ndim, scale_fn)
+        self.coupling = AffineCoupling(channels, hidden, ndim, scale_fn, coords)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         x, ld1 = self.actnorm(x)
@@ -274,6 +290,7 @@ class GlowConfig:
     hidden: int = 128
     scale_fn: ScaleFn = "paper"
     checkpoint: bool = False
+    coords: bool = False  # position channels in the coupling conditioners
 
 
 class Glow(nn.Module):
@@ -295,7 +312,7 @@ class Glow(nn.Module):
         for i in range(config.levels):
             c *= factor
             self.levels.append(nn.ModuleList(
-                FlowStep(c, config.hidden, config.ndim, config.scale_fn, gen)
+                FlowStep(c, config.hidden, config.ndim, config.scale_fn, gen, config.coords)
                 for _ in range(config.steps)))
             if i < config.levels - 1:
                 self.splits.append(SplitPrior(c, config.ndim))
@@ -310,6 +327,22 @@ class Glow(nn.Module):
 
     def _split(self, i: int) -> SplitPrior:
         return cast(SplitPrior, self.splits[i])
+
+    def freeze_finest(self, k: int) -> None:
+        """Freeze the ``k`` finest levels (their flow steps and split priors).
+
+        Two models that share frozen fine levels have identical fine-level terms, so those
+        cancel exactly in ``log p0 - log p1``.
+        """
+        if not 0 <= k <= self.config.levels:
+            raise ValueError(f"can freeze 0..{self.config.levels} levels, not {k}")
+        for i in range(self.config.levels):
+            mods: list[nn.Module] = [self.levels[i]]
+            if i < len(self.splits):
+                mods.append(self.splits[i])
+            for m in mods:
+                for p in m.parameters():
+                    p.requires_grad_(i >= k)
 
     # -- shape checks ---------------------------------------------------------------------
     @property

@@ -30,6 +30,7 @@ class Preset:
     # Fine-tuning M0 from M1 (see docs/decisions.md): epochs on the normal set.
     finetune_epochs: int = 0
     finetune_lr: float = 0.0
+    finetune_freeze: int = 0  # finest levels M0 and M1 keep shared while fine-tuning
 
     @property
     def kind(self) -> str:

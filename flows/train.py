@@ -141,6 +141,7 @@ class TrainOptions:
     augment_shift: int = 0  # random translation (pixels/voxels) during training
     max_seconds: float | None = None
     keep_best: bool = True  # end with the best-validation weights (else the last ones)
+    freeze_levels: int = 0  # fine-tuning: keep the k finest levels as loaded
 
     @classmethod
     def from_preset(cls, preset: Preset, **kw: Any) -> TrainOptions:
@@ -224,7 +225,9 @@ def train(images: np.ndarray, preset: Preset, *, out_dir: str | Path | None = No
     model = Glow(preset.glow, seed=opts.seed).to(dev)
     if init_state is not None:
         model.load_state_dict(init_state)
-    opt = torch.optim.Adam(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
+    model.freeze_finest(opts.freeze_levels)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(trainable, lr=opts.lr, weight_decay=opts.weight_decay)
     history: list[dict[str, float]] = []
     step, start_epoch, skipped, bad_run = 0, 0, 0, 0
     best_val, best_state, since_best = math.inf, None, 0
@@ -280,7 +283,7 @@ def train(images: np.ndarray, preset: Preset, *, out_dir: str | Path | None = No
                 ok = bool(torch.isfinite(loss))
                 if ok:
                     loss.backward()
-                    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), opts.grad_clip)
+                    gnorm = torch.nn.utils.clip_grad_norm_(trainable, opts.grad_clip)
                     ok = bool(torch.isfinite(gnorm))
                 if ok:
                     opt.step()
@@ -321,6 +324,7 @@ def train(images: np.ndarray, preset: Preset, *, out_dir: str | Path | None = No
                 break
     if opts.keep_best and best_state is not None:
         model.load_state_dict(best_state)
+    model.freeze_finest(0)
     model.eval()
     result = TrainResult(model=model, history=history, best_val_bpd=best_val, skipped_steps=skipped,
                          steps=step, seconds=time.monotonic() - t0, stopped_early=stopped_early)

@@ -121,3 +121,17 @@ def test_registered_loader_is_used(tmp_path: Path) -> None:
 
     register_loader(loader)
     assert load_images(marker, ndim=2).shape == (2, 1, 4, 4)
+
+
+def test_frozen_fine_levels_cancel_in_the_ratio() -> None:
+    x, _ = blobs(48, (16, 16))
+    base = train(x, PRESET, options=_opts(epochs=1), progress=False)
+    y, _ = blobs(48, (16, 16), abnormal=1.0, seed=5)
+    tuned = train(y, PRESET, options=_opts(epochs=1, freeze_levels=1),
+                  init_state=base.model.state_dict(), progress=False)
+    b, t = base.model.state_dict(), tuned.model.state_dict()
+    fine = [k for k in b if k.startswith(("levels.0.", "splits.0."))]
+    coarse = [k for k in b if k.startswith("levels.1.") and b[k].dtype.is_floating_point]
+    assert fine and all(torch.equal(b[k], t[k]) for k in fine)
+    assert any(not torch.equal(b[k], t[k]) for k in coarse)
+    assert all(p.requires_grad for p in tuned.model.parameters())  # unfrozen afterwards
