@@ -8,6 +8,11 @@ Strategies (see docs/decisions.md):
   explains (noise, texture, anatomy), so ``log p0 - log p1`` is not swamped by two
   independent trainings' idiosyncrasies and moves only where the mixture differs.
 - ``finetune-m0``: the mirror image (M1 from scratch, M0 fine-tuned on normals).
+- ``conditional`` (default): one class-conditional Glow trained on normal + mixture with
+  the set as its condition; M0 = p(x | normal set), M1 = p(x | mixture). Every weight is
+  shared and trained on all the data; only the condition pathway (one input channel per
+  coupling and split prior, and the top prior) can tell the two apart, so the ratio carries
+  what distinguishes the mixture and little of the estimation noise of two separate fits.
 - ``shared``: a base model on normal + mixture, then M0 and M1 are each fine-tuned from it,
   on normals and on the mixture, with the same schedule. Whatever the base had not yet
   learnt, both learn equally, so ``log p0 - log p1`` is not a measure of training progress.
@@ -16,24 +21,25 @@ Strategies (see docs/decisions.md):
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
 from flows.bundle import Bundle, Calibration, load_bundle, save_bundle
+from flows.glow import Conditioned, FlowModel
 from flows.posterior import log_likelihood
 from flows.presets import Preset
 from flows.train import TrainOptions, TrainResult, fingerprint, train
 
-Strategy = Literal["independent", "finetune-m1", "finetune-m0", "shared"]
-STRATEGIES: tuple[str, ...] = ("independent", "finetune-m1", "finetune-m0", "shared")
+Strategy = Literal["conditional", "independent", "finetune-m1", "finetune-m0", "shared"]
+STRATEGIES: tuple[str, ...] = ("conditional", "independent", "finetune-m1", "finetune-m0", "shared")
 
 
 @dataclass
 class BuildOptions:
-    strategy: Strategy = "finetune-m1"
+    strategy: Strategy = "conditional"
     seed: int = 0
     epochs: int | None = None  # for models trained from scratch
     finetune_epochs: int | None = None
@@ -79,7 +85,18 @@ def build_bundle(out: str | Path, *, preset: Preset, normal: np.ndarray, mixture
                      progress=opts.progress, label=label)
 
     base: TrainResult | None = None
-    if opts.strategy == "independent":
+    m0: FlowModel
+    m1: FlowModel
+    if opts.strategy == "conditional":
+        cp = replace(preset, glow=replace(preset.glow, conditions=2))
+        log(f"training a conditional Glow on {len(normal)} normal + {len(mixture)} mixture images "
+            f"({preset.name})")
+        joint = train(np.concatenate([normal, mixture]), cp, out_dir=out / "work" / "joint",
+                      options=scratch, device=opts.device, progress=opts.progress, label="M0|M1",
+                      conditions=np.repeat([0, 1], [len(normal), len(mixture)]))
+        m0, m1 = Conditioned(joint.model, 0), Conditioned(joint.model, 1)
+        metrics = {"joint": joint.metrics}
+    elif opts.strategy == "independent":
         r0 = fit(normal, "M0", scratch, None)
         r1 = fit(mixture, "M1", TrainOptions(**{**scratch.__dict__, "seed": opts.seed + 1}), None)
     elif opts.strategy == "finetune-m1":
@@ -93,12 +110,17 @@ def build_bundle(out: str | Path, *, preset: Preset, normal: np.ndarray, mixture
         r0 = fit(normal, "M0", tune, base, "base")
         r1 = fit(mixture, "M1", tune, base, "base")
 
+    if opts.strategy != "conditional":
+        m0, m1 = r0.model, r1.model
+        metrics = {"m0": r0.metrics, "m1": r1.metrics}
+        if base is not None:
+            metrics["base"] = base.metrics
     n_bits = preset.preprocessing.n_bits
-    ref = -(log_likelihood(r0.model, mixture, n_bits) - log_likelihood(r1.model, mixture, n_bits))
+    ref = -(log_likelihood(m0, mixture, n_bits) - log_likelihood(m1, mixture, n_bits))
     val_labels = val_scores = None
     if validation is not None:
         vimg, val_labels = validation
-        val_scores = -(log_likelihood(r0.model, vimg, n_bits) - log_likelihood(r1.model, vimg, n_bits))
+        val_scores = -(log_likelihood(m0, vimg, n_bits) - log_likelihood(m1, vimg, n_bits))
     cal = Calibration.from_scores(ref, labels=val_labels, scores=val_scores,
                                   percentile=opts.threshold_percentile)
     training: dict[str, Any] = {
@@ -106,12 +128,9 @@ def build_bundle(out: str | Path, *, preset: Preset, normal: np.ndarray, mixture
         "seed": opts.seed,
         "normal": fingerprint(normal),
         "mixture": fingerprint(mixture),
-        "m0": r0.metrics,
-        "m1": r1.metrics,
+        **metrics,
     }
-    if base is not None:
-        training["base"] = base.metrics
-    save_bundle(out, m0=r0.model, m1=r1.model, preset=preset.name,
+    save_bundle(out, m0=m0, m1=m1, preset=preset.name,
                 preprocessing=preset.preprocessing, calibration=cal, name=name, version=version,
                 training=training)
     log(f"bundle written to {out} (threshold {cal.threshold:.3f}, {cal.threshold_method})")

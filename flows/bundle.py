@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from flows.glow import Glow, GlowConfig
+from flows.glow import Conditioned, FlowModel, Glow, GlowConfig
 from flows.preprocess import Preprocessing
 
 FORMAT_VERSION = 1
@@ -80,8 +80,8 @@ class Calibration:
 class Bundle:
     path: Path
     manifest: dict[str, Any]
-    m0: Glow
-    m1: Glow
+    m0: FlowModel
+    m1: FlowModel
     calibration: Calibration
     preprocessing: Preprocessing = field(init=False)
 
@@ -137,7 +137,8 @@ def versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
-def save_bundle(path: str | Path, *, m0: Glow, m1: Glow, preset: str, preprocessing: Preprocessing,
+def save_bundle(path: str | Path, *, m0: FlowModel, m1: FlowModel, preset: str,
+                preprocessing: Preprocessing,
                 calibration: Calibration, name: str, version: str = "1",
                 training: dict[str, Any] | None = None) -> Path:
     """Write a bundle directory (weights first, manifest last, each file atomically)."""
@@ -146,9 +147,13 @@ def save_bundle(path: str | Path, *, m0: Glow, m1: Glow, preset: str, preprocess
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     files = {}
+    conditions: dict[str, int] = {}
     for fname, model in zip(WEIGHT_FILES, (m0, m1), strict=True):
         tmp = out / (fname + ".tmp")
-        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+        net = model.glow if isinstance(model, Conditioned) else model
+        if isinstance(model, Conditioned):
+            conditions[fname] = model.condition
+        torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, tmp)
         os.replace(tmp, out / fname)
         files[fname] = sha256_file(out / fname)
     _write_atomic(out / "calibration.json", json.dumps(asdict(calibration)).encode())
@@ -164,6 +169,7 @@ def save_bundle(path: str | Path, *, m0: Glow, m1: Glow, preset: str, preprocess
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "versions": versions(),
         "training": training or {},
+        "conditions": conditions,
         "files": files,
     }
     _write_atomic(out / "manifest.json", json.dumps(manifest, indent=2).encode())
@@ -202,7 +208,8 @@ def load_bundle(path: str | Path, *, expect: Preprocessing | None = None,
             raise BundleError(f"{root}: {fname} is corrupted or was modified "
                               "(sha256 does not match the manifest)")
     config = GlowConfig(**manifest["glow"])
-    models = []
+    conditions = manifest.get("conditions") or {}
+    models: list[FlowModel] = []
     for fname in WEIGHT_FILES:
         model = Glow(config)
         try:
@@ -212,6 +219,12 @@ def load_bundle(path: str | Path, *, expect: Preprocessing | None = None,
             raise BundleError(f"{root}: cannot load {fname}: {e}") from e
         if not model.initialized:
             raise BundleError(f"{root}: {fname} holds an uninitialised model")
-        models.append(model.to(device).eval())
+        model = model.to(device).eval()
+        if config.conditions:
+            if fname not in conditions:
+                raise BundleError(f"{root}: conditional model but no condition for {fname}")
+            models.append(Conditioned(model, int(conditions[fname])).eval())
+        else:
+            models.append(model)
     cal = Calibration(**json.loads((root / "calibration.json").read_text()))
     return Bundle(path=root, manifest=manifest, m0=models[0], m1=models[1], calibration=cal)

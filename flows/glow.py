@@ -167,6 +167,24 @@ class ZeroConv(nn.Module):
         return self.conv(x) * torch.exp(self.logs * 3.0)
 
 
+def condition_channels(x: Tensor, cond: Tensor | None) -> Tensor | None:
+    """Broadcast a one-hot condition ``(N, n)`` to ``(N, n, *spatial)``, or None."""
+    if cond is None:
+        return None
+    return cond.to(x.dtype).reshape(*cond.shape, *([1] * (x.dim() - 2))).expand(
+        -1, -1, *x.shape[2:])
+
+
+def _with_extra(x: Tensor, coords: bool, cond: Tensor | None) -> Tensor:
+    parts = [x]
+    if coords:
+        parts.append(coordinate_channels(x))
+    c = condition_channels(x, cond)
+    if c is not None:
+        parts.append(c)
+    return torch.cat(parts, dim=1) if len(parts) > 1 else x
+
+
 def coordinate_channels(x: Tensor) -> Tensor:
     """One channel per spatial axis holding the position in [-1, 1], batch-expanded."""
     axes = [torch.linspace(-1.0, 1.0, s, device=x.device, dtype=x.dtype) for s in x.shape[2:]]
@@ -182,11 +200,12 @@ class CouplingNet(nn.Module):
     lung base. The coupling stays exactly invertible (the conditioner may be any function).
     """
 
-    def __init__(self, cin: int, cout: int, hidden: int, ndim: int, coords: bool = False) -> None:
+    def __init__(self, cin: int, cout: int, hidden: int, ndim: int, coords: bool = False,
+                 n_cond: int = 0) -> None:
         super().__init__()
         conv = _conv(ndim)
         self.coords = coords
-        self.c1 = conv(cin + (ndim if coords else 0), hidden, 3, padding=1, bias=False)
+        self.c1 = conv(cin + (ndim if coords else 0) + n_cond, hidden, 3, padding=1, bias=False)
         self.n1 = ActNorm(hidden, ndim)
         self.c2 = conv(hidden, hidden, 1, bias=False)
         self.n2 = ActNorm(hidden, ndim)
@@ -194,9 +213,8 @@ class CouplingNet(nn.Module):
         nn.init.normal_(self.c1.weight, std=0.05)
         nn.init.normal_(self.c2.weight, std=0.05)
 
-    def forward(self, x: Tensor) -> Tensor:
-        if self.coords:
-            x = torch.cat([x, coordinate_channels(x)], dim=1)
+    def forward(self, x: Tensor, cond: Tensor | None = None) -> Tensor:
+        x = _with_extra(x, self.coords, cond)
         h = F.relu(self.n1(self.c1(x))[0])
         h = F.relu(self.n2(self.c2(h))[0])
         return self.c3(h)
@@ -213,28 +231,28 @@ def scale_function(kind: ScaleFn) -> Callable[[Tensor], Tensor]:
 
 class AffineCoupling(nn.Module):
     def __init__(self, channels: int, hidden: int, ndim: int, scale_fn: ScaleFn,
-                 coords: bool = False) -> None:
+                 coords: bool = False, n_cond: int = 0) -> None:
         super().__init__()
         self.ca = channels // 2
         self.cb = channels - self.ca
-        self.net = CouplingNet(self.ca, 2 * self.cb, hidden, ndim, coords)
+        self.net = CouplingNet(self.ca, 2 * self.cb, hidden, ndim, coords, n_cond)
         self.scale_fn_name = scale_fn
         self.scale_fn = scale_function(scale_fn)
 
-    def _shift_scale(self, xa: Tensor) -> tuple[Tensor, Tensor]:
-        h = self.net(xa)
+    def _shift_scale(self, xa: Tensor, cond: Tensor | None) -> tuple[Tensor, Tensor]:
+        h = self.net(xa, cond)
         shift, raw = h[:, 0::2], h[:, 1::2]
         return shift, self.scale_fn(raw)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
         xa, xb = x[:, : self.ca], x[:, self.ca :]
-        shift, scale = self._shift_scale(xa)
+        shift, scale = self._shift_scale(xa, cond)
         yb = (xb + shift) * scale
         return torch.cat([xa, yb], dim=1), _sum_per_sample(torch.log(scale.float()))
 
-    def inverse(self, y: Tensor) -> Tensor:
+    def inverse(self, y: Tensor, cond: Tensor | None = None) -> Tensor:
         ya, yb = y[:, : self.ca], y[:, self.ca :]
-        shift, scale = self._shift_scale(ya)
+        shift, scale = self._shift_scale(ya, cond)
         return torch.cat([ya, yb / scale - shift], dim=1)
 
 
@@ -242,32 +260,33 @@ class FlowStep(nn.Module):
     """ActNorm -> invertible 1x1 conv -> affine coupling."""
 
     def __init__(self, channels: int, hidden: int, ndim: int, scale_fn: ScaleFn,
-                 generator: torch.Generator | None = None, coords: bool = False) -> None:
+                 generator: torch.Generator | None = None, coords: bool = False,
+                 n_cond: int = 0) -> None:
         super().__init__()
         self.actnorm = ActNorm(channels, ndim)
         self.invconv = InvConvLU(channels, ndim, generator)
-        self.coupling = AffineCoupling(channels, hidden, ndim, scale_fn, coords)
+        self.coupling = AffineCoupling(channels, hidden, ndim, scale_fn, coords, n_cond)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
         x, ld1 = self.actnorm(x)
         x, ld2 = self.invconv(x)
-        x, ld3 = self.coupling(x)
+        x, ld3 = self.coupling(x, cond)
         return x, ld1 + ld2 + ld3
 
-    def inverse(self, y: Tensor) -> Tensor:
-        return self.actnorm.inverse(self.invconv.inverse(self.coupling.inverse(y)))
+    def inverse(self, y: Tensor, cond: Tensor | None = None) -> Tensor:
+        return self.actnorm.inverse(self.invconv.inverse(self.coupling.inverse(y, cond)))
 
 
 class SplitPrior(nn.Module):
     """Factor out half the channels; their density is conditioned on the kept half."""
 
-    def __init__(self, channels: int, ndim: int) -> None:
+    def __init__(self, channels: int, ndim: int, n_cond: int = 0) -> None:
         super().__init__()
         self.keep = channels // 2
-        self.conv = ZeroConv(self.keep, 2 * (channels - self.keep), ndim)
+        self.conv = ZeroConv(self.keep + n_cond, 2 * (channels - self.keep), ndim)
 
-    def params(self, h: Tensor) -> tuple[Tensor, Tensor]:
-        out = self.conv(h)
+    def params(self, h: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        out = self.conv(_with_extra(h, False, cond))
         return out[:, 0::2], out[:, 1::2]
 
 
@@ -291,6 +310,7 @@ class GlowConfig:
     scale_fn: ScaleFn = "paper"
     checkpoint: bool = False
     coords: bool = False  # position channels in the coupling conditioners
+    conditions: int = 0  # >0: a class-conditional Glow p(x | c), c in 0..conditions-1
 
 
 class Glow(nn.Module):
@@ -312,15 +332,18 @@ class Glow(nn.Module):
         for i in range(config.levels):
             c *= factor
             self.levels.append(nn.ModuleList(
-                FlowStep(c, config.hidden, config.ndim, config.scale_fn, gen, config.coords)
+                FlowStep(c, config.hidden, config.ndim, config.scale_fn, gen, config.coords,
+                         config.conditions)
                 for _ in range(config.steps)))
             if i < config.levels - 1:
-                self.splits.append(SplitPrior(c, config.ndim))
+                self.splits.append(SplitPrior(c, config.ndim, config.conditions))
                 c = c // 2
         self.top_channels = c
-        # Learned top prior, one mean/log-scale per channel (sized to any input grid).
-        self.top_mean = nn.Parameter(torch.zeros((1, c) + (1,) * config.ndim))
-        self.top_logs = nn.Parameter(torch.zeros((1, c) + (1,) * config.ndim))
+        # Learned top prior, one mean/log-scale per channel (sized to any input grid) and
+        # per condition for a conditional model.
+        nc = max(1, config.conditions)
+        self.top_mean = nn.Parameter(torch.zeros((nc, c) + (1,) * config.ndim))
+        self.top_logs = nn.Parameter(torch.zeros((nc, c) + (1,) * config.ndim))
 
     def _steps(self, i: int) -> list[FlowStep]:
         return cast(list[FlowStep], list(cast(nn.ModuleList, self.levels[i])))
@@ -367,13 +390,36 @@ class Glow(nn.Module):
             raise ValueError(f"input holds {n_bad} non-finite value(s) (NaN or inf)")
 
     # -- passes ---------------------------------------------------------------------------
-    def _run_step(self, step: FlowStep, h: Tensor) -> tuple[Tensor, Tensor]:
+    def _run_step(self, step: FlowStep, h: Tensor, cond: Tensor | None) -> tuple[Tensor, Tensor]:
         if self.config.checkpoint and self.training and torch.is_grad_enabled():
-            return cast(tuple[Tensor, Tensor], torch_checkpoint(step, h, use_reentrant=False))
-        return step(h)
+            return cast(tuple[Tensor, Tensor],
+                        torch_checkpoint(step, h, cond, use_reentrant=False))
+        return cast(tuple[Tensor, Tensor], step(h, cond))
 
-    def forward(self, x: Tensor) -> FlowOutput:
+    def _onehot(self, cond: Tensor | int | None, n: int, device: torch.device) -> Tensor | None:
+        k = self.config.conditions
+        if k == 0:
+            if cond is not None:
+                raise ValueError("this Glow is unconditional; do not pass a condition")
+            return None
+        if cond is None:
+            raise ValueError(f"this Glow is conditional: pass cond in 0..{k - 1}")
+        c = torch.full((n,), cond, dtype=torch.long) if isinstance(cond, int) else cond.long()
+        if c.shape != (n,) or int(c.min()) < 0 or int(c.max()) >= k:
+            raise ValueError(f"condition must be {n} class indices in 0..{k - 1}")
+        return F.one_hot(c.to(device), k).float()
+
+    def _top(self, onehot: Tensor | None) -> tuple[Tensor, Tensor]:
+        if onehot is None:
+            return self.top_mean, self.top_logs
+        shape = (onehot.shape[0], *self.top_mean.shape[1:])
+        mean = (onehot @ self.top_mean.flatten(1)).reshape(shape)
+        logs = (onehot @ self.top_logs.flatten(1)).reshape(shape)
+        return mean, logs
+
+    def forward(self, x: Tensor, cond: Tensor | int | None = None) -> FlowOutput:
         self.check_input(x)
+        onehot = self._onehot(cond, x.shape[0], x.device)
         n = x.shape[0]
         logdet = torch.zeros(n, dtype=torch.float64, device=x.device)
         log_pz = torch.zeros(n, dtype=torch.float64, device=x.device)
@@ -382,36 +428,38 @@ class Glow(nn.Module):
         for i in range(len(self.levels)):
             h = squeeze(h)
             for step in self._steps(i):
-                h, ld = self._run_step(step, h)
+                h, ld = self._run_step(step, h, onehot)
                 logdet = logdet + ld
             if i < len(self.splits):
                 split = self._split(i)
                 h, z = h[:, : split.keep], h[:, split.keep :]
-                mean, logs = split.params(h)
+                mean, logs = split.params(h, onehot)
                 log_pz = log_pz + _sum_per_sample(gaussian_log_p(z, mean, logs))
                 zs.append(z)
-        log_pz = log_pz + _sum_per_sample(gaussian_log_p(h, self.top_mean, self.top_logs))
+        top_mean, top_logs = self._top(onehot)
+        log_pz = log_pz + _sum_per_sample(gaussian_log_p(h, top_mean, top_logs))
         zs.append(h)
         return FlowOutput(zs=zs, log_p=log_pz + logdet, logdet=logdet, log_pz=log_pz)
 
-    def log_prob(self, x: Tensor) -> Tensor:
-        return self.forward(x).log_p
+    def log_prob(self, x: Tensor, cond: Tensor | int | None = None) -> Tensor:
+        return self.forward(x, cond).log_p
 
-    def inverse(self, zs: list[Tensor]) -> Tensor:
+    def inverse(self, zs: list[Tensor], cond: Tensor | int | None = None) -> Tensor:
         if len(zs) != self.config.levels:
             raise ValueError(f"inverse needs {self.config.levels} latents, got {len(zs)}")
         h = zs[-1]
+        onehot = self._onehot(cond, h.shape[0], h.device)
         for i in reversed(range(len(self.levels))):
             if i < len(self.splits):
                 h = torch.cat([h, zs[i]], dim=1)
             for step in reversed(self._steps(i)):
-                h = step.inverse(h)
+                h = step.inverse(h, onehot)
             h = unsqueeze(h)
         return h
 
     @torch.no_grad()
     def sample(self, n: int, shape: tuple[int, ...], temperature: float = 0.7,
-               generator: torch.Generator | None = None) -> Tensor:
+               generator: torch.Generator | None = None, cond: int | None = None) -> Tensor:
         """Draw ``n`` samples on a spatial grid ``shape`` (e.g. ``(64, 64)``)."""
         if len(shape) != self.config.ndim or any(s % self.multiple for s in shape):
             raise ValueError(f"sample shape {shape} must be {self.config.ndim}D and divisible "
@@ -424,24 +472,59 @@ class Glow(nn.Module):
             return mean + torch.exp(logs) * eps * temperature
 
         top_shape = (n, self.top_channels, *top_spatial)
-        h = draw(self.top_mean.expand(top_shape), self.top_logs.expand(top_shape))
+        onehot = self._onehot(cond, n, dev)
+        top_mean, top_logs = self._top(onehot)
+        h = draw(top_mean.expand(top_shape), top_logs.expand(top_shape))
         for i in reversed(range(len(self.levels))):
             if i < len(self.splits):
-                mean, logs = self._split(i).params(h)
+                mean, logs = self._split(i).params(h, onehot)
                 h = torch.cat([h, draw(mean, logs)], dim=1)
             for step in reversed(self._steps(i)):
-                h = step.inverse(h)
+                h = step.inverse(h, onehot)
             h = unsqueeze(h)
         return h
 
     @torch.no_grad()
-    def initialize(self, x: Tensor) -> None:
+    def initialize(self, x: Tensor, cond: Tensor | int | None = None) -> None:
         """Data-dependent ActNorm initialisation from one (large) batch."""
         was = self.training
         self.train()
-        self.forward(x)
+        self.forward(x, cond)
         self.train(was)
 
     @property
     def initialized(self) -> bool:
         return all(bool(m.initialized) for m in self.modules() if isinstance(m, ActNorm))
+
+
+class Conditioned(nn.Module):
+    """One condition of a class-conditional Glow, used like an unconditional model.
+
+    The two-model posterior can be served by one conditional network: M0 = p(x | c=0) and
+    M1 = p(x | c=1) share every weight except what the condition changes.
+    """
+
+    def __init__(self, glow: Glow, condition: int) -> None:
+        super().__init__()
+        if not 0 <= condition < glow.config.conditions:
+            raise ValueError(f"condition {condition} out of range for this Glow")
+        self.glow = glow
+        self.condition = condition
+
+    @property
+    def config(self) -> GlowConfig:
+        return self.glow.config
+
+    @property
+    def initialized(self) -> bool:
+        return self.glow.initialized
+
+    def forward(self, x: Tensor) -> FlowOutput:
+        return cast(FlowOutput, self.glow(x, self.condition))
+
+    def sample(self, n: int, shape: tuple[int, ...], temperature: float = 0.7,
+               generator: torch.Generator | None = None) -> Tensor:
+        return self.glow.sample(n, shape, temperature, generator, cond=self.condition)
+
+
+FlowModel = Glow | Conditioned

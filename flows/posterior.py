@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from flows.bundle import Bundle
-from flows.glow import Glow
+from flows.glow import FlowModel
 from flows.quantize import dequantize
 
 
@@ -40,7 +40,7 @@ class Scores:
 
 
 @torch.no_grad()
-def log_likelihood(model: Glow, images01: np.ndarray, n_bits: int, *, batch_size: int = 32,
+def log_likelihood(model: FlowModel, images01: np.ndarray, n_bits: int, *, batch_size: int = 32,
                    draws: int = 0, seed: int = 0) -> np.ndarray:
     """log p(x) for preprocessed images ``(N, 1, *shape)`` in [0, 1], in float64."""
     model.eval()

@@ -170,16 +170,22 @@ def _shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tenso
     return xp[tuple(sl)]
 
 
+def _cond(conditions: np.ndarray | None, idx: np.ndarray | slice, dev: torch.device
+          ) -> torch.Tensor | None:
+    return None if conditions is None else torch.from_numpy(conditions[idx]).to(dev)
+
+
 @torch.no_grad()
 def evaluate_bpd(model: Glow, images: np.ndarray, n_bits: int, device: torch.device,
-                 batch_size: int) -> float:
+                 batch_size: int, conditions: np.ndarray | None = None) -> float:
     """Mean validation bits/dim with deterministic (bin-centre) dequantisation."""
     model.eval()
     dims = int(np.prod(images.shape[1:]))
     total, count = 0.0, 0
     for i in range(0, len(images), batch_size):
         x = dequantize(torch.from_numpy(images[i:i + batch_size]).to(device), n_bits, noise=False)
-        bpd = bits_per_dim(model(x).log_p, dims, n_bits)
+        c = _cond(conditions, slice(i, i + batch_size), device)
+        bpd = bits_per_dim(model(x, c).log_p, dims, n_bits)
         total += float(bpd.sum())
         count += x.shape[0]
     return total / max(count, 1)
@@ -197,14 +203,22 @@ def _save_atomic(obj: Any, path: Path) -> None:
 def train(images: np.ndarray, preset: Preset, *, out_dir: str | Path | None = None,
           options: TrainOptions | None = None, init_state: dict[str, Any] | None = None,
           resume: bool = False, device: str | None = None, progress: bool = True,
-          label: str = "train") -> TrainResult:
+          label: str = "train", conditions: np.ndarray | None = None) -> TrainResult:
     """Train one Glow on preprocessed images ``(N, 1, *shape)`` in [0, 1].
 
     ``init_state`` starts from another model's weights (fine-tuning; ActNorm stays as loaded).
     With ``out_dir`` a checkpoint is kept there, and ``resume=True`` continues from it.
+    ``conditions`` (one class index per image) trains a class-conditional Glow; the preset's
+    Glow must then have ``conditions`` > 0.
     """
     opts = options or TrainOptions.from_preset(preset)
     check_dataset(images, preset)
+    if (conditions is None) != (preset.glow.conditions == 0):
+        raise ValueError("class indices are needed exactly when the Glow is conditional")
+    if conditions is not None:
+        conditions = np.asarray(conditions, dtype=np.int64)
+        if conditions.shape != (len(images),):
+            raise ValueError(f"need one condition per image: {conditions.shape} vs {len(images)}")
     if opts.epochs < 1 or opts.batch_size < 1 or opts.lr <= 0:
         raise ValueError(f"bad training options: {opts}")
     dev = pick_device(device)
@@ -219,6 +233,8 @@ def train(images: np.ndarray, preset: Preset, *, out_dir: str | Path | None = No
     n_val = round(n * opts.val_fraction) if n >= 10 else 0
     perm = rng.permutation(n)
     val, trn = images[perm[:n_val]], images[perm[n_val:]]
+    val_c = None if conditions is None else conditions[perm[:n_val]]
+    trn_c = None if conditions is None else conditions[perm[n_val:]]
     n_bits = preset.preprocessing.n_bits
     dims = int(np.prod(images.shape[1:]))
 
@@ -247,7 +263,7 @@ def train(images: np.ndarray, preset: Preset, *, out_dir: str | Path | None = No
     elif init_state is None:
         k = min(len(trn), 256)
         model.initialize(dequantize(torch.from_numpy(trn[:k]).to(dev), n_bits, noise=True,
-                                    generator=gen))
+                                    generator=gen), _cond(trn_c, slice(0, k), dev))
 
     def save_checkpoint(epoch: int) -> None:
         if ckpt is None:
@@ -278,7 +294,7 @@ def train(images: np.ndarray, preset: Preset, *, out_dir: str | Path | None = No
                 lr = opts.lr * min(1.0, (step + 1) / max(1, opts.warmup_steps))
                 for g in opt.param_groups:
                     g["lr"] = lr
-                loss = bits_per_dim(model(x).log_p, dims, n_bits).mean()
+                loss = bits_per_dim(model(x, _cond(trn_c, idx, dev)).log_p, dims, n_bits).mean()
                 opt.zero_grad(set_to_none=True)
                 ok = bool(torch.isfinite(loss))
                 if ok:
@@ -304,7 +320,8 @@ def train(images: np.ndarray, preset: Preset, *, out_dir: str | Path | None = No
                 if ckpt is not None and step % opts.checkpoint_every == 0:
                     save_checkpoint(epoch)
             train_bpd = run_loss / max(run_n, 1)
-            val_bpd = evaluate_bpd(model, val, n_bits, dev, opts.batch_size) if len(val) else train_bpd
+            val_bpd = (evaluate_bpd(model, val, n_bits, dev, opts.batch_size, val_c)
+                       if len(val) else train_bpd)
             history.append({"epoch": epoch + 1, "step": step, "train_bpd": train_bpd,
                             "val_bpd": val_bpd, "seconds": time.monotonic() - t0})
             bar.update(task, val=val_bpd)
