@@ -407,7 +407,7 @@ class Glow(nn.Module):
         c = torch.full((n,), cond, dtype=torch.long) if isinstance(cond, int) else cond.long()
         if c.shape != (n,) or int(c.min()) < 0 or int(c.max()) >= k:
             raise ValueError(f"condition must be {n} class indices in 0..{k - 1}")
-        return F.one_hot(c.to(device), k).float()
+        return F.one_hot(c.to(device), k).to(self.top_mean.dtype)
 
     def _top(self, onehot: Tensor | None) -> tuple[Tensor, Tensor]:
         if onehot is None:

@@ -98,3 +98,28 @@ def test_preprocessing_apply() -> None:
     with pytest.raises(ValueError, match="shaped"):
         p.apply(np.zeros((8, 16, 16)))
     assert Preprocessing.from_dict(p.to_dict()) == p
+
+
+@pytest.mark.parametrize("strategy", ["independent", "finetune-m1", "finetune-m0", "shared"])
+def test_every_strategy_builds_a_loadable_bundle(strategy: str, tmp_path: Path) -> None:
+    from flows.build import BuildOptions, build_bundle
+    from flows.presets import get_preset
+
+    normal, _ = blobs(32, (16, 16), seed=1)
+    mixture, _ = blobs(32, (16, 16), abnormal=0.5, seed=2)
+    b = build_bundle(tmp_path / strategy, preset=get_preset("tiny-cxr"), normal=normal,
+                     mixture=mixture, name=strategy, log=lambda s: None,
+                     options=BuildOptions(strategy=strategy, epochs=1, finetune_epochs=1,  # type: ignore[arg-type]
+                                          progress=False))
+    assert b.manifest["training"]["strategy"] == strategy
+    assert b.calibration.threshold_method == "percentile:90"
+    s = PosteriorScorer(b).score(mixture[:4])
+    assert np.isfinite(s.log_posterior).all()
+
+
+def test_conditional_bundle_shares_one_network(tiny_bundle: Bundle) -> None:
+    from flows.glow import Conditioned
+
+    assert tiny_bundle.manifest["conditions"] == {"m0.pt": 0, "m1.pt": 1}
+    assert isinstance(tiny_bundle.m0, Conditioned) and isinstance(tiny_bundle.m1, Conditioned)
+    assert tiny_bundle.m0.condition == 0 and tiny_bundle.m1.condition == 1
