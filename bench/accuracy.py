@@ -1,0 +1,81 @@
+"""Accuracy sweep of the two-model posterior on phantoms (the runs in docs/results.md).
+
+    .venv/bin/python bench/accuracy.py TAG KIND 'JSON'
+
+KIND is cxr or bct. JSON overrides the cpu-KIND preset and the run:
+``{"strategy": "conditional", "glow": {"coords": true}, "prep": {"n_bits": 5}, "ep": 4,
+"fep": 2, "n": 1500, "nt": 600}``. Normal set seed 11, mixture seed 12 (50 % abnormal),
+test seed 13 (50 % abnormal). Prints one JSON line (AUROC overall and per finding, Spearman
+rho of each score with the zero-pixel fraction) and appends it to runs/accuracy.jsonl.
+Set NT to the number of torch threads (two runs side by side: NT=1 each).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from scipy.stats import spearmanr  # noqa: E402
+
+from flows.build import BuildOptions, build_bundle  # noqa: E402
+from flows.evaluate import roc_auc_ci  # noqa: E402
+from flows.phantoms import PhantomSet, make_cxr, make_headct  # noqa: E402
+from flows.posterior import log_likelihood  # noqa: E402
+from flows.presets import get_preset  # noqa: E402
+
+
+def main() -> None:
+    torch.set_num_threads(int(os.environ.get("NT", "2")))
+    tag, kind = sys.argv[1], sys.argv[2]
+    cfg = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
+    p = get_preset(f"cpu-{kind}")
+    prep_over = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.get("prep", {}).items()}
+    p = dataclasses.replace(p, glow=dataclasses.replace(p.glow, **cfg.get("glow", {})),
+                            preprocessing=dataclasses.replace(p.preprocessing, **prep_over))
+    n, nt = cfg.get("n", 1500), cfg.get("nt", 600)
+
+    def make(count: int, **kw: object) -> PhantomSet:
+        if kind == "cxr":
+            return make_cxr(count, size=cfg.get("size", 64), **kw)  # type: ignore[arg-type]
+        return make_headct(count, **kw)  # type: ignore[arg-type]
+
+    t0 = time.time()
+    prep = p.preprocessing
+    normal = prep.apply(make(n, seed=11).images)
+    mixture = prep.apply(make(n, abnormal_fraction=0.5, seed=12).images)
+    test = make(nt, abnormal_fraction=0.5, seed=13)
+    timg = prep.apply(test.images)
+    out = Path("runs/accuracy") / tag
+    b = build_bundle(out, preset=p, normal=normal, mixture=mixture, name=tag, log=print,
+                     options=BuildOptions(strategy=cfg.get("strategy", "conditional"),
+                                          epochs=cfg.get("ep"), finetune_epochs=cfg.get("fep"),
+                                          progress=False))
+    l0 = log_likelihood(b.m0, timg, prep.n_bits)
+    l1 = log_likelihood(b.m1, timg, prep.n_bits)
+    post = -(l0 - l1)
+    res: dict[str, object] = {"tag": tag, "kind": kind, "cfg": cfg}
+    for name, s in (("posterior", post), ("likelihood", -l0)):
+        ci = roc_auc_ci(test.labels, s, n_boot=500)
+        res[name] = [round(ci.auc, 3), round(ci.lo, 3), round(ci.hi, 3)]
+        for f in sorted(set(test.findings) - {"normal"}):
+            sel = np.array([x in ("normal", f) for x in test.findings])
+            res[f"{name}:{f}"] = round(roc_auc_ci(test.labels[sel], s[sel], n_boot=10).auc, 3)
+        res[f"rho_zero:{name}"] = round(float(spearmanr(test.zero_fraction, s)[0]), 3)
+    res["seconds"] = round(time.time() - t0)
+    line = json.dumps(res)
+    print(line)
+    Path("runs").mkdir(exist_ok=True)
+    with open("runs/accuracy.jsonl", "a") as f:
+        f.write(line + "\n")
+
+
+if __name__ == "__main__":
+    main()
