@@ -4,7 +4,7 @@
 
 KIND is cxr or bct. JSON overrides the cpu-KIND preset and the run:
 ``{"strategy": "conditional", "glow": {"coords": true}, "prep": {"n_bits": 5}, "ep": 4,
-"fep": 2, "n": 1500, "nt": 600}``. Normal set seed 11, mixture seed 12 (50 % abnormal),
+"fep": 2, "freeze": 1, "n": 1500, "nt": 600}``. Normal set seed 11, mixture seed 12 (50 % abnormal),
 test seed 13 (50 % abnormal). Prints one JSON line (AUROC overall and per finding, Spearman
 rho of each score with the zero-pixel fraction) and appends it to runs/accuracy.jsonl.
 Set NT to the number of torch threads (two runs side by side: NT=1 each).
@@ -57,6 +57,7 @@ def main() -> None:
     b = build_bundle(out, preset=p, normal=normal, mixture=mixture, name=tag, log=print,
                      options=BuildOptions(strategy=cfg.get("strategy", "conditional"),
                                           epochs=cfg.get("ep"), finetune_epochs=cfg.get("fep"),
+                                          freeze_levels=cfg.get("freeze"),
                                           progress=False))
     l0 = log_likelihood(b.m0, timg, prep.n_bits)
     l1 = log_likelihood(b.m1, timg, prep.n_bits)
