@@ -8,7 +8,7 @@ Strategies (see docs/decisions.md):
   explains (noise, texture, anatomy), so ``log p0 - log p1`` is not swamped by two
   independent trainings' idiosyncrasies and moves only where the mixture differs.
 - ``finetune-m0``: the mirror image (M1 from scratch, M0 fine-tuned on normals).
-- ``conditional`` (default): one class-conditional Glow trained on normal + mixture with
+- ``conditional``: one class-conditional Glow trained on normal + mixture with
   the set as its condition; M0 = p(x | normal set), M1 = p(x | mixture). Every weight is
   shared and trained on all the data; only the condition pathway (one input channel per
   coupling and split prior, and the top prior) can tell the two apart, so the ratio carries
@@ -39,7 +39,7 @@ STRATEGIES: tuple[str, ...] = ("conditional", "independent", "finetune-m1", "fin
 
 @dataclass
 class BuildOptions:
-    strategy: Strategy = "conditional"
+    strategy: Strategy | None = None  # None: the preset's
     seed: int = 0
     epochs: int | None = None  # for models trained from scratch
     finetune_epochs: int | None = None
@@ -63,6 +63,8 @@ def build_bundle(out: str | Path, *, preset: Preset, normal: np.ndarray, mixture
     it the threshold is a percentile of the mixture's score distribution.
     """
     opts = options or BuildOptions()
+    if opts.strategy is None:
+        opts = replace(opts, strategy=preset.strategy)  # type: ignore[arg-type]
     if opts.strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {opts.strategy!r}; use one of {', '.join(STRATEGIES)}")
     out = Path(out)

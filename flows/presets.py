@@ -31,6 +31,7 @@ class Preset:
     finetune_epochs: int = 0
     finetune_lr: float = 0.0
     finetune_freeze: int = 0  # finest levels M0 and M1 keep shared while fine-tuning
+    strategy: str = "independent"  # how a bundle's two models are trained (flows.build)
 
     @property
     def kind(self) -> str:
@@ -63,14 +64,16 @@ PRESETS: dict[str, Preset] = {
                Preprocessing(kind="chestct", shape=(48, 48, 48), n_bits=8, intensity="window",
                              window=CHESTCT_WINDOW),
                batch_size=8, lr=1e-4, epochs=100, weight_decay=1e-5),
-        Preset("cpu-cxr", "small CXR model for a 2-core CPU: 64x64, L4 K8, width 96",
+        # CPU presets: the best settings of the sweep in docs/results.md that fit the
+        # 15-minute budget: 5-bit data, a shared base, the two finest levels kept shared.
+        Preset("cpu-cxr", "small CXR model for a 2-core CPU: 64x64 at 5 bits, L4 K8, width 96",
                GlowConfig(1, 2, levels=4, steps=8, hidden=96, scale_fn="paper"),
-               _cxr((64, 64)), batch_size=32, lr=1e-3, epochs=12, warmup_steps=100,
-               finetune_epochs=6, finetune_lr=2e-4),
+               _cxr((64, 64), n_bits=5), batch_size=32, lr=1e-3, epochs=2, warmup_steps=100,
+               finetune_epochs=3, finetune_lr=2e-4, finetune_freeze=2, strategy="shared"),
         Preset("cpu-bct", "small head-CT model for a 2-core CPU: 16x64x64, L3 K6, width 48",
                GlowConfig(1, 3, levels=3, steps=6, hidden=48, scale_fn="paper"),
-               _bct((16, 64, 64)), batch_size=8, lr=1e-3, epochs=10, warmup_steps=100,
-               finetune_epochs=5, finetune_lr=2e-4),
+               _bct((16, 64, 64)), batch_size=8, lr=1e-3, epochs=3, warmup_steps=100,
+               finetune_epochs=2, finetune_lr=2e-4, finetune_freeze=1, strategy="shared"),
         Preset("cpu-chestct", "small chest-CT patch model for a 2-core CPU: 16^3, L2 K6, width 48",
                GlowConfig(1, 3, levels=2, steps=6, hidden=48, scale_fn="glow"),
                Preprocessing(kind="chestct", shape=(16, 16, 16), n_bits=8, intensity="window",
@@ -79,7 +82,7 @@ PRESETS: dict[str, Preset] = {
         Preset("tiny-cxr", "a toy model for unit tests: 16x16, L2 K2, width 16",
                GlowConfig(1, 2, levels=2, steps=2, hidden=16, scale_fn="paper"),
                _cxr((16, 16)), batch_size=16, lr=1e-3, epochs=2, warmup_steps=5,
-               finetune_epochs=1, finetune_lr=5e-4),
+               finetune_epochs=1, finetune_lr=5e-4, strategy="conditional"),
         Preset("tiny-bct", "a toy model for unit tests: 8x16x16, L2 K2, width 8",
                GlowConfig(1, 3, levels=2, steps=2, hidden=8, scale_fn="paper"),
                _bct((8, 16, 16)), batch_size=4, lr=1e-3, epochs=2, warmup_steps=5,

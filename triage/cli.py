@@ -98,7 +98,8 @@ def train(
     validation: Annotated[Path | None, typer.Option(help="labelled set for the Youden threshold")] = None,
     name: Annotated[str | None, typer.Option(help="bundle name")] = None,
     version: Annotated[str, typer.Option(help="bundle version")] = "1",
-    strategy: Annotated[str, typer.Option(help="independent | finetune-m1 | finetune-m0")] = "finetune-m1",
+    strategy: Annotated[str | None, typer.Option(
+        help="shared | conditional | independent | finetune-m1 | finetune-m0 (default: preset's)")] = None,
     epochs: Annotated[int | None, typer.Option(help="override the preset's epochs")] = None,
     finetune_epochs: Annotated[int | None, typer.Option(help="override fine-tuning epochs")] = None,
     batch_size: Annotated[int | None, typer.Option(help="override the preset's batch size")] = None,
