@@ -67,3 +67,14 @@ def test_bad_input_gives_clear_errors(args: list[str], msg: str, tmp_path: Path,
     res = runner.invoke(app, args)
     assert res.exit_code == 2
     assert msg in res.output
+
+
+def test_synth_dicom_then_train_from_the_dicom_folder(tmp_path: Path) -> None:
+    d = tmp_path / "ct"
+    _ok(["synth", "bct", str(d), "--n", "3", "--abnormal-fraction", "0.5", "--shape", "8,32,32",
+         "--dicom"])
+    rows = (d / "labels.csv").read_text().splitlines()
+    assert len(rows) == 4 and rows[0].startswith("case,")
+    _ok(["train", "--preset", "tiny-bct", "--data", str(d), "--out", str(tmp_path / "m"),
+         "--epochs", "1"])
+    assert (tmp_path / "m" / "model.pt").exists()
