@@ -8,6 +8,7 @@ checkpoints that ``resume=True`` continues from, and seeded determinism.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import os
@@ -85,8 +86,6 @@ def _batched(arr: np.ndarray, ndim: int, where: Path) -> np.ndarray:
 
 def fingerprint(images: np.ndarray) -> dict[str, Any]:
     """A short description of a training set that changes when any pixel does."""
-    import hashlib
-
     arr = np.ascontiguousarray(images, dtype=np.float32)
     return {"n": int(arr.shape[0]), "shape": list(arr.shape[1:]),
             "sha256": hashlib.sha256(arr.tobytes()).hexdigest(),
