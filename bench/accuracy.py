@@ -55,7 +55,7 @@ def main() -> None:
     timg = prep.apply(test.images)
     out = Path("runs/accuracy") / tag
     b = build_bundle(out, preset=p, normal=normal, mixture=mixture, name=tag, log=print,
-                     options=BuildOptions(strategy=cfg.get("strategy", "conditional"),
+                     options=BuildOptions(strategy=cfg.get("strategy"),
                                           epochs=cfg.get("ep"), finetune_epochs=cfg.get("fep"),
                                           freeze_levels=cfg.get("freeze"),
                                           progress=False))
