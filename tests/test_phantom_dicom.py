@@ -6,40 +6,26 @@ import csv
 import re
 import shutil
 import subprocess
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pydicom
 import pytest
 
+from flows.phantoms import PhantomSet
 from triage.imaging import read_series_folder
 from triage.phantom_dicom import CT_IMAGE_STORAGE, DX_FOR_PRESENTATION_STORAGE, write_dicom_studies
 
 UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
 
-@dataclass
-class TinySet:
-    """Just the attributes of flows.phantoms.PhantomSet that the writer reads."""
-
-    images: np.ndarray
-    labels: np.ndarray
-    findings: list[str]
-    masks: np.ndarray
-    zero_fraction: np.ndarray
-    spacing: tuple[float, ...]
-    meta: dict[str, Any] = field(default_factory=dict)
-
-
-def tiny_cxr(n: int = 3, size: int = 32, seed: int = 0) -> TinySet:
+def tiny_cxr(n: int = 3, size: int = 32, seed: int = 0) -> PhantomSet:
     rng = np.random.default_rng(seed)
     images = rng.random((n, 1, size, size), dtype=np.float32)
     images[:, :, :2] = 0.0  # collimation
     images[0, 0, 5, 5], images[0, 0, 6, 6] = 1.0, 0.0
     labels = np.arange(n, dtype=np.int64) % 2
-    return TinySet(images=images, labels=labels,
+    return PhantomSet(images=images, labels=labels,
                    findings=["opacity" if v else "normal" for v in labels],
                    masks=np.zeros_like(images, dtype=bool),
                    zero_fraction=np.linspace(0.05, 0.3, n).astype(np.float32),
@@ -47,13 +33,13 @@ def tiny_cxr(n: int = 3, size: int = 32, seed: int = 0) -> TinySet:
                    meta={"kind": "cxr", "child": np.arange(n) == n - 1})
 
 
-def tiny_ct(n: int = 3, shape: tuple[int, int, int] = (4, 16, 16), seed: int = 0) -> TinySet:
+def tiny_ct(n: int = 3, shape: tuple[int, int, int] = (4, 16, 16), seed: int = 0) -> PhantomSet:
     rng = np.random.default_rng(seed)
     images = (rng.random((n, 1, *shape), dtype=np.float32) * 2200 - 1100).astype(np.float32)
     images[:, :, 0, 0, 0] = -1024.0
     images[:, :, 1, 0, 0] = 3000.4
     labels = np.array([i % 2 for i in range(n)], dtype=np.int64)
-    return TinySet(images=images, labels=labels,
+    return PhantomSet(images=images, labels=labels,
                    findings=["haemorrhage" if v else "normal" for v in labels],
                    masks=np.zeros_like(images, dtype=bool),
                    zero_fraction=np.full(n, 0.25, dtype=np.float32),
@@ -205,20 +191,20 @@ def test_uids_valid_unique_and_not_in_paths(tmp_path: Path) -> None:
 def test_argument_validation(tmp_path: Path) -> None:
     ps = tiny_cxr()
     with pytest.raises(ValueError, match="kind"):
-        write_dicom_studies(TinySet(ps.images, ps.labels, ps.findings, ps.masks, ps.zero_fraction,
+        write_dicom_studies(PhantomSet(ps.images, ps.labels, ps.findings, ps.masks, ps.zero_fraction,
                                     ps.spacing, {"kind": "mri"}), tmp_path / "a")
     bad = tiny_cxr()
     bad.images[0, 0, 3, 3] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         write_dicom_studies(bad, tmp_path / "b")
     with pytest.raises(ValueError, match="shaped"):
-        write_dicom_studies(TinySet(ps.images[:, 0, 0], ps.labels, ps.findings, ps.masks,
+        write_dicom_studies(PhantomSet(ps.images[:, 0, 0], ps.labels, ps.findings, ps.masks[:, 0, 0],
                                     ps.zero_fraction, ps.spacing, {"kind": "cxr"}), tmp_path / "c")
     with pytest.raises(ValueError, match="spacing"):
-        write_dicom_studies(TinySet(ps.images, ps.labels, ps.findings, ps.masks, ps.zero_fraction,
+        write_dicom_studies(PhantomSet(ps.images, ps.labels, ps.findings, ps.masks, ps.zero_fraction,
                                     (0.0, 1.0), {"kind": "cxr"}), tmp_path / "d")
-    with pytest.raises(ValueError, match="entries"):
-        write_dicom_studies(TinySet(ps.images, ps.labels[:2], ps.findings, ps.masks, ps.zero_fraction,
+    with pytest.raises(ValueError, match=r"entries|differ in length"):
+        write_dicom_studies(PhantomSet(ps.images, ps.labels[:2], ps.findings, ps.masks, ps.zero_fraction,
                                     ps.spacing, {"kind": "cxr"}), tmp_path / "e")
     with pytest.raises(ValueError, match="seed"):
         write_dicom_studies(ps, tmp_path / "f", seed=-1)

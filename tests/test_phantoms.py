@@ -140,7 +140,7 @@ def test_headct_contract(ct_mix: PhantomSet) -> None:
     np.testing.assert_allclose(ps.zero_fraction, (ps.images <= -1000).mean(axis=(1, 2, 3, 4)))
     assert 0.1 < ps.zero_fraction.mean() < 0.7
     assert ps.spacing == pytest.approx((110.0 / 8, 230.0 / 32, 230.0 / 32))
-    assert ps.meta["kind"] == "headct"
+    assert ps.meta["kind"] == "bct"
     assert ps.meta["anatomy"] in ("nilearn MNI152", "procedural")
 
 
@@ -195,7 +195,7 @@ def test_headct_determinism_and_chunks() -> None:
 def test_trivial_baselines_cannot_separate(cxr_mix: PhantomSet, ct_mix: PhantomSet) -> None:
     cxr = make_cxr(240, size=32, abnormal_fraction=0.5, seed=21)
     ct = make_headct(120, shape=CT_SHAPE, abnormal_fraction=0.5, seed=21)
-    for ps, kind in ((cxr, "cxr"), (ct, "headct")):
+    for ps, kind in ((cxr, "cxr"), (ct, "bct")):
         scores = trivial_baselines(ps.images, kind=kind)
         assert set(scores) == {"mean_intensity", "entropy", "background_fraction"}
         for name, s in scores.items():
@@ -214,7 +214,7 @@ def test_trivial_baselines_values() -> None:
     np.testing.assert_allclose(s["entropy"], [0.0, 0.0])
     ct = np.full((1, 1, 2, 2, 2), -1000.0, np.float32)
     ct[0, 0, 0] = 40.0
-    s = trivial_baselines(ct, kind="headct")
+    s = trivial_baselines(ct, kind="bct")
     np.testing.assert_allclose(s["background_fraction"], [0.5])
     np.testing.assert_allclose(s["mean_intensity"], [27.0])
     np.testing.assert_allclose(s["entropy"], [1.0])

@@ -106,10 +106,8 @@ def _check_inputs(ps: PhantomLike, seed: int, institution: str) -> tuple[str, np
             raise TypeError(f"write_dicom_studies needs a PhantomSet-like object; missing .{attr}")
     meta = ps.meta if isinstance(ps.meta, dict) else {}
     kind = meta.get("kind")
-    if kind in ("headct", "ct"):  # flows.phantoms names head CT "headct"
-        kind = "bct"
     if kind not in ("cxr", "bct"):
-        raise ValueError(f"ps.meta['kind'] must be 'cxr' or 'bct' ('headct'), got {kind!r}")
+        raise ValueError(f"ps.meta['kind'] must be 'cxr' or 'bct', got {kind!r}")
     images = np.asarray(ps.images)
     spatial = 2 if kind == "cxr" else 3
     if images.ndim == spatial + 2 and images.shape[1] == 1:

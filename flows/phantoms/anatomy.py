@@ -194,6 +194,24 @@ def _seed_word(seed: int) -> int:
     return int(seed) % (1 << 64)  # SeedSequence wants non-negative integers
 
 
+def check_case_args(who: str, n: object, abnormal_fraction: float, findings: Sequence[str],
+                    known: Sequence[str]) -> tuple[str, ...]:
+    """The argument checks every generator shares; returns the findings as a tuple."""
+    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n <= 0:
+        raise ValueError(f"{who}: n must be a positive integer, got {n!r}")
+    if not 0.0 <= float(abnormal_fraction) <= 1.0:
+        raise ValueError(f"{who}: abnormal_fraction must be in [0, 1], got {abnormal_fraction!r}")
+    if isinstance(findings, str):
+        raise ValueError(f"{who}: findings must be a sequence of names, not one string")
+    fs = tuple(findings)
+    unknown = [f for f in fs if f not in known]
+    if unknown:
+        raise ValueError(f"{who}: unknown finding(s) {unknown}; choose from {list(known)}")
+    if not fs and abnormal_fraction > 0:
+        raise ValueError(f"{who}: findings is empty but abnormal_fraction > 0")
+    return fs
+
+
 def check_seed(seed: object, who: str) -> int:
     """The seed as an int, or a ValueError that says what was wrong."""
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer):

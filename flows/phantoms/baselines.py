@@ -45,8 +45,8 @@ def _entropy(flat: np.ndarray, lo: float, hi: float) -> np.ndarray:
 def trivial_baselines(images: np.ndarray, *, kind: str) -> dict[str, np.ndarray]:
     """Per-image ``mean_intensity``, ``entropy`` and ``background_fraction``.
 
-    ``images`` is ``(N, ...)``; ``kind`` is ``"cxr"`` (values in [0, 1]) or ``"headct"``
-    (Hounsfield units; ``"ct"`` is accepted too).
+    ``images`` is ``(N, ...)``; ``kind`` is ``"cxr"`` (values in [0, 1]) or ``"bct"`` (head CT,
+    Hounsfield units).
     """
     arr = np.asarray(images, dtype=np.float32)
     if arr.ndim < 2:
@@ -57,12 +57,12 @@ def trivial_baselines(images: np.ndarray, *, kind: str) -> dict[str, np.ndarray]
         disp = np.clip(flat, 0.0, 1.0)
         lo, hi = 0.0, 1.0
         background = (flat == 0.0).mean(axis=1)
-    elif k in ("headct", "ct", "bct"):
+    elif k == "bct":
         disp = ct_window(flat)
         lo, hi = 0.0, 127.0
         background = (flat <= -1000.0).mean(axis=1)
     else:
-        raise ValueError(f"trivial_baselines: kind must be 'cxr' or 'headct', got {kind!r}")
+        raise ValueError(f"trivial_baselines: kind must be 'cxr' or 'bct', got {kind!r}")
     return {
         "mean_intensity": disp.mean(axis=1).astype(np.float64),
         "entropy": _entropy(disp, lo, hi),

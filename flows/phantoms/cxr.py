@@ -42,6 +42,7 @@ from .anatomy import (
     PhantomSet,
     case_plan,
     case_rng,
+    check_case_args,
     check_seed,
     for_each_case,
     lung_shape,
@@ -85,24 +86,13 @@ def _band(dist: np.ndarray, half: float, edge: float) -> np.ndarray:
 def _validate(
     n: int, size: int, abnormal_fraction: float, findings: Sequence[str], child_fraction: float
 ) -> tuple[str, ...]:
-    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n <= 0:
-        raise ValueError(f"make_cxr: n must be a positive integer, got {n!r}")
+    fs = check_case_args("make_cxr", n, abnormal_fraction, findings, CXR_FINDINGS)
     if isinstance(size, bool) or not isinstance(size, int | np.integer):
         raise ValueError(f"make_cxr: size must be an integer, got {size!r}")
     if not _MIN_SIZE <= size <= _MAX_SIZE:
         raise ValueError(f"make_cxr: size must be in [{_MIN_SIZE}, {_MAX_SIZE}], got {size}")
-    if not 0.0 <= float(abnormal_fraction) <= 1.0:
-        raise ValueError(f"make_cxr: abnormal_fraction must be in [0, 1], got {abnormal_fraction!r}")
     if not 0.0 <= float(child_fraction) <= 1.0:
         raise ValueError(f"make_cxr: child_fraction must be in [0, 1], got {child_fraction!r}")
-    if isinstance(findings, str):
-        raise ValueError("make_cxr: findings must be a sequence of names, not one string")
-    fs = tuple(findings)
-    unknown = [f for f in fs if f not in CXR_FINDINGS]
-    if unknown:
-        raise ValueError(f"make_cxr: unknown finding(s) {unknown}; choose from {list(CXR_FINDINGS)}")
-    if not fs and abnormal_fraction > 0:
-        raise ValueError("make_cxr: findings is empty but abnormal_fraction > 0")
     return fs
 
 

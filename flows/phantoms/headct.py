@@ -54,6 +54,7 @@ from .anatomy import (
     PhantomSet,
     case_plan,
     case_rng,
+    check_case_args,
     check_seed,
     for_each_case,
     head_templates,
@@ -78,8 +79,7 @@ def _smooth(t: np.ndarray) -> np.ndarray:
 def _validate(
     n: int, shape: tuple[int, int, int], abnormal_fraction: float, findings: Sequence[str]
 ) -> tuple[tuple[int, int, int], tuple[str, ...]]:
-    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n <= 0:
-        raise ValueError(f"make_headct: n must be a positive integer, got {n!r}")
+    fs = check_case_args("make_headct", n, abnormal_fraction, findings, HEADCT_FINDINGS)
     try:
         dims = tuple(int(s) for s in shape)
         ok = len(dims) == 3 and all(not isinstance(s, bool) and int(s) == s for s in shape)
@@ -91,16 +91,6 @@ def _validate(
     d, h, w = dims
     if not (4 <= d <= 256 and 16 <= h <= 1024 and 16 <= w <= 1024):
         raise ValueError(f"make_headct: shape {dims} out of range: D in [4, 256], H and W in [16, 1024]")
-    if not 0.0 <= float(abnormal_fraction) <= 1.0:
-        raise ValueError(f"make_headct: abnormal_fraction must be in [0, 1], got {abnormal_fraction!r}")
-    if isinstance(findings, str):
-        raise ValueError("make_headct: findings must be a sequence of names, not one string")
-    fs = tuple(findings)
-    unknown = [f for f in fs if f not in HEADCT_FINDINGS]
-    if unknown:
-        raise ValueError(f"make_headct: unknown finding(s) {unknown}; choose from {list(HEADCT_FINDINGS)}")
-    if not fs and abnormal_fraction > 0:
-        raise ValueError("make_headct: findings is empty but abnormal_fraction > 0")
     return (d, h, w), fs
 
 
@@ -526,7 +516,7 @@ def make_headct(
         zero_fraction=zero_fraction,
         spacing=(thick, FOV_MM / h, FOV_MM / w),
         meta={
-            "kind": "headct",
+            "kind": "bct",
             "seed": int(seed),
             "shape": list(dims),
             "abnormal_fraction": float(abnormal_fraction),
