@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -26,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from flows.atomic import torch_save, write_bytes
 from flows.glow import Conditioned, FlowModel, Glow, GlowConfig
 from flows.preprocess import Preprocessing
 
@@ -117,13 +117,6 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def versions() -> dict[str, str]:
@@ -149,14 +142,12 @@ def save_bundle(path: str | Path, *, m0: FlowModel, m1: FlowModel, preset: str,
     files = {}
     conditions: dict[str, int] = {}
     for fname, model in zip(WEIGHT_FILES, (m0, m1), strict=True):
-        tmp = out / (fname + ".tmp")
         net = model.glow if isinstance(model, Conditioned) else model
         if isinstance(model, Conditioned):
             conditions[fname] = model.condition
-        torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, tmp)
-        os.replace(tmp, out / fname)
+        torch_save({k: v.detach().cpu() for k, v in net.state_dict().items()}, out / fname)
         files[fname] = sha256_file(out / fname)
-    _write_atomic(out / "calibration.json", json.dumps(asdict(calibration)).encode())
+    write_bytes(out / "calibration.json", json.dumps(asdict(calibration)).encode())
     files["calibration.json"] = sha256_file(out / "calibration.json")
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -172,7 +163,7 @@ def save_bundle(path: str | Path, *, m0: FlowModel, m1: FlowModel, preset: str,
         "conditions": conditions,
         "files": files,
     }
-    _write_atomic(out / "manifest.json", json.dumps(manifest, indent=2).encode())
+    write_bytes(out / "manifest.json", json.dumps(manifest, indent=2).encode())
     return out
 
 

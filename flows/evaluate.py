@@ -38,6 +38,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
+from flows.atomic import write_text
+
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
@@ -663,10 +665,6 @@ def _plot_zero_fraction(
     _save(fig, path)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _markdown(summary: Mapping[str, Any], names: Sequence[str]) -> str:
@@ -847,8 +845,8 @@ def evaluate(
         "extra": _jsonable(dict(extra)) if extra is not None else {},
     }
     summary = _jsonable(summary)
-    _write_atomic(out / "summary.json", json.dumps(summary, indent=2, allow_nan=False) + "\n")
-    _write_atomic(out / "summary.md", _markdown(summary, names))
+    write_text(out / "summary.json", json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    write_text(out / "summary.md", _markdown(summary, names))
     return summary
 
 

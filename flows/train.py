@@ -11,7 +11,6 @@ import copy
 import hashlib
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from flows.atomic import torch_save
 from flows.glow import Glow
 from flows.presets import Preset
 from flows.quantize import bits_per_dim, dequantize
@@ -190,13 +190,6 @@ def evaluate_bpd(model: Glow, images: np.ndarray, n_bits: int, device: torch.dev
     return total / max(count, 1)
 
 
-def _save_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def train(images: np.ndarray, preset: Preset, *, out_dir: str | Path | None = None,
@@ -267,7 +260,7 @@ def train(images: np.ndarray, preset: Preset, *, out_dir: str | Path | None = No
     def save_checkpoint(epoch: int) -> None:
         if ckpt is None:
             return
-        _save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+        torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
                       "epoch": epoch, "skipped": skipped, "history": history, "best_val": best_val,
                       "since_best": since_best, "best_state": best_state,
                       "np_rng": rng.bit_generator.state, "torch_gen": gen.get_state(),
