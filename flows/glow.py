@@ -244,11 +244,16 @@ class AffineCoupling(nn.Module):
         shift, raw = h[:, 0::2], h[:, 1::2]
         return shift, self.scale_fn(raw)
 
-    def forward(self, x: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, cond: Tensor | None = None,
+                per_position: bool = False) -> tuple[Tensor, Tensor]:
+        """``(y, log-det)``: per sample, or per position ``(N, *spatial)`` in float64."""
         xa, xb = x[:, : self.ca], x[:, self.ca :]
         shift, scale = self._shift_scale(xa, cond)
         yb = (xb + shift) * scale
-        return torch.cat([xa, yb], dim=1), _sum_per_sample(torch.log(scale.float()))
+        log_scale = torch.log(scale.float())
+        if per_position:
+            return torch.cat([xa, yb], dim=1), log_scale.to(torch.float64).sum(dim=1)
+        return torch.cat([xa, yb], dim=1), _sum_per_sample(log_scale)
 
     def inverse(self, y: Tensor, cond: Tensor | None = None) -> Tensor:
         ya, yb = y[:, : self.ca], y[:, self.ca :]
@@ -267,10 +272,16 @@ class FlowStep(nn.Module):
         self.invconv = InvConvLU(channels, ndim, generator)
         self.coupling = AffineCoupling(channels, hidden, ndim, scale_fn, coords, n_cond)
 
-    def forward(self, x: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, cond: Tensor | None = None,
+                per_position: bool = False) -> tuple[Tensor, Tensor]:
+        """``(y, log-det)``; with ``per_position`` the log-det is a map ``(N, *spatial)``."""
         x, ld1 = self.actnorm(x)
         x, ld2 = self.invconv(x)
-        x, ld3 = self.coupling(x, cond)
+        x, ld3 = self.coupling(x, cond, per_position)
+        if per_position:
+            # ActNorm and the 1x1 convolution contribute the same amount at every position.
+            n_pos = int(np.prod(x.shape[2:]))
+            return x, ld3 + (ld1 + ld2)[:, None].reshape(-1, *([1] * (x.dim() - 2))) / n_pos
         return x, ld1 + ld2 + ld3
 
     def inverse(self, y: Tensor, cond: Tensor | None = None) -> Tensor:
@@ -390,11 +401,12 @@ class Glow(nn.Module):
             raise ValueError(f"input holds {n_bad} non-finite value(s) (NaN or inf)")
 
     # -- passes ---------------------------------------------------------------------------
-    def _run_step(self, step: FlowStep, h: Tensor, cond: Tensor | None) -> tuple[Tensor, Tensor]:
+    def _run_step(self, step: FlowStep, h: Tensor, cond: Tensor | None,
+                  per_position: bool) -> tuple[Tensor, Tensor]:
         if self.config.checkpoint and self.training and torch.is_grad_enabled():
             return cast(tuple[Tensor, Tensor],
-                        torch_checkpoint(step, h, cond, use_reentrant=False))
-        return cast(tuple[Tensor, Tensor], step(h, cond))
+                        torch_checkpoint(step, h, cond, per_position, use_reentrant=False))
+        return cast(tuple[Tensor, Tensor], step(h, cond, per_position))
 
     def _onehot(self, cond: Tensor | int | None, n: int, device: torch.device) -> Tensor | None:
         k = self.config.conditions
@@ -417,29 +429,62 @@ class Glow(nn.Module):
         logs = (onehot @ self.top_logs.flatten(1)).reshape(shape)
         return mean, logs
 
-    def forward(self, x: Tensor, cond: Tensor | int | None = None) -> FlowOutput:
-        self.check_input(x)
-        onehot = self._onehot(cond, x.shape[0], x.device)
-        n = x.shape[0]
-        logdet = torch.zeros(n, dtype=torch.float64, device=x.device)
-        log_pz = torch.zeros(n, dtype=torch.float64, device=x.device)
+    def _pass(self, x: Tensor, onehot: Tensor | None,
+              per_position: bool) -> tuple[list[Tensor], list[tuple[Tensor, Tensor]]]:
+        """Latents and, per level, (log-det, log p of the latent factored out there).
+
+        The terms are per sample ``(N,)``, or with ``per_position`` maps ``(N, *grid_i)`` on
+        level i's grid (the input grid divided by 2**(i+1)); all in float64.
+        """
         zs: list[Tensor] = []
+        terms: list[tuple[Tensor, Tensor]] = []
         h = x
         for i in range(len(self.levels)):
             h = squeeze(h)
+            logdet: Tensor | None = None
             for step in self._steps(i):
-                h, ld = self._run_step(step, h, onehot)
-                logdet = logdet + ld
+                h, ld = self._run_step(step, h, onehot, per_position)
+                logdet = ld if logdet is None else logdet + ld
+            assert logdet is not None
             if i < len(self.splits):
                 split = self._split(i)
                 h, z = h[:, : split.keep], h[:, split.keep :]
                 mean, logs = split.params(h, onehot)
-                log_pz = log_pz + _sum_per_sample(gaussian_log_p(z, mean, logs))
-                zs.append(z)
-        top_mean, top_logs = self._top(onehot)
-        log_pz = log_pz + _sum_per_sample(gaussian_log_p(h, top_mean, top_logs))
-        zs.append(h)
+            else:  # the top: learned prior on what is left
+                z = h
+                mean, logs = self._top(onehot)
+            lp = gaussian_log_p(z, mean, logs)
+            zs.append(z)
+            terms.append((logdet, lp.to(torch.float64).sum(dim=1) if per_position
+                          else _sum_per_sample(lp)))
+        return zs, terms
+
+    def forward(self, x: Tensor, cond: Tensor | int | None = None) -> FlowOutput:
+        self.check_input(x)
+        zs, terms = self._pass(x, self._onehot(cond, x.shape[0], x.device), False)
+        logdet = torch.stack([t[0] for t in terms]).sum(dim=0)
+        log_pz = torch.stack([t[1] for t in terms]).sum(dim=0)
         return FlowOutput(zs=zs, log_p=log_pz + logdet, logdet=logdet, log_pz=log_pz)
+
+    def log_p_map(self, x: Tensor, cond: Tensor | int | None = None) -> Tensor:
+        """log p(x) decomposed exactly over input positions: ``(N, *spatial)``, float64.
+
+        Each level's per-position terms (coupling log-scales, the constant ActNorm and 1x1
+        terms, the density of the latent factored out there) are spread evenly over the
+        input pixels that position covers, so the map sums to ``log_p`` of :meth:`forward`
+        and a region's share of the density can be read off without a sliding window.
+        """
+        self.check_input(x)
+        _, terms = self._pass(x, self._onehot(cond, x.shape[0], x.device), True)
+        ndim = self.config.ndim
+        total = torch.zeros(x.shape[0], *x.shape[2:], dtype=torch.float64, device=x.device)
+        for i, (logdet, log_pz) in enumerate(terms):
+            f = 2 ** (i + 1)
+            m = (logdet + log_pz) / f ** ndim
+            for axis in range(1, ndim + 1):
+                m = m.repeat_interleave(f, dim=axis)
+            total = total + m
+        return total
 
     def log_prob(self, x: Tensor, cond: Tensor | int | None = None) -> Tensor:
         return self.forward(x, cond).log_p
@@ -521,6 +566,9 @@ class Conditioned(nn.Module):
 
     def forward(self, x: Tensor) -> FlowOutput:
         return cast(FlowOutput, self.glow(x, self.condition))
+
+    def log_p_map(self, x: Tensor) -> Tensor:
+        return self.glow.log_p_map(x, self.condition)
 
     def sample(self, n: int, shape: tuple[int, ...], temperature: float = 0.7,
                generator: torch.Generator | None = None) -> Tensor:

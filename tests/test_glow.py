@@ -183,3 +183,26 @@ def test_conditional_glow_is_exact_per_condition() -> None:
         g(x, torch.tensor([2]))
     with pytest.raises(ValueError, match="unconditional"):
         Glow(GlowConfig(1, 2, levels=1, steps=1, hidden=4))(torch.zeros(1, 1, 4, 4), 0)
+
+
+@pytest.mark.parametrize("cfg,shape", CASES)
+def test_log_p_map_sums_to_log_p(cfg: GlowConfig, shape: tuple[int, ...]) -> None:
+    g = _trained_like(cfg, tuple(s * 2 if i >= 2 else s for i, s in enumerate(shape)))
+    x = torch.rand(3, *[s * 2 if i >= 2 else s for i, s in enumerate(shape)][1:],
+                   dtype=torch.float64) - 0.5
+    with torch.no_grad():
+        m = g.log_p_map(x)
+        lp = g(x).log_p
+    assert m.shape == (3, *x.shape[2:])
+    assert torch.allclose(m.flatten(1).sum(1), lp, rtol=1e-9, atol=1e-6)
+
+
+def test_log_p_map_is_local() -> None:
+    """Changing one corner pixel changes the map most near that corner."""
+    g = _trained_like(GlowConfig(1, 2, levels=2, steps=2, hidden=8), (1, 1, 16, 16))
+    x = torch.rand(1, 1, 16, 16, dtype=torch.float64) - 0.5
+    y = x.clone()
+    y[0, 0, 1, 1] += 0.4
+    with torch.no_grad():
+        d = (g.log_p_map(y) - g.log_p_map(x)).abs()[0]
+    assert d[:4, :4].sum() > d[8:, 8:].sum()
