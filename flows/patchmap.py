@@ -1,0 +1,208 @@
+"""CT-3DFlow's patch-aggregated Log P map, in 2D and 3D.
+
+Overlapping patches (default 48 per axis, 10 voxels of overlap) tile the whole volume; each
+patch gets one log-likelihood per voxel from a patch Glow (or, with a mixture patch model
+too, the posterior ratio ``log p1 - log p0``), and the patch scores are aggregated into a
+voxel map with Gaussian weights centred on each patch. Everything here works on the model
+grid; :func:`to_source_grid` puts a map back on the series' own grid.
+
+Speed: patches are cut with strided views and scored in batches; the Gaussian weight sum
+depends only on the grid, so aggregation is one weighted scatter-add per patch.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from flows.glow import FlowModel
+from flows.posterior import ScoringError
+from flows.quantize import dequantize
+
+PatchScorer = Callable[[torch.Tensor], torch.Tensor]
+
+
+class PatchMapError(ValueError):
+    """Input the patch map cannot work with, with the reason."""
+
+
+def axis_starts(length: int, patch: int, overlap: int) -> list[int]:
+    """Start offsets along one axis: stride ``patch - overlap``, the last patch flush with the end.
+
+    ``length`` must be >= ``patch`` (pad smaller volumes first).
+    """
+    if patch <= 0 or not 0 <= overlap < patch:
+        raise PatchMapError(f"need patch > 0 and 0 <= overlap < patch, got {patch}, {overlap}")
+    if length < patch:
+        raise PatchMapError(f"axis of {length} is shorter than the patch ({patch}); pad first")
+    stride = patch - overlap
+    starts = list(range(0, length - patch + 1, stride))
+    if starts[-1] != length - patch:
+        starts.append(length - patch)
+    return starts
+
+
+@dataclass(frozen=True)
+class PatchGrid:
+    """Where the patches of a volume lie (on the model grid, after padding)."""
+
+    shape: tuple[int, ...]  # padded volume shape
+    patch: tuple[int, ...]
+    overlap: int
+    pad_before: tuple[int, ...]  # padding added in front of each axis
+    original: tuple[int, ...]  # shape before padding
+
+    @classmethod
+    def plan(cls, shape: tuple[int, ...], patch: int | tuple[int, ...], overlap: int) -> PatchGrid:
+        p = (patch,) * len(shape) if isinstance(patch, int) else tuple(patch)
+        if len(p) != len(shape):
+            raise PatchMapError(f"patch {p} and volume {shape} differ in dimensionality")
+        if any(s <= 0 for s in shape):
+            raise PatchMapError(f"empty volume of shape {shape}")
+        padded = tuple(max(s, q) for s, q in zip(shape, p, strict=True))
+        before = tuple((t - s) // 2 for t, s in zip(padded, shape, strict=True))
+        for s, q in zip(padded, p, strict=True):
+            axis_starts(s, q, overlap)  # validates
+        return cls(padded, p, overlap, before, tuple(shape))
+
+    def starts(self) -> list[tuple[int, ...]]:
+        per_axis = [axis_starts(s, q, self.overlap) for s, q in zip(self.shape, self.patch, strict=True)]
+        return list(itertools.product(*per_axis))
+
+    def slices(self, start: tuple[int, ...]) -> tuple[slice, ...]:
+        return tuple(slice(a, a + q) for a, q in zip(start, self.patch, strict=True))
+
+    def pad(self, volume: np.ndarray, value: float) -> np.ndarray:
+        if volume.shape == self.shape:
+            return volume
+        widths = [(b, t - s - b) for b, t, s in zip(self.pad_before, self.shape, volume.shape, strict=True)]
+        return np.pad(volume, widths, mode="constant", constant_values=value)
+
+    def crop(self, padded: np.ndarray) -> np.ndarray:
+        return padded[tuple(slice(b, b + s) for b, s in zip(self.pad_before, self.original, strict=True))]
+
+
+def gaussian_weights(patch: tuple[int, ...], sigma_scale: float = 0.125) -> np.ndarray:
+    """Separable Gaussian importance map over a patch (MONAI's convention: sigma = 0.125 * size)."""
+    w = np.ones(patch, dtype=np.float64)
+    for axis, n in enumerate(patch):
+        c = (n - 1) / 2.0
+        g = np.exp(-0.5 * ((np.arange(n) - c) / max(sigma_scale * n, 1e-6)) ** 2)
+        w = w * g.reshape([-1 if a == axis else 1 for a in range(len(patch))])
+    return np.maximum(w / w.max(), 1e-3)  # never zero: every covered voxel gets a value
+
+
+def select_patches(grid: PatchGrid, mask: np.ndarray | None, min_fraction: float) -> list[tuple[int, ...]]:
+    """All patch starts, or those whose mask fraction is at least ``min_fraction``."""
+    starts = grid.starts()
+    if mask is None:
+        return starts
+    m = grid.pad(mask.astype(bool), False)
+    if not m.any():
+        raise PatchMapError("the mask is empty: no patch can be selected (check the mask or "
+                            "run without one)")
+    keep = [s for s in starts if m[grid.slices(s)].mean() >= min_fraction]
+    if not keep:  # a tiny mask: at least the patches that touch it
+        keep = [s for s in starts if m[grid.slices(s)].any()]
+    return keep
+
+
+@dataclass
+class PatchMap:
+    """A voxel map on the model grid and what produced it."""
+
+    values: np.ndarray  # aggregated per-voxel score; NaN where no selected patch covers
+    patch_scores: np.ndarray  # one score per evaluated patch
+    starts: list[tuple[int, ...]]
+    grid: PatchGrid
+
+    @property
+    def covered(self) -> np.ndarray:
+        return np.isfinite(self.values)
+
+
+def aggregate(grid: PatchGrid, starts: list[tuple[int, ...]], scores: np.ndarray,
+              sigma_scale: float = 0.125) -> np.ndarray:
+    """Gaussian-weighted average of per-patch scores at every voxel (NaN where uncovered)."""
+    if len(starts) != len(scores):
+        raise PatchMapError(f"{len(starts)} patches but {len(scores)} scores")
+    w = gaussian_weights(grid.patch, sigma_scale)
+    num = np.zeros(grid.shape, dtype=np.float64)
+    den = np.zeros(grid.shape, dtype=np.float64)
+    for s, v in zip(starts, scores, strict=True):
+        sl = grid.slices(s)
+        num[sl] += w * v
+        den[sl] += w
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
+    return grid.crop(out)
+
+
+def _batches(volume: np.ndarray, grid: PatchGrid, starts: list[tuple[int, ...]],
+             batch_size: int) -> Iterator[np.ndarray]:
+    for i in range(0, len(starts), batch_size):
+        yield np.stack([volume[grid.slices(s)] for s in starts[i:i + batch_size]])[:, None]
+
+
+def glow_patch_scorer(m0: FlowModel, m1: FlowModel | None, n_bits: int) -> PatchScorer:
+    """Per-voxel score of a batch of [0, 1] patches: ``-log p0 / V`` or ``(log p1 - log p0) / V``.
+
+    Higher is more abnormal in both cases.
+    """
+    def score(x01: torch.Tensor) -> torch.Tensor:
+        x = dequantize(x01, n_bits, noise=False)
+        v = float(np.prod(x.shape[2:]))
+        lp0 = m0(x).log_p
+        if m1 is None:
+            return -lp0 / v
+        return (m1(x).log_p - lp0) / v
+    return score
+
+
+@torch.no_grad()
+def patch_map(volume01: np.ndarray, scorer: PatchScorer, *, patch: int | tuple[int, ...] = 48,
+              overlap: int = 10, mask: np.ndarray | None = None, min_mask_fraction: float = 0.1,
+              batch_size: int = 16, pad_value: float = 0.0, sigma_scale: float = 0.125,
+              device: str | torch.device = "cpu") -> PatchMap:
+    """The aggregated map of one preprocessed volume (or image) with values in [0, 1]."""
+    vol = np.asarray(volume01)
+    if vol.ndim not in (2, 3):
+        raise PatchMapError(f"expected a 2D image or a 3D volume, got shape {vol.shape}")
+    if not np.isfinite(vol).all():
+        raise PatchMapError(f"volume holds {int((~np.isfinite(vol)).sum())} NaN/inf value(s)")
+    if mask is not None and mask.shape != vol.shape:
+        raise PatchMapError(f"mask shape {mask.shape} differs from the volume's {vol.shape}")
+    grid = PatchGrid.plan(vol.shape, patch, overlap)
+    starts = select_patches(grid, mask, min_mask_fraction)
+    padded = grid.pad(vol.astype(np.float32, copy=False), pad_value)
+    out = []
+    for batch in _batches(padded, grid, starts, batch_size):
+        out.append(scorer(torch.from_numpy(batch).to(device)).double().cpu().numpy())
+    scores = np.concatenate(out)
+    if not np.isfinite(scores).all():
+        raise ScoringError(f"{int((~np.isfinite(scores)).sum())} patch(es) got a non-finite score")
+    return PatchMap(aggregate(grid, starts, scores, sigma_scale), scores, starts, grid)
+
+
+def to_source_grid(values: np.ndarray, source_shape: tuple[int, ...]) -> np.ndarray:
+    """Resample a model-grid map onto the source grid (the inverse of the preprocessing's resize).
+
+    Both grids span the same field of view with voxel centres at ``(i + 0.5) * spacing``
+    (``grid_mode=True``), so a lesion lines up with its source position. Uncovered (NaN)
+    voxels stay NaN.
+    """
+    if len(source_shape) != values.ndim:
+        raise PatchMapError(f"map is {values.ndim}D but the source grid is {source_shape}")
+    factors = [t / s for t, s in zip(source_shape, values.shape, strict=True)]
+    finite = np.isfinite(values)
+    filled = np.where(finite, values, np.nanmin(values) if finite.any() else 0.0)
+    out = ndimage.zoom(filled, factors, order=1, grid_mode=True, mode="nearest")
+    if not finite.all():
+        cov = ndimage.zoom(finite.astype(np.float32), factors, order=0, grid_mode=True, mode="nearest")
+        out = np.where(cov > 0.5, out, np.nan)
+    return out
