@@ -28,8 +28,9 @@ from typing import Any, Literal
 import numpy as np
 
 from flows.bundle import Bundle, Calibration, load_bundle, save_bundle
+from flows.densitymap import ScoreChoice, choose_score, log_p_maps
 from flows.glow import Conditioned, FlowModel
-from flows.posterior import log_likelihood
+from flows.posterior import two_model_scores
 from flows.presets import Preset
 from flows.train import TrainOptions, TrainResult, fingerprint, train
 
@@ -51,6 +52,8 @@ class BuildOptions:
     device: str | None = None
     progress: bool = True
     max_seconds_per_model: float | None = None
+    map_scores: bool = True  # with a validation set, consider map-based scores too
+    max_reference_maps: int = 400  # mixture images whose maps form the per-position reference
 
 
 def build_bundle(out: str | Path, *, preset: Preset, normal: np.ndarray, mixture: np.ndarray,
@@ -118,13 +121,24 @@ def build_bundle(out: str | Path, *, preset: Preset, normal: np.ndarray, mixture
         if base is not None:
             metrics["base"] = base.metrics
     n_bits = preset.preprocessing.n_bits
-    ref = -(log_likelihood(m0, mixture, n_bits) - log_likelihood(m1, mixture, n_bits))
+    choice, map_ref = ScoreChoice(None, {}), None
     val_labels = val_scores = None
     if validation is not None:
         vimg, val_labels = validation
-        val_scores = -(log_likelihood(m0, vimg, n_bits) - log_likelihood(m1, vimg, n_bits))
+        if opts.map_scores and len(np.unique(val_labels)) == 2:
+            rng = np.random.default_rng(opts.seed)
+            sub = mixture[np.sort(rng.choice(len(mixture), min(len(mixture),
+                                                               opts.max_reference_maps), replace=False))]
+            choice, map_ref = choose_score(
+                log_p_maps(m0, vimg, n_bits), log_p_maps(m1, vimg, n_bits), val_labels,
+                log_p_maps(m0, sub, n_bits), log_p_maps(m1, sub, n_bits))
+            log(f"score chosen on validation: {choice.name} (AUROC "
+                f"{choice.validation_auroc[choice.name]:.3f}; whole-image posterior "
+                f"{choice.validation_auroc['whole']:.3f})")
+        val_scores = two_model_scores(m0, m1, vimg, n_bits, choice, map_ref)[2]
+    ref = two_model_scores(m0, m1, mixture, n_bits, choice, map_ref)[2]
     cal = Calibration.from_scores(ref, labels=val_labels, scores=val_scores,
-                                  percentile=opts.threshold_percentile)
+                                  percentile=opts.threshold_percentile, choice=choice)
     training: dict[str, Any] = {
         "strategy": opts.strategy,
         "seed": opts.seed,
@@ -134,6 +148,6 @@ def build_bundle(out: str | Path, *, preset: Preset, normal: np.ndarray, mixture
     }
     save_bundle(out, m0=m0, m1=m1, preset=preset.name,
                 preprocessing=preset.preprocessing, calibration=cal, name=name, version=version,
-                training=training)
+                training=training, map_reference=map_ref)
     log(f"bundle written to {out} (threshold {cal.threshold:.3f}, {cal.threshold_method})")
     return load_bundle(out)

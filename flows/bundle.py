@@ -15,6 +15,7 @@ does not match what the caller will feed it. Weights are loaded with ``weights_o
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import platform
 from dataclasses import asdict, dataclass, field
@@ -26,11 +27,13 @@ import numpy as np
 import torch
 
 from flows.atomic import torch_save, write_bytes
+from flows.densitymap import MapReference, ScoreChoice
 from flows.glow import Conditioned, FlowModel, Glow, GlowConfig
 from flows.preprocess import Preprocessing
 
 FORMAT_VERSION = 1
 WEIGHT_FILES = ("m0.pt", "m1.pt")
+MAP_REFERENCE = "map_reference.npz"  # per-position median/spread, when the score needs it
 
 
 class BundleError(ValueError):
@@ -50,6 +53,9 @@ class Calibration:
     threshold_method: str  # "youden" (labelled validation set) or "percentile:<p>"
     youden: dict[str, float] | None = None
     auroc: dict[str, float] | None = None
+    # Which abnormality score these figures are for (flows.densitymap.ScoreChoice.to_dict);
+    # None: the whole-image posterior.
+    score: dict[str, Any] | None = None
 
     def percentile(self, scores: np.ndarray) -> np.ndarray:
         ref = np.sort(np.asarray(self.reference, dtype=np.float64))
@@ -57,13 +63,19 @@ class Calibration:
             raise BundleError("calibration has an empty reference distribution")
         return 100.0 * np.searchsorted(ref, np.asarray(scores, dtype=np.float64), side="right") / ref.size
 
+    @property
+    def choice(self) -> ScoreChoice:
+        return ScoreChoice.from_dict(self.score)
+
     @classmethod
     def from_scores(cls, reference: np.ndarray, *, labels: np.ndarray | None = None,
-                    scores: np.ndarray | None = None, percentile: float = 90.0) -> Calibration:
+                    scores: np.ndarray | None = None, percentile: float = 90.0,
+                    choice: ScoreChoice | None = None) -> Calibration:
         """Youden cutoff when a labelled validation set is given, else a reference percentile."""
         ref = np.asarray(reference, dtype=np.float64)
         if ref.size == 0 or not np.isfinite(ref).all():
             raise BundleError("calibration scores are empty or non-finite")
+        score = choice.to_dict() if choice is not None else None
         if labels is not None and scores is not None and len(np.unique(labels)) == 2:
             from flows.evaluate import roc_auc_ci, youden_cutoff
 
@@ -71,9 +83,9 @@ class Calibration:
             ci = roc_auc_ci(labels, scores, n_boot=500)
             return cls(reference=ref.tolist(), threshold=float(cut.threshold),
                        threshold_method="youden", youden=asdict(cut),
-                       auroc={"auc": ci.auc, "lo": ci.lo, "hi": ci.hi})
+                       auroc={"auc": ci.auc, "lo": ci.lo, "hi": ci.hi}, score=score)
         return cls(reference=ref.tolist(), threshold=float(np.percentile(ref, percentile)),
-                   threshold_method=f"percentile:{percentile:g}")
+                   threshold_method=f"percentile:{percentile:g}", score=score)
 
 
 @dataclass
@@ -83,10 +95,14 @@ class Bundle:
     m0: FlowModel
     m1: FlowModel
     calibration: Calibration
+    map_reference: MapReference | None = None
     preprocessing: Preprocessing = field(init=False)
 
     def __post_init__(self) -> None:
         self.preprocessing = Preprocessing.from_dict(self.manifest["preprocessing"])
+        choice = self.calibration.choice
+        if choice.map is not None and choice.map.standardise and self.map_reference is None:
+            raise BundleError(f"{self.path}: the calibrated map score needs {MAP_REFERENCE}")
 
     @property
     def name(self) -> str:
@@ -133,7 +149,8 @@ def versions() -> dict[str, str]:
 def save_bundle(path: str | Path, *, m0: FlowModel, m1: FlowModel, preset: str,
                 preprocessing: Preprocessing,
                 calibration: Calibration, name: str, version: str = "1",
-                training: dict[str, Any] | None = None) -> Path:
+                training: dict[str, Any] | None = None,
+                map_reference: MapReference | None = None) -> Path:
     """Write a bundle directory (weights first, manifest last, each file atomically)."""
     if m0.config != m1.config:
         raise BundleError("M0 and M1 must share one Glow configuration")
@@ -149,6 +166,11 @@ def save_bundle(path: str | Path, *, m0: FlowModel, m1: FlowModel, preset: str,
         files[fname] = sha256_file(out / fname)
     write_bytes(out / "calibration.json", json.dumps(asdict(calibration)).encode())
     files["calibration.json"] = sha256_file(out / "calibration.json")
+    if map_reference is not None:
+        buf = io.BytesIO()
+        np.savez(buf, median=map_reference.median, spread=map_reference.spread)
+        write_bytes(out / MAP_REFERENCE, buf.getvalue())
+        files[MAP_REFERENCE] = sha256_file(out / MAP_REFERENCE)
     manifest = {
         "format_version": FORMAT_VERSION,
         "name": name,
@@ -189,7 +211,8 @@ def load_bundle(path: str | Path, *, expect: Preprocessing | None = None,
             raise BundleError(f"{root}: preprocessing does not match what the node feeds it: "
                               + "; ".join(diff))
     files = manifest.get("files", {})
-    for fname in (*WEIGHT_FILES, "calibration.json"):
+    optional = (MAP_REFERENCE,) if MAP_REFERENCE in files else ()
+    for fname in (*WEIGHT_FILES, "calibration.json", *optional):
         fp = root / fname
         if not fp.is_file():
             raise BundleError(f"{root}: missing {fname}")
@@ -218,4 +241,9 @@ def load_bundle(path: str | Path, *, expect: Preprocessing | None = None,
         else:
             models.append(model)
     cal = Calibration(**json.loads((root / "calibration.json").read_text()))
-    return Bundle(path=root, manifest=manifest, m0=models[0], m1=models[1], calibration=cal)
+    ref = None
+    if optional:
+        with np.load(root / MAP_REFERENCE, allow_pickle=False) as z:
+            ref = MapReference(median=z["median"], spread=z["spread"])
+    return Bundle(path=root, manifest=manifest, m0=models[0], m1=models[1], calibration=cal,
+                  map_reference=ref)

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from scipy.ndimage import gaussian_filter
 
+from flows.errors import ScoringError
 from flows.glow import FlowModel
-from flows.posterior import ScoringError
 from flows.quantize import dequantize
 
 MAD_TO_SD = 1.4826
@@ -130,3 +130,76 @@ def prepared_maps(raw: np.ndarray, score: MapScore, reference: MapReference | No
 def map_scores(raw: np.ndarray, score: MapScore, reference: MapReference | None) -> np.ndarray:
     """One abnormality score per image from its raw abnormality map."""
     return top_mean(prepared_maps(raw, score, reference), score.top_fraction)
+
+
+def score_name(score: MapScore | None) -> str:
+    """A short label: ``whole`` or e.g. ``map:posterior:s1:top0.05:std``."""
+    if score is None:
+        return "whole"
+    return (f"map:{score.source}:s{score.sigma:g}:top{score.top_fraction:g}"
+            f"{':std' if score.standardise else ''}")
+
+
+def candidate_scores(source: str = "posterior") -> list[MapScore]:
+    """The map scores a bundle chooses among on its validation set."""
+    return [MapScore(source, sigma, frac, std) for sigma in (0.0, 1.0, 2.0)
+            for frac in (0.01, 0.05, 0.2) for std in (True, False)]
+
+
+@dataclass
+class ScoreChoice:
+    """Which abnormality score a bundle uses, and the validation AUROC of every candidate."""
+
+    map: MapScore | None  # None: the whole-image posterior
+    validation_auroc: dict[str, float]
+
+    @property
+    def name(self) -> str:
+        return score_name(self.map)
+
+    def to_dict(self) -> dict[str, object]:
+        return {"method": "map" if self.map else "whole",
+                "map": self.map.to_dict() if self.map else None,
+                "validation_auroc": self.validation_auroc}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, object] | None) -> ScoreChoice:
+        if not d or d.get("method", "whole") == "whole":
+            return cls(None, dict(d.get("validation_auroc", {})) if d else {})  # type: ignore[call-overload]
+        m = d.get("map")
+        if not isinstance(m, dict):
+            raise ValueError("a map score choice needs its map settings")
+        return cls(MapScore(**m), dict(d.get("validation_auroc", {})))  # type: ignore[call-overload]
+
+
+def choose_score(val0: np.ndarray, val1: np.ndarray, labels: np.ndarray,
+                 ref0: np.ndarray, ref1: np.ndarray,
+                 min_gain: float = 0.01) -> tuple[ScoreChoice, MapReference | None]:
+    """Pick the whole-image posterior or a map score by validation AUROC.
+
+    ``val*``/``ref*`` are per-position log-density maps of M0 and M1 on a labelled validation
+    set and on reference (mixture) images. A map score must beat the whole-image posterior by
+    ``min_gain`` to be chosen: the simpler score wins ties.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    y = np.asarray(labels).astype(bool)
+    if y.all() or not y.any():
+        raise ValueError("choosing a score needs normal and abnormal validation cases")
+    n = len(val0)
+    whole = (val1 - val0).reshape(n, -1).sum(axis=1)
+    aucs = {"whole": float(roc_auc_score(y, whole))}
+    best: tuple[float, MapScore | None, MapReference | None] = (aucs["whole"] + min_gain, None, None)
+    refs: dict[tuple[str, float], MapReference] = {}
+    for cand in candidate_scores():
+        raw_ref = abnormality_maps(ref0, ref1, cand.source)
+        key = (cand.source, cand.sigma)
+        if cand.standardise and key not in refs:
+            refs[key] = MapReference.from_maps(smooth(raw_ref, cand.sigma))
+        ref = refs[key] if cand.standardise else None
+        s = map_scores(abnormality_maps(val0, val1, cand.source), cand, ref)
+        auc = float(roc_auc_score(y, s))
+        aucs[score_name(cand)] = auc
+        if auc > best[0]:
+            best = (auc, cand, ref)
+    return ScoreChoice(best[1], {k: round(v, 4) for k, v in aucs.items()}), best[2]

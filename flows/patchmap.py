@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from flows.errors import ScoringError
 from flows.glow import FlowModel
-from flows.posterior import ScoringError
 from flows.quantize import dequantize
 
 PatchScorer = Callable[[torch.Tensor], torch.Tensor]

@@ -15,12 +15,10 @@ import numpy as np
 import torch
 
 from flows.bundle import Bundle
+from flows.densitymap import MapReference, ScoreChoice, abnormality_maps, log_p_maps, map_scores
+from flows.errors import ScoringError
 from flows.glow import FlowModel
 from flows.quantize import dequantize
-
-
-class ScoringError(RuntimeError):
-    """A model produced a non-finite score."""
 
 
 @dataclass
@@ -30,12 +28,14 @@ class Scores:
     log_p_normal: np.ndarray  # log p(x | normal), M0
     log_p_mixture: np.ndarray  # log p(x), M1
     log_posterior: np.ndarray  # log p0 - log p1 (higher = more normal)
-    percentile: np.ndarray  # of the abnormality score in the bundle's reference distribution
-    abnormal: np.ndarray  # bool: abnormality >= the bundle's operating threshold
+    score: np.ndarray  # the bundle's abnormality score (whole-image or map-based; higher = worse)
+    method: str  # which score: "whole" or a map score's name
+    percentile: np.ndarray  # of ``score`` in the bundle's reference distribution
+    abnormal: np.ndarray  # bool: score >= the bundle's operating threshold
 
     @property
     def abnormality(self) -> np.ndarray:
-        """Higher = more abnormal (``-log posterior``)."""
+        """Whole-image abnormality, ``-log posterior`` (higher = more abnormal)."""
         return -self.log_posterior
 
 
@@ -62,6 +62,32 @@ def log_likelihood(model: FlowModel, images01: np.ndarray, n_bits: int, *, batch
     return out
 
 
+@torch.no_grad()
+def two_model_scores(m0: FlowModel, m1: FlowModel, images01: np.ndarray, n_bits: int,
+                     choice: ScoreChoice, reference: MapReference | None, *,
+                     batch_size: int = 32, draws: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(log p0, log p1, abnormality score)`` under a score choice, in one pass per model.
+
+    A map score needs the per-position maps; they sum to the log-densities, so the
+    whole-image terms come with them at no extra cost.
+    """
+    if choice.map is None:
+        lp0 = log_likelihood(m0, images01, n_bits, batch_size=batch_size, draws=draws)
+        lp1 = log_likelihood(m1, images01, n_bits, batch_size=batch_size, draws=draws)
+        return lp0, lp1, lp1 - lp0
+    lp0, lp1, score = (np.empty(len(images01)) for _ in range(3))
+    for i in range(0, len(images01), batch_size):
+        batch = images01[i:i + batch_size]
+        a, b = log_p_maps(m0, batch, n_bits), log_p_maps(m1, batch, n_bits)
+        lp0[i:i + len(batch)] = a.reshape(len(a), -1).sum(1)
+        lp1[i:i + len(batch)] = b.reshape(len(b), -1).sum(1)
+        score[i:i + len(batch)] = map_scores(abnormality_maps(a, b, choice.map.source),
+                                             choice.map, reference)
+    if not np.isfinite(score).all():
+        raise ScoringError(f"{int((~np.isfinite(score)).sum())} image(s) got a non-finite map score")
+    return lp0, lp1, score
+
+
 class PosteriorScorer:
     """Scores images with a bundle; batched, in inference mode, deterministic."""
 
@@ -69,6 +95,9 @@ class PosteriorScorer:
         self.bundle = bundle
         self.batch_size = batch_size
         self.draws = draws
+        self.choice = bundle.calibration.choice
+        if self.choice.map is not None and draws:
+            raise ValueError("map scores use bin-centre dequantisation; draws must be 0")
 
     def score(self, images01: np.ndarray) -> Scores:
         """Score images already preprocessed to the bundle's grid, values in [0, 1]."""
@@ -82,13 +111,13 @@ class PosteriorScorer:
             raise ValueError("nothing to score: empty batch")
         if not np.isfinite(arr).all():
             raise ValueError(f"{int((~np.isfinite(arr)).sum())} NaN/inf pixel(s) in the batch")
-        kw = dict(batch_size=self.batch_size, draws=self.draws)
-        lp0 = log_likelihood(self.bundle.m0, arr, prep.n_bits, **kw)
-        lp1 = log_likelihood(self.bundle.m1, arr, prep.n_bits, **kw)
-        post = lp0 - lp1
+        lp0, lp1, score = two_model_scores(
+            self.bundle.m0, self.bundle.m1, arr, prep.n_bits, self.choice,
+            self.bundle.map_reference, batch_size=self.batch_size, draws=self.draws)
         cal = self.bundle.calibration
-        return Scores(log_p_normal=lp0, log_p_mixture=lp1, log_posterior=post,
-                      percentile=cal.percentile(-post), abnormal=(-post) >= cal.threshold)
+        return Scores(log_p_normal=lp0, log_p_mixture=lp1, log_posterior=lp0 - lp1, score=score,
+                      method=self.choice.name, percentile=cal.percentile(score),
+                      abnormal=score >= cal.threshold)
 
     def score_raw(self, images: np.ndarray) -> Scores:
         """Apply the bundle's preprocessing to raw arrays, then score."""

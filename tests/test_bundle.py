@@ -123,3 +123,34 @@ def test_conditional_bundle_shares_one_network(tiny_bundle: Bundle) -> None:
     assert tiny_bundle.manifest["conditions"] == {"m0.pt": 0, "m1.pt": 1}
     assert isinstance(tiny_bundle.m0, Conditioned) and isinstance(tiny_bundle.m1, Conditioned)
     assert tiny_bundle.m0.condition == 0 and tiny_bundle.m1.condition == 1
+
+
+def test_map_score_bundle_round_trip(tiny_bundle: Bundle, tmp_path: Path) -> None:
+    """A bundle calibrated on a map score scores with it, and its reference file is verified."""
+    from flows.bundle import Calibration, save_bundle
+    from flows.densitymap import choose_score, log_p_maps, map_scores
+
+    rng = np.random.default_rng(3)
+    imgs = rng.random((24, 1, 16, 16)).astype(np.float32)
+    labels = np.r_[np.zeros(12), np.ones(12)]
+    imgs[12:, 0, 4:8, 4:8] = 1.0  # a bright square in the "abnormal" half
+    b = tiny_bundle
+    maps = [log_p_maps(m, imgs, b.preprocessing.n_bits) for m in (b.m0, b.m1)]
+    choice, ref = choose_score(maps[0], maps[1], labels, maps[0], maps[1], min_gain=-1.0)
+    assert choice.map is not None and "whole" in choice.validation_auroc
+    expected = map_scores(maps[1] - maps[0], choice.map, ref)
+    cal = Calibration.from_scores(expected, choice=choice)
+    out = save_bundle(tmp_path / "mapb", m0=b.m0, m1=b.m1, preset="tiny-cxr",
+                      preprocessing=b.preprocessing, calibration=cal, name="mapb",
+                      map_reference=ref if choice.map.standardise else None)
+    again = load_bundle(out)
+    s = PosteriorScorer(again, batch_size=5).score(imgs)
+    assert s.method == choice.name
+    np.testing.assert_allclose(s.score, expected, rtol=1e-9)
+    np.testing.assert_allclose(s.log_posterior, maps[0].sum((1, 2)) - maps[1].sum((1, 2)), rtol=1e-9)
+    assert s.percentile.max() == 100.0
+    if choice.map.standardise:
+        p = out / "map_reference.npz"
+        p.write_bytes(p.read_bytes()[:-10] + b"0123456789")
+        with pytest.raises(BundleError, match=r"map_reference\.npz is corrupted"):
+            load_bundle(out)

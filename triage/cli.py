@@ -165,7 +165,8 @@ def evaluate(
         imgs = b.preprocessing.apply(ps.images)
         with console.status(f"scoring {len(imgs)} images"):
             s = PosteriorScorer(b).score(imgs)
-        scores = {"posterior": s.abnormality, "likelihood": -s.log_p_normal,
+        chosen = {} if s.method == "whole" else {f"posterior {s.method}": s.score}
+        scores = {**chosen, "posterior": s.abnormality, "likelihood": -s.log_p_normal,
                   **{f"baseline_{k}": v for k, v in
                      trivial_baselines(ps.images, kind=b.kind).items()}}
         classes = ["normal", *sorted({f for f in ps.findings if f != "normal"})]
