@@ -206,3 +206,51 @@ def to_source_grid(values: np.ndarray, source_shape: tuple[int, ...]) -> np.ndar
         cov = ndimage.zoom(finite.astype(np.float32), factors, order=0, grid_mode=True, mode="nearest")
         out = np.where(cov > 0.5, out, np.nan)
     return out
+
+
+def sample_patches(volumes01: np.ndarray, masks: np.ndarray | None, patch: int | tuple[int, ...],
+                   per_volume: int, rng: np.random.Generator, *,
+                   min_mask_fraction: float = 0.1, pad_value: float = 0.0) -> np.ndarray:
+    """Training patches ``(M, 1, *patch)``: up to ``per_volume`` random patches per volume whose
+    mask fraction is at least ``min_mask_fraction`` (CT-3DFlow: the lung mask guides selection).
+
+    Patches are drawn at random offsets (not on the inference grid), so the model sees every
+    alignment of anatomy within a patch. Volumes smaller than a patch are padded.
+    """
+    vols = np.asarray(volumes01)
+    if vols.ndim < 3:
+        raise PatchMapError(f"expected a batch of images or volumes, got shape {vols.shape}")
+    if vols.ndim == masks.ndim + 1 if masks is not None else False:
+        vols = vols[:, 0]
+    if masks is not None and masks.shape != vols.shape:
+        raise PatchMapError(f"masks {masks.shape} and volumes {vols.shape} differ in shape")
+    if per_volume <= 0:
+        raise PatchMapError("per_volume must be positive")
+    out = []
+    for i, vol in enumerate(vols):
+        grid = PatchGrid.plan(vol.shape, patch, 0)
+        v = grid.pad(vol, pad_value)
+        m = grid.pad(masks[i].astype(bool), False) if masks is not None else None
+        hi = [s - q + 1 for s, q in zip(grid.shape, grid.patch, strict=True)]
+        if m is not None:
+            # candidate starts: patch centres inside the mask
+            centres = np.argwhere(m)
+            if len(centres) == 0:
+                continue
+            half = np.array(grid.patch) // 2
+            starts = np.clip(centres - half, 0, np.array(hi) - 1)
+            pick = starts[rng.choice(len(starts), min(len(starts), per_volume * 4), replace=False)]
+        else:
+            pick = np.stack([rng.integers(0, h, per_volume) for h in hi], axis=1)
+        got = 0
+        for s in pick:
+            sl = grid.slices(tuple(int(a) for a in s))
+            if m is not None and m[sl].mean() < min_mask_fraction:
+                continue
+            out.append(v[sl])
+            got += 1
+            if got == per_volume:
+                break
+    if not out:
+        raise PatchMapError("no patch met the mask criterion: the masks are empty or too small")
+    return np.stack(out)[:, None].astype(np.float32)

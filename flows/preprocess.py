@@ -88,7 +88,18 @@ class Preprocessing:
             out[i, 0] = self._one(arr[i].astype(np.float32, copy=False))
         return out
 
+    def intensities(self, volume: np.ndarray) -> np.ndarray:
+        """Only the intensity mapping, on the volume's own grid (for patch models, whose
+        ``shape`` is the patch, not the volume)."""
+        arr = np.asarray(volume, dtype=np.float32)
+        if not np.isfinite(arr).all():
+            raise ValueError(f"{self.kind}: {int((~np.isfinite(arr)).sum())} NaN/inf voxel(s)")
+        return np.clip(self._intensity(arr), 0.0, 1.0).astype(np.float32)
+
     def _one(self, img: np.ndarray) -> np.ndarray:
+        return np.clip(resize(self._intensity(img), self.shape), 0.0, 1.0)
+
+    def _intensity(self, img: np.ndarray) -> np.ndarray:
         if self.intensity == "window":
             assert self.window is not None
             lo, hi = self.window
@@ -96,8 +107,7 @@ class Preprocessing:
         elif self.intensity == "minmax":
             lo, hi = float(img.min()), float(img.max())
             img = (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
-        img = resize(img, self.shape)
-        return np.clip(img, 0.0, 1.0)
+        return img
 
 
 def resize(img: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:

@@ -1,0 +1,101 @@
+"""Chest-CT phantoms, CT masks and patch sampling."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from flows.masks import intracranial_mask, lung_mask
+from flows.patchmap import PatchMapError, sample_patches
+from flows.phantoms import make_headct
+from flows.phantoms.chestct import CHESTCT_FINDINGS, make_chestct
+from flows.presets import get_preset
+
+
+@pytest.fixture(scope="module")
+def ct() -> object:
+    return make_chestct(6, shape=(32, 40, 48), spacing_mm=6.0, abnormal_fraction=0.5, seed=5)
+
+
+def test_chestct_phantom_is_deterministic_and_labelled(ct) -> None:  # type: ignore[no-untyped-def]
+    again = make_chestct(6, shape=(32, 40, 48), spacing_mm=6.0, abnormal_fraction=0.5, seed=5)
+    np.testing.assert_array_equal(ct.images, again.images)
+    assert ct.images.shape == (6, 1, 32, 40, 48) and ct.spacing == (6.0, 6.0, 6.0)
+    assert 2 <= int(ct.labels.sum()) <= 4
+    assert set(ct.findings) <= {"normal", *CHESTCT_FINDINGS}
+    for i in range(6):
+        m = ct.masks[i, 0]
+        lungs = ct.meta["lungs"][i]
+        if ct.labels[i]:
+            assert m.any() and not (m & ~lungs).any()  # lesions lie in the lung
+            assert ct.meta["lesion_cm3"][i] == pytest.approx(m.sum() * 0.216)
+        else:
+            assert not m.any()
+        # air outside the body, lungs far below soft tissue, bone present
+        v = ct.images[i, 0]
+        assert v[0, 0, 0] == -1000.0
+        assert np.median(v[lungs & ~m]) < -700 and v.max() > 300
+
+
+def test_chestct_lesion_volumes_span_the_papers_range() -> None:
+    s = make_chestct(24, abnormal_fraction=1.0, seed=9)
+    cm3 = s.meta["lesion_cm3"]
+    assert cm3.min() >= 0.3 and cm3.max() <= 21.0
+    assert cm3.max() > 4 * cm3.min()
+
+
+def test_chestct_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="spacing_mm"):
+        make_chestct(1, spacing_mm=0.0)
+    with pytest.raises(ValueError, match="shape"):
+        make_chestct(1, shape=(8, 8, 8))
+    with pytest.raises(ValueError, match="unknown finding"):
+        make_chestct(1, abnormal_fraction=1.0, findings=["pneumothorax"])
+
+
+def test_lung_mask_matches_the_phantom_lungs(ct) -> None:  # type: ignore[no-untyped-def]
+    for i in range(len(ct)):
+        m = lung_mask(ct.images[i, 0], ct.spacing)
+        gt = ct.meta["lungs"][i]
+        dice = 2 * (m & gt).sum() / (m.sum() + gt.sum())
+        assert dice > 0.9
+        if ct.labels[i]:  # lesions touching the parenchyma are brought back into the mask
+            les = ct.masks[i, 0]
+            assert (m & les).sum() / les.sum() > 0.5
+
+
+def test_intracranial_mask_holds_the_head_ct_lesions() -> None:
+    h = make_headct(2, abnormal_fraction=1.0, seed=1)
+    for i in range(2):
+        m = intracranial_mask(h.images[i, 0], h.spacing)
+        assert 0.1 < m.mean() < 0.6
+        les = h.masks[i, 0]
+        assert (m & les).sum() / les.sum() > 0.8
+
+
+def test_masks_refuse_bad_input() -> None:
+    with pytest.raises(ValueError, match="spacing"):
+        lung_mask(np.zeros((8, 8, 8)), (1.0, 0.0, 1.0))
+    with pytest.raises(ValueError, match="NaN"):
+        lung_mask(np.full((8, 8, 8), np.nan), (1.0, 1.0, 1.0))
+    with pytest.raises(ValueError, match="3D"):
+        intracranial_mask(np.zeros((8, 8)), (1.0, 1.0, 1.0))
+    assert not lung_mask(np.full((8, 8, 8), 40.0), (1.0, 1.0, 1.0)).any()  # no lungs: empty
+
+
+def test_patches_are_sampled_inside_the_mask(ct) -> None:  # type: ignore[no-untyped-def]
+    prep = get_preset("cpu-chestct").preprocessing
+    vols = prep.intensities(ct.images[:, 0])
+    assert vols.shape == ct.images[:, 0].shape and vols.min() >= 0.0 and vols.max() <= 1.0
+    masks = ct.meta["lungs"]
+    p = sample_patches(vols, masks, 16, 10, np.random.default_rng(0), min_mask_fraction=0.3)
+    assert p.shape[1:] == (1, 16, 16, 16) and 30 <= len(p) <= 60
+    # guided patches hold far more lung (dark, but not air) than patches drawn anywhere
+    anywhere = sample_patches(vols, None, 16, 10, np.random.default_rng(0))
+
+    def lung_share(a: np.ndarray) -> float:
+        return float(((a > 0.02) & (a < 0.35)).mean())
+
+    assert lung_share(p) > 1.5 * lung_share(anywhere)
+    with pytest.raises(PatchMapError, match="no patch"):
+        sample_patches(vols, np.zeros_like(masks), 16, 10, np.random.default_rng(0))
