@@ -116,6 +116,12 @@ class Bundle:
     def kind(self) -> str:
         return str(self.manifest["kind"])
 
+    def extra(self, fname: str) -> bytes | None:
+        """An extra file the bundle was saved with (verified on load), or None."""
+        if fname not in self.manifest.get("files", {}):
+            return None
+        return (self.path / fname).read_bytes()
+
     @property
     def fingerprint(self) -> str:
         """Changes whenever any weight file changes (for device UIDs and provenance)."""
@@ -150,7 +156,8 @@ def save_bundle(path: str | Path, *, m0: FlowModel, m1: FlowModel, preset: str,
                 preprocessing: Preprocessing,
                 calibration: Calibration, name: str, version: str = "1",
                 training: dict[str, Any] | None = None,
-                map_reference: MapReference | None = None) -> Path:
+                map_reference: MapReference | None = None,
+                extras: dict[str, bytes] | None = None) -> Path:
     """Write a bundle directory (weights first, manifest last, each file atomically)."""
     if m0.config != m1.config:
         raise BundleError("M0 and M1 must share one Glow configuration")
@@ -171,6 +178,11 @@ def save_bundle(path: str | Path, *, m0: FlowModel, m1: FlowModel, preset: str,
         np.savez(buf, median=map_reference.median, spread=map_reference.spread)
         write_bytes(out / MAP_REFERENCE, buf.getvalue())
         files[MAP_REFERENCE] = sha256_file(out / MAP_REFERENCE)
+    for fname, data in (extras or {}).items():
+        if "/" in fname or fname in files or fname == "manifest.json":
+            raise BundleError(f"bad extra bundle file name {fname!r}")
+        write_bytes(out / fname, data)
+        files[fname] = sha256_file(out / fname)
     manifest = {
         "format_version": FORMAT_VERSION,
         "name": name,
@@ -211,7 +223,10 @@ def load_bundle(path: str | Path, *, expect: Preprocessing | None = None,
             raise BundleError(f"{root}: preprocessing does not match what the node feeds it: "
                               + "; ".join(diff))
     files = manifest.get("files", {})
-    optional = (MAP_REFERENCE,) if MAP_REFERENCE in files else ()
+    optional = tuple(f for f in files if f not in (*WEIGHT_FILES, "calibration.json"))
+    for fname in optional:
+        if not isinstance(fname, str) or Path(fname).name != fname or fname.startswith("."):
+            raise BundleError(f"{root}: manifest lists a file outside the bundle: {fname!r}")
     for fname in (*WEIGHT_FILES, "calibration.json", *optional):
         fp = root / fname
         if not fp.is_file():
@@ -242,7 +257,7 @@ def load_bundle(path: str | Path, *, expect: Preprocessing | None = None,
             models.append(model)
     cal = Calibration(**json.loads((root / "calibration.json").read_text()))
     ref = None
-    if optional:
+    if MAP_REFERENCE in files:
         with np.load(root / MAP_REFERENCE, allow_pickle=False) as z:
             ref = MapReference(median=z["median"], spread=z["spread"])
     return Bundle(path=root, manifest=manifest, m0=models[0], m1=models[1], calibration=cal,

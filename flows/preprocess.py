@@ -29,6 +29,8 @@ class Preprocessing:
     n_bits: int = 8
     intensity: Intensity = "minmax"
     window: tuple[float, float] | None = None
+    # Patch models: the isotropic voxel size (mm) volumes are resampled to before patching.
+    spacing: float | None = None
 
     def __post_init__(self) -> None:
         if self.intensity == "window" and self.window is None:
@@ -53,9 +55,11 @@ class Preprocessing:
         if unknown:
             raise ValueError(f"unknown preprocessing field(s): {sorted(unknown)}")
         window = d.get("window")
+        sp = d.get("spacing")
         return cls(kind=str(d["kind"]), shape=tuple(int(s) for s in d["shape"]),
                    n_bits=int(d.get("n_bits", 8)), intensity=d.get("intensity", "minmax"),
-                   window=(float(window[0]), float(window[1])) if window is not None else None)
+                   window=(float(window[0]), float(window[1])) if window is not None else None,
+                   spacing=float(sp) if sp is not None else None)
 
     def mismatch(self, other: Preprocessing) -> list[str]:
         """Human-readable differences, empty when the two are interchangeable."""
@@ -108,6 +112,18 @@ class Preprocessing:
             lo, hi = float(img.min()), float(img.max())
             img = (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
         return img
+
+
+def resample_to_spacing(volume: np.ndarray, spacing: tuple[float, ...], target: float
+                        ) -> np.ndarray:
+    """Resample onto an isotropic grid of ``target`` mm covering the same field of view."""
+    sp = np.asarray(spacing, dtype=np.float64)
+    if sp.shape != (volume.ndim,) or not np.isfinite(sp).all() or (sp <= 0).any():
+        raise ValueError(f"voxel spacing must be {volume.ndim} positive numbers, got {tuple(spacing)}")
+    if target <= 0:
+        raise ValueError(f"target spacing must be positive, got {target}")
+    shape = tuple(max(1, round(n * s / target)) for n, s in zip(volume.shape, sp, strict=True))
+    return resize(volume.astype(np.float32, copy=False), shape)
 
 
 def resize(img: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:

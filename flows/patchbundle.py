@@ -1,0 +1,210 @@
+"""Patch-map bundles for CT: two patch models, the map's calibration, and a scorer.
+
+A patch bundle is an ordinary bundle (:mod:`flows.bundle`) whose M0/M1 are patch Glows
+(the preset's ``shape`` is the patch, ``spacing`` the isotropic grid volumes are resampled
+to) plus ``patchmap.json``: which map (likelihood or posterior ratio) the node uses, the
+voxel threshold, the minimum component size and the patient-level size threshold T, all
+chosen on a labelled validation set.
+
+The scorer takes a volume in HU on its own grid, resamples it, computes the mask and the
+map, binarises it, lists the lesions (sizes in cm³ from the model grid's voxel size,
+centroids mapped back to the source grid) and returns the map resampled onto the source
+grid for the overlay.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from flows.build import BuildOptions, build_bundle
+from flows.bundle import Bundle, BundleError, load_bundle
+from flows.lesions import Lesion, abnormal_size, choose_size_threshold, find_lesions, voxel_threshold
+from flows.masks import intracranial_mask, lung_mask
+from flows.patchmap import glow_patch_scorer, patch_map, sample_patches, to_source_grid
+from flows.preprocess import resample_to_spacing
+from flows.presets import Preset
+
+PATCHMAP_FILE = "patchmap.json"
+MASKS: dict[str, Callable[[np.ndarray, tuple[float, float, float]], np.ndarray]] = {
+    "lung": lung_mask, "intracranial": intracranial_mask}
+DEFAULT_MASK = {"chestct": "lung", "bct": "intracranial"}
+
+
+@dataclass
+class MapCalibration:
+    """How a patch bundle turns a volume into a decision."""
+
+    source: str  # "likelihood" (-log p0 per voxel) or "posterior" (log p1 - log p0 per voxel)
+    patch: int
+    overlap: int
+    mask: str  # "lung", "intracranial" or "none"
+    voxel_threshold: float
+    min_size_cm3: float
+    size_threshold_cm3: float  # T: abnormal when the abnormal volume exceeds it
+    validation: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MapResult:
+    """One volume's map and what was read off it."""
+
+    values: np.ndarray  # the map on the source grid (NaN outside the mask)
+    lesions: list[Lesion]  # sizes in cm³, centroids in source-grid indices and mm
+    abnormal_cm3: float
+    abnormal: bool
+    peak: float
+    source: str
+
+
+def _prepared(bundle_or_preset: Bundle | Preset, volume_hu: np.ndarray,
+              spacing: tuple[float, float, float], mask: str) -> tuple[np.ndarray, np.ndarray | None, float]:
+    prep = bundle_or_preset.preprocessing
+    if prep.spacing is None:
+        raise BundleError(f"{prep.kind}: preprocessing has no spacing; not a patch model")
+    vol = np.asarray(volume_hu, dtype=np.float32)
+    if vol.ndim != 3:
+        raise ValueError(f"a patch map needs a 3D volume, got shape {vol.shape}")
+    if not np.isfinite(vol).all():
+        raise ValueError(f"volume holds {int((~np.isfinite(vol)).sum())} NaN/inf voxel(s)")
+    grid = resample_to_spacing(vol, spacing, prep.spacing)
+    iso = (prep.spacing,) * 3
+    m = MASKS[mask](grid, iso) if mask != "none" else None
+    if m is not None and not m.any():
+        m = None  # documented fallback: no mask found, score the whole volume
+    return prep.intensities(grid), m, prep.spacing
+
+
+def _maps(bundle: Bundle, vols: Sequence[np.ndarray], spacings: Sequence[tuple[float, float, float]],
+          mask: str, source: str, patch: int, overlap: int) -> list[np.ndarray]:
+    scorer = glow_patch_scorer(bundle.m0, bundle.m1 if source == "posterior" else None,
+                               bundle.preprocessing.n_bits)
+    out = []
+    for v, sp in zip(vols, spacings, strict=True):
+        grid01, m, _ = _prepared(bundle, v, sp, mask)
+        out.append(patch_map(grid01, scorer, patch=patch, overlap=overlap, mask=m,
+                             batch_size=64).values)
+    return out
+
+
+def _sizes(maps: list[np.ndarray], thr: float, spacing: float, min_size: float) -> np.ndarray:
+    return np.array([abnormal_size(find_lesions(m, thr, (spacing,) * 3, min_size=min_size))
+                     for m in maps])
+
+
+def build_patch_bundle(out: str | Path, *, preset: Preset, normal: Sequence[np.ndarray],
+                       normal_spacing: Sequence[tuple[float, float, float]],
+                       mixture: Sequence[np.ndarray],
+                       mixture_spacing: Sequence[tuple[float, float, float]],
+                       validation: tuple[Sequence[np.ndarray], Sequence[tuple[float, float, float]],
+                                         np.ndarray],
+                       name: str, version: str = "1", options: BuildOptions | None = None,
+                       patches_per_volume: int = 64, overlap: int = 8, mask: str | None = None,
+                       voxel_percentile: float = 99.0, min_size_cm3: float = 0.2,
+                       log: Callable[[str], None] = print) -> Bundle:
+    """Train M0/M1 patch models on mask-guided patches, then calibrate the map on validation.
+
+    Both maps are evaluated on the validation set; the one whose abnormal volume separates
+    normal from abnormal better (AUROC) is recorded, with its voxel threshold (a percentile
+    of the map on validation normals) and T (validation ROC over 0.5-20 cm³).
+    """
+    prep = preset.preprocessing
+    if prep.spacing is None or len(prep.shape) != 3 or len(set(prep.shape)) != 1:
+        raise ValueError(f"preset {preset.name} is not a cubic 3D patch preset with a spacing")
+    mask = mask or DEFAULT_MASK.get(prep.kind, "none")
+    if mask not in (*MASKS, "none"):
+        raise ValueError(f"unknown mask {mask!r}; use lung, intracranial or none")
+    vvols, vsp, vlabels = validation
+    y = np.asarray(vlabels).astype(bool)
+    if y.all() or not y.any():
+        raise ValueError("the validation set needs normal and abnormal volumes")
+    patch = prep.shape[0]
+    rng = np.random.default_rng((options or BuildOptions()).seed)
+
+    def patches(vols: Sequence[np.ndarray], sps: Sequence[tuple[float, float, float]]) -> np.ndarray:
+        got = []
+        for v, sp in zip(vols, sps, strict=True):
+            grid01, m, _ = _prepared(preset, v, sp, mask)
+            got.append(sample_patches(grid01[None], m[None] if m is not None else None, patch,
+                                      patches_per_volume, rng))
+        return np.concatenate(got)
+
+    pn, pm = patches(normal, normal_spacing), patches(mixture, mixture_spacing)
+    log(f"{len(pn)} normal and {len(pm)} mixture patches of {patch}³ at {prep.spacing} mm")
+    opts = replace(options or BuildOptions(), map_scores=False)
+    b = build_bundle(out, preset=preset, normal=pn, mixture=pm, name=name, version=version,
+                     options=opts, log=log)
+    from sklearn.metrics import roc_auc_score
+
+    best: tuple[float, MapCalibration] | None = None
+    report: dict[str, Any] = {}
+    for source in ("likelihood", "posterior"):
+        maps = _maps(b, vvols, vsp, mask, source, patch, overlap)
+        thr = voxel_threshold([m for m, lab in zip(maps, y, strict=True) if not lab], voxel_percentile)
+        sizes = _sizes(maps, thr, prep.spacing, min_size_cm3)
+        t = choose_size_threshold(sizes, y)
+        auc = float(roc_auc_score(y, sizes))
+        report[source] = {"auroc_volume": round(auc, 4), "voxel_threshold": thr, "T_cm3": t}
+        log(f"validation: {source} map, abnormal-volume AUROC {auc:.3f}, T {t:.2f} cm³")
+        cal = MapCalibration(source=source, patch=patch, overlap=overlap, mask=mask,
+                             voxel_threshold=thr, min_size_cm3=min_size_cm3, size_threshold_cm3=t)
+        if best is None or auc > best[0]:
+            best = (auc, cal)
+    assert best is not None
+    chosen = replace(best[1], validation=report)
+    # Re-save with the map calibration as a verified extra file (the weights are unchanged).
+    from flows.bundle import save_bundle
+
+    save_bundle(out, m0=b.m0, m1=b.m1, preset=preset.name, preprocessing=prep,
+                calibration=b.calibration, name=name, version=version,
+                training=b.manifest.get("training"),
+                extras={PATCHMAP_FILE: json.dumps(asdict(chosen), indent=2).encode()})
+    log(f"patch bundle written to {out}: {chosen.source} map, T {chosen.size_threshold_cm3:.2f} cm³")
+    return load_bundle(out)
+
+
+def map_calibration(bundle: Bundle) -> MapCalibration:
+    raw = bundle.extra(PATCHMAP_FILE)
+    if raw is None:
+        raise BundleError(f"{bundle.path}: no patch models ({PATCHMAP_FILE} missing); this "
+                          "bundle scores whole images only")
+    return MapCalibration(**json.loads(raw))
+
+
+class PatchMapScorer:
+    """Scores CT volumes with a patch bundle."""
+
+    def __init__(self, bundle: Bundle) -> None:
+        self.bundle = bundle
+        self.cal = map_calibration(bundle)
+
+    def score(self, volume_hu: np.ndarray, spacing: tuple[float, float, float],
+              affine: np.ndarray | None = None) -> MapResult:
+        """``affine`` maps source-grid indices to patient mm (for lesion centroids)."""
+        c = self.cal
+        vals = _maps(self.bundle, [volume_hu], [spacing], c.mask, c.source, c.patch, c.overlap)[0]
+        iso = self.bundle.preprocessing.spacing
+        assert iso is not None
+        les = find_lesions(vals, c.voxel_threshold, (iso,) * 3, min_size=c.min_size_cm3)
+        src = to_source_grid(vals, tuple(np.asarray(volume_hu).shape))
+        # centroids and boxes on the source grid: model voxel i covers source (i + 0.5) * f - 0.5
+        f = np.array(src.shape, dtype=float) / np.array(vals.shape, dtype=float)
+        moved = []
+        for le in les:
+            ci = (np.array(le.centroid_index) + 0.5) * f - 0.5
+            mm = ((np.asarray(affine, dtype=float) @ np.append(ci, 1.0))[:3] if affine is not None
+                  else ci * np.asarray(spacing, dtype=float))
+            box = tuple((int(np.floor(a * fk)), int(np.ceil(b * fk)))
+                        for (a, b), fk in zip(le.bbox, f, strict=True))
+            moved.append(replace(le, centroid_index=tuple(map(float, ci)),
+                                 centroid_mm=tuple(map(float, mm)), bbox=box))
+        size = abnormal_size(moved)
+        finite = vals[np.isfinite(vals)]
+        return MapResult(values=src, lesions=moved, abnormal_cm3=size,
+                         abnormal=size > c.size_threshold_cm3,
+                         peak=float(finite.max()) if finite.size else float("nan"), source=c.source)

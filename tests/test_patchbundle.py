@@ -1,0 +1,82 @@
+"""Patch-map bundles: build, calibrate on validation, score a CT on its own grid."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flows.build import BuildOptions
+from flows.bundle import Bundle, BundleError
+from flows.patchbundle import PatchMapScorer, build_patch_bundle, map_calibration
+from flows.phantoms.chestct import make_chestct
+from flows.presets import get_preset
+
+
+@pytest.fixture(scope="module")
+def patch_bundle(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
+    shape = (16, 24, 32)
+    nor = make_chestct(6, shape=shape, spacing_mm=8.0, seed=1)
+    mix = make_chestct(6, shape=shape, spacing_mm=8.0, abnormal_fraction=0.5, seed=2)
+    val = make_chestct(8, shape=shape, spacing_mm=8.0, abnormal_fraction=0.5, seed=3)
+
+    def vols(s):  # type: ignore[no-untyped-def]
+        return [v[0] for v in s.images], [s.spacing] * len(s)
+
+    out = tmp_path_factory.mktemp("pb") / "bundle"
+    return build_patch_bundle(out, preset=get_preset("tiny-chestct"),
+                              normal=vols(nor)[0], normal_spacing=vols(nor)[1],
+                              mixture=vols(mix)[0], mixture_spacing=vols(mix)[1],
+                              validation=(*vols(val), val.labels), name="pb",
+                              options=BuildOptions(progress=False), patches_per_volume=16,
+                              overlap=4, log=lambda s: None)
+
+
+def test_patch_bundle_records_its_map_calibration(patch_bundle: Bundle) -> None:
+    cal = map_calibration(patch_bundle)
+    assert cal.source in ("likelihood", "posterior") and cal.mask == "lung"
+    assert cal.patch == 8 and cal.overlap == 4
+    assert 0.5 <= cal.size_threshold_cm3 <= 20.0
+    assert set(cal.validation) == {"likelihood", "posterior"}
+    assert "patchmap.json" in patch_bundle.manifest["files"]
+
+
+def test_scorer_maps_a_volume_on_its_own_finer_grid(patch_bundle: Bundle) -> None:
+    s = make_chestct(1, shape=(32, 48, 64), spacing_mm=4.0, abnormal_fraction=1.0,
+                     findings=["consolidation"], seed=7)
+    r = PatchMapScorer(patch_bundle).score(s.images[0, 0], s.spacing)
+    assert r.values.shape == (32, 48, 64)
+    assert np.isfinite(r.values).any()
+    assert r.abnormal == (r.abnormal_cm3 > map_calibration(patch_bundle).size_threshold_cm3)
+    for le in r.lesions:
+        assert all(0 <= c < n for c, n in zip(le.centroid_index, r.values.shape, strict=True))
+        assert le.size > 0
+
+
+def test_scorer_refuses_bad_volumes_and_whole_image_bundles(patch_bundle: Bundle,
+                                                            tiny_bundle: Bundle) -> None:
+    sc = PatchMapScorer(patch_bundle)
+    with pytest.raises(ValueError, match="NaN"):
+        sc.score(np.full((16, 16, 16), np.nan), (4.0, 4.0, 4.0))
+    with pytest.raises(ValueError, match="spacing"):
+        sc.score(np.zeros((16, 16, 16)), (0.0, 4.0, 4.0))
+    with pytest.raises(ValueError, match="3D"):
+        sc.score(np.zeros((16, 16)), (4.0, 4.0, 4.0))
+    # smaller than one patch after resampling: padded, not refused
+    r = sc.score(np.full((4, 5, 6), -800.0), (8.0, 8.0, 8.0))
+    assert r.values.shape == (4, 5, 6)
+    with pytest.raises(BundleError, match="no patch models"):
+        PatchMapScorer(tiny_bundle)
+
+
+def test_patch_bundle_needs_a_labelled_validation_set(tmp_path: Path) -> None:
+    s = make_chestct(2, shape=(16, 24, 32), spacing_mm=8.0, seed=1)
+    v = [x[0] for x in s.images]
+    with pytest.raises(ValueError, match="normal and abnormal"):
+        build_patch_bundle(tmp_path / "b", preset=get_preset("tiny-chestct"), normal=v,
+                           normal_spacing=[s.spacing] * 2, mixture=v,
+                           mixture_spacing=[s.spacing] * 2,
+                           validation=(v, [s.spacing] * 2, np.zeros(2)), name="b",
+                           options=BuildOptions(progress=False), patches_per_volume=4,
+                           log=lambda m: None)
