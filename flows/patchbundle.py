@@ -104,7 +104,8 @@ def build_patch_bundle(out: str | Path, *, preset: Preset, normal: Sequence[np.n
                        validation: tuple[Sequence[np.ndarray], Sequence[tuple[float, float, float]],
                                          np.ndarray],
                        name: str, version: str = "1", options: BuildOptions | None = None,
-                       patches_per_volume: int = 64, overlap: int = 8, mask: str | None = None,
+                       patches_per_volume: int = 64, overlap: int | None = None,
+                       mask: str | None = None,
                        voxel_percentile: float = 99.0, min_size_cm3: float = 0.2,
                        log: Callable[[str], None] = print) -> Bundle:
     """Train M0/M1 patch models on mask-guided patches, then calibrate the map on validation.
@@ -124,6 +125,7 @@ def build_patch_bundle(out: str | Path, *, preset: Preset, normal: Sequence[np.n
     if y.all() or not y.any():
         raise ValueError("the validation set needs normal and abnormal volumes")
     patch = prep.shape[0]
+    overlap = patch // 2 if overlap is None else overlap
     rng = np.random.default_rng((options or BuildOptions()).seed)
 
     def patches(vols: Sequence[np.ndarray], sps: Sequence[tuple[float, float, float]]) -> np.ndarray:

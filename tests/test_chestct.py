@@ -49,6 +49,8 @@ def test_chestct_bad_arguments() -> None:
         make_chestct(1, spacing_mm=0.0)
     with pytest.raises(ValueError, match="shape"):
         make_chestct(1, shape=(8, 8, 8))
+    with pytest.raises(ValueError, match="field of view"):
+        make_chestct(1, shape=(16, 24, 32), spacing_mm=4.0)
     with pytest.raises(ValueError, match="unknown finding"):
         make_chestct(1, abnormal_fraction=1.0, findings=["pneumothorax"])
 

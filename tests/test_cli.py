@@ -78,3 +78,24 @@ def test_synth_dicom_then_train_from_the_dicom_folder(tmp_path: Path) -> None:
     _ok(["train", "--preset", "tiny-bct", "--data", str(d), "--out", str(tmp_path / "m"),
          "--epochs", "1"])
     assert (tmp_path / "m" / "model.pt").exists()
+
+
+def test_chest_ct_patch_bundle_synth_train_evaluate(tmp_path: Path) -> None:
+    d = tmp_path
+    shape = ["--shape", "16,24,32", "--spacing", "8"]
+    _ok(["synth", "chestct", str(d / "n.npz"), "--n", "5", "--seed", "1", *shape])
+    _ok(["synth", "chestct", str(d / "m.npz"), "--n", "5", "--seed", "2", "--abnormal-fraction",
+         "0.6", *shape])
+    _ok(["synth", "chestct", str(d / "v.npz"), "--n", "6", "--seed", "3", "--abnormal-fraction",
+         "0.5", *shape])
+    res = runner.invoke(app, ["train", "--preset", "tiny-chestct", "--normal", str(d / "n.npz"),
+                              "--mixture", str(d / "m.npz"), "--out", str(d / "b")])
+    assert res.exit_code == 2 and "--validation" in res.output
+    _ok(["train", "--preset", "tiny-chestct", "--normal", str(d / "n.npz"), "--mixture",
+         str(d / "m.npz"), "--validation", str(d / "v.npz"), "--out", str(d / "b")])
+    _ok(["evaluate", "--bundle", str(d / "b"), "--data", str(d / "v.npz"), "--out",
+         str(d / "e"), "--n-boot", "20"])
+    summary = json.loads((d / "e" / "summary.json").read_text())
+    assert summary["map"] in ("likelihood", "posterior")
+    assert "auroc_abnormal_volume" in summary and "f1" in summary and "lesion_hit_rate" in summary
+    assert summary["overlays"] and (d / "e" / summary["overlays"][0]).stat().st_size > 2000

@@ -22,6 +22,10 @@ console = Console(stderr=True)
 class Kind(StrEnum):
     cxr = "cxr"
     bct = "bct"
+    chestct = "chestct"
+
+
+DEFAULT_SHAPES = {"bct": "16,64,64", "chestct": "64,72,96"}
 
 
 def _fail(msg: str) -> typer.Exit:
@@ -31,17 +35,20 @@ def _fail(msg: str) -> typer.Exit:
 
 @app.command()
 def synth(
-    kind: Annotated[Kind, typer.Argument(help="cxr (chest radiographs) or bct (head CT)")],
+    kind: Annotated[Kind, typer.Argument(help="cxr (chest radiographs), bct (head CT) or chestct")],
     out: Annotated[Path, typer.Argument(help="output .npz file, or a folder with --dicom")],
     n: Annotated[int, typer.Option(help="number of cases")] = 1000,
     abnormal_fraction: Annotated[float, typer.Option(help="0 = all normal; 0.5 = a mixture")] = 0.0,
     size: Annotated[int, typer.Option(help="CXR image size (pixels)")] = 64,
-    shape: Annotated[str, typer.Option(help="head-CT volume D,H,W")] = "16,64,64",
+    shape: Annotated[str | None, typer.Option(
+        help="CT volume D,H,W (default 16,64,64 head CT; 64,72,96 chest CT at 4 mm)")] = None,
+    spacing: Annotated[float, typer.Option(help="chest-CT voxel size (mm, isotropic)")] = 4.0,
     seed: Annotated[int, typer.Option(help="random seed; case i depends only on (seed, i)")] = 0,
     dicom: Annotated[bool, typer.Option(help="write DICOM studies + labels.csv instead of .npz")] = False,
 ) -> None:
     """Generate a phantom data set with labelled abnormalities."""
     from flows.phantoms import make_cxr, make_headct
+    from flows.phantoms.chestct import make_chestct
 
     if not 0.0 <= abnormal_fraction <= 1.0:
         raise _fail("--abnormal-fraction must be between 0 and 1")
@@ -50,11 +57,15 @@ def synth(
             if kind is Kind.cxr:
                 ps = make_cxr(n, size=size, abnormal_fraction=abnormal_fraction, seed=seed)
             else:
-                dims = tuple(int(s) for s in shape.split(","))
+                dims = tuple(int(s) for s in (shape or DEFAULT_SHAPES[kind.value]).split(","))
                 if len(dims) != 3:
                     raise ValueError("--shape must be three integers D,H,W")
-                ps = make_headct(n, shape=dims, abnormal_fraction=abnormal_fraction,
-                                 seed=seed)
+                if kind is Kind.bct:
+                    ps = make_headct(n, shape=dims, abnormal_fraction=abnormal_fraction,
+                                     seed=seed)
+                else:
+                    ps = make_chestct(n, shape=dims, spacing_mm=spacing,
+                                      abnormal_fraction=abnormal_fraction, seed=seed)
     except ValueError as e:
         raise _fail(str(e)) from e
     if dicom:
@@ -85,6 +96,40 @@ def _load_set(path: Path, preset_name: str) -> tuple[object, object, object]:
             pass
     raw = load_images(path, prep.ndim)
     return prep.apply(raw), None, None
+
+
+def _load_volumes(path: Path) -> tuple[list[object], list[tuple[float, float, float]], object, object]:
+    """CT volumes in HU on their own grids: (volumes, spacings, labels or None, phantom set or None)."""
+    from flows.phantoms import PhantomSet
+
+    if path.suffix == ".npz" and path.is_file():
+        ps = PhantomSet.load_npz(path)
+        if ps.images.ndim != 5:
+            raise ValueError(f"{path}: not a set of volumes (images of shape {ps.images.shape})")
+        sp = tuple(float(x) for x in ps.spacing)
+        return [v[0] for v in ps.images], [sp] * len(ps), ps.labels, ps  # type: ignore[list-item]
+    from triage.imaging import read_series_folder
+
+    series = [s for s in read_series_folder(path) if s.is_volume]
+    if not series:
+        raise ValueError(f"{path}: no CT volumes found")
+    return [s.array for s in series], [s.spacing for s in series], None, None  # type: ignore[misc]
+
+
+def _train_patch_bundle(p: object, out: Path, normal: Path, mixture: Path, validation: Path | None,
+                        name: str, version: str, options: object) -> None:
+    from flows.patchbundle import build_patch_bundle
+
+    if validation is None:
+        raise ValueError("a patch bundle calibrates its map on a labelled --validation set")
+    nv, ns, _, _ = _load_volumes(normal)
+    mv, ms, _, _ = _load_volumes(mixture)
+    vv, vs, vl, _ = _load_volumes(validation)
+    if vl is None:
+        raise ValueError(f"{validation}: no labels (use a phantom .npz)")
+    build_patch_bundle(out, preset=p, normal=nv, normal_spacing=ns, mixture=mv,  # type: ignore[arg-type]
+                       mixture_spacing=ms, validation=(vv, vs, vl), name=name,  # type: ignore[arg-type]
+                       version=version, options=options, log=console.print)  # type: ignore[arg-type]
 
 
 @app.command()
@@ -127,6 +172,12 @@ def train(
             return
         if normal is None or mixture is None:
             raise ValueError("give --normal and --mixture for a bundle, or --data for one model")
+        if p.preprocessing.spacing is not None:  # a patch preset: volumes on their own grids
+            _train_patch_bundle(p, out, normal, mixture, validation, name or out.name, version,
+                                BuildOptions(strategy=strategy, seed=seed, epochs=epochs,  # type: ignore[arg-type]
+                                             finetune_epochs=finetune_epochs,
+                                             batch_size=batch_size, device=device))
+            return
         n_imgs, _, _ = _load_set(normal, preset)
         m_imgs, _, _ = _load_set(mixture, preset)
         val = None
@@ -161,6 +212,9 @@ def evaluate(
 
     try:
         b = load_bundle(bundle)
+        if b.extra("patchmap.json") is not None:
+            _evaluate_patch_bundle(b, data, out, n_boot)
+            return
         ps = PhantomSet.load_npz(data)
         imgs = b.preprocessing.apply(ps.images)
         with console.status(f"scoring {len(imgs)} images"):
@@ -186,6 +240,47 @@ def evaluate(
     for name, entry in summary["scores"].items():
         o = entry["overall"]
         table.add_row(name, f"{o['auc']:.3f} [{o['lo']:.3f}, {o['hi']:.3f}]")
+    Console().print(table)
+    console.print(f"report: {out / 'summary.md'}")
+
+
+def _evaluate_patch_bundle(b: object, data: Path, out: Path, n_boot: int) -> None:
+    import numpy as np
+    from rich.progress import track
+
+    from flows.mapeval import CaseMap, write_report
+    from flows.patchbundle import PatchMapScorer
+
+    scorer = PatchMapScorer(b)  # type: ignore[arg-type]
+    vols, sps, labels, ps = _load_volumes(data)
+    if labels is None or ps is None:
+        raise ValueError(f"{data}: evaluation needs a labelled phantom set (.npz)")
+    cases = []
+    for i in track(range(len(vols)), description="mapping volumes", console=console):
+        v = np.asarray(vols[i])
+        r = scorer.score(v, sps[i])
+        truth = ps.masks[i, 0]  # type: ignore[attr-defined]
+        cases.append(CaseMap(
+            image=v, values=r.values,
+            binary=np.nan_to_num(r.values, nan=-np.inf) >= scorer.cal.voxel_threshold,
+            lesions=r.lesions, abnormal_cm3=r.abnormal_cm3, abnormal=r.abnormal, peak=r.peak,
+            label=int(labels[i]), finding=ps.findings[i],  # type: ignore[index, attr-defined]
+            truth=truth, truth_cm3=float(truth.sum() * np.prod(sps[i]) / 1000.0)))
+    window = (-1000.0, 300.0) if b.kind == "chestct" else (-20.0, 100.0)  # type: ignore[attr-defined]
+    summary = write_report(out, cases, title=f"{b.name} on {data.name}",  # type: ignore[attr-defined]
+                           window=window, n_boot=n_boot,
+                           extra={"bundle": b.name, "map": scorer.cal.source,  # type: ignore[attr-defined]
+                                  "T_cm3": scorer.cal.size_threshold_cm3})
+    table = Table(title=f"{b.name} on {data.name} ({scorer.cal.source} map)")  # type: ignore[attr-defined]
+    table.add_column("metric")
+    table.add_column("value")
+    for key in ("auroc_abnormal_volume", "auroc_peak"):
+        if key in summary:
+            e = summary[key]
+            table.add_row(key, f"{e['auc']:.3f} [{e['lo']:.3f}, {e['hi']:.3f}]")
+    for key in ("f1", "accuracy", "hit_rate_ge_1cm3", "dice_abnormal_mean"):
+        if summary.get(key) is not None:
+            table.add_row(key, f"{summary[key]:.3f}")
     Console().print(table)
     console.print(f"report: {out / 'summary.md'}")
 

@@ -265,6 +265,10 @@ def make_chestct(
     if not 1.0 <= float(spacing_mm) <= 8.0:
         raise ValueError(f"make_chestct: spacing_mm must be in [1, 8], got {spacing_mm}")
     dims = (int(shape[0]), int(shape[1]), int(shape[2]))
+    fov = [d * float(spacing_mm) for d in dims]
+    if min(fov) < 120.0:
+        raise ValueError(f"make_chestct: field of view {fov} mm is too small for a chest; "
+                         "every axis needs >= 120 mm (raise shape or spacing_mm)")
     n = int(n)
     labels, names, _ = case_plan(n, seed, _TAG, float(abnormal_fraction), fs or ("-",))
     images = np.empty((n, 1, *dims), dtype=np.float32)

@@ -1,0 +1,154 @@
+"""Evaluating Log P maps against ground truth (CT-3DFlow's Table 1 metrics and more).
+
+Patient level: AUROC (with a bootstrap CI) of the abnormal volume and of the map's peak, and
+F1 / accuracy of the bundle's decision (abnormal volume > T). Lesion level: the hit rate
+(a lesion is hit when a detected component overlaps it) by lesion volume bin. Voxel level:
+Dice of the binarised map against the lesion mask on abnormal cases. Overlay PNGs show
+axial and coronal slices through each case's largest lesion (or its centre) with the map.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from flows.atomic import write_bytes
+from flows.evaluate import _figure, _save, roc_auc_ci
+from flows.lesions import Lesion
+
+VOLUME_BINS = ((0.0, 1.0), (1.0, 5.0), (5.0, 20.0), (20.0, float("inf")))
+
+
+@dataclass
+class CaseMap:
+    """One evaluated case: its map on the source grid, what was detected and the truth."""
+
+    image: np.ndarray  # source volume (HU) for the overlay
+    values: np.ndarray  # map on the source grid (NaN = not covered)
+    binary: np.ndarray  # binarised map on the source grid
+    lesions: list[Lesion]
+    abnormal_cm3: float
+    abnormal: bool
+    peak: float
+    label: int
+    finding: str
+    truth: np.ndarray | None  # ground-truth lesion mask on the source grid
+    truth_cm3: float
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return float(2 * (a & b).sum() / max(int(a.sum() + b.sum()), 1))
+
+
+def _hit(case: CaseMap) -> bool:
+    assert case.truth is not None
+    return bool((case.binary & case.truth).any())
+
+
+def summarise(cases: Sequence[CaseMap], *, n_boot: int = 1000) -> dict[str, Any]:
+    y = np.array([c.label for c in cases])
+    vol = np.array([c.abnormal_cm3 for c in cases])
+    peak = np.array([c.peak for c in cases])
+    pred = np.array([c.abnormal for c in cases])
+    out: dict[str, Any] = {"n": len(cases), "n_abnormal": int(y.sum())}
+    if 0 < y.sum() < len(y):
+        for name, s in (("abnormal_volume", vol), ("peak", peak)):
+            ci = roc_auc_ci(y, s, n_boot=n_boot)
+            out[f"auroc_{name}"] = {"auc": ci.auc, "lo": ci.lo, "hi": ci.hi}
+        findings = sorted({c.finding for c in cases} - {"normal"})
+        out["auroc_volume_per_finding"] = {}
+        for f in findings:
+            keep = np.array([c.finding in ("normal", f) for c in cases])
+            out["auroc_volume_per_finding"][f] = roc_auc_ci(y[keep], vol[keep], n_boot=200).auc
+    tp = int((pred & (y == 1)).sum())
+    fp = int((pred & (y == 0)).sum())
+    fn = int((~pred & (y == 1)).sum())
+    out["accuracy"] = float((pred == (y == 1)).mean())
+    out["f1"] = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0
+    out["sensitivity"] = tp / max(int(y.sum()), 1)
+    out["specificity"] = float((~pred & (y == 0)).sum()) / max(int((y == 0).sum()), 1)
+    with_truth = [c for c in cases if c.label and c.truth is not None and c.truth.any()]
+    if with_truth:
+        bins = {}
+        for lo, hi in VOLUME_BINS:
+            in_bin = [c for c in with_truth if lo <= c.truth_cm3 < hi]
+            if in_bin:
+                rate = float(np.mean([_hit(c) for c in in_bin]))
+                bins[f"{lo:g}-{hi:g} cm3"] = {"n": len(in_bin), "hit_rate": rate}
+        out["lesion_hit_rate"] = bins
+        big = [c for c in with_truth if c.truth_cm3 >= 1.0]
+        out["hit_rate_ge_1cm3"] = float(np.mean([_hit(c) for c in big])) if big else None
+        dice = [_dice(c.binary, c.truth) for c in with_truth if c.truth is not None]
+        out["dice_abnormal_mean"] = float(np.mean(dice))
+    return out
+
+
+def _slices(case: CaseMap) -> tuple[int, int]:
+    ref = case.truth if case.truth is not None and case.truth.any() else case.binary
+    if ref.any():
+        c = np.argwhere(ref).mean(axis=0)
+        return int(c[0]), int(c[1])
+    return case.image.shape[0] // 2, case.image.shape[1] // 2
+
+
+def overlay_png(case: CaseMap, path: Path, *, window: tuple[float, float], title: str) -> Path:
+    """Axial and coronal slices with the map (colour, transparent where low) and outlines."""
+    fig = _figure(8, 4.2)
+    z, y = _slices(case)
+    finite = case.values[np.isfinite(case.values)]
+    vmin, vmax = (np.percentile(finite, [50, 99.5]) if finite.size else (0.0, 1.0))
+    for k, (img, val, binary, truth) in enumerate((
+            (case.image[z], case.values[z], case.binary[z], None if case.truth is None else case.truth[z]),
+            (case.image[:, y][::-1], case.values[:, y][::-1], case.binary[:, y][::-1],
+             None if case.truth is None else case.truth[:, y][::-1]))):
+        ax = fig.add_subplot(1, 2, k + 1)
+        ax.imshow(img, cmap="gray", vmin=window[0], vmax=window[1], interpolation="nearest")
+        shown = np.ma.masked_where(~np.isfinite(val) | (val < vmin), val)
+        ax.imshow(shown, cmap="inferno", alpha=0.5, vmin=vmin, vmax=vmax, interpolation="nearest")
+        if binary.any():
+            ax.contour(binary, [0.5], colors="cyan", linewidths=0.8)
+        if truth is not None and truth.any():
+            ax.contour(truth, [0.5], colors="lime", linewidths=0.8, linestyles="dashed")
+        ax.set_title(("axial" if k == 0 else "coronal") + f" {z if k == 0 else y}", fontsize=8)
+        ax.axis("off")
+    fig.suptitle(title, fontsize=9)
+    _save(fig, path)
+    return path
+
+
+def write_report(out: Path, cases: Sequence[CaseMap], *, title: str, window: tuple[float, float],
+                 extra: dict[str, Any] | None = None, n_overlays: int = 8,
+                 n_boot: int = 1000) -> dict[str, Any]:
+    """summary.json, summary.md and overlay PNGs (the most abnormal cases and some normals)."""
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {"title": title, **(extra or {}), **summarise(cases, n_boot=n_boot)}
+    order = np.argsort([-c.abnormal_cm3 for c in cases])
+    pick = list(order[: n_overlays // 2]) + [i for i in order[::-1] if cases[i].label == 1][: n_overlays // 2]
+    pngs = []
+    for i in dict.fromkeys(int(j) for j in pick):
+        c = cases[i]
+        name = f"overlay_case{i:04d}.png"
+        overlay_png(c, out / name, window=window,
+                    title=f"case {i}: {c.finding}, truth {c.truth_cm3:.1f} cm³, detected "
+                          f"{c.abnormal_cm3:.1f} cm³ ({'abnormal' if c.abnormal else 'normal'})")
+        pngs.append(name)
+    summary["overlays"] = pngs
+    write_bytes(out / "summary.json", json.dumps(summary, indent=2, default=float).encode())
+    lines = [f"# {title}", ""]
+    for key in ("auroc_abnormal_volume", "auroc_peak"):
+        if key in summary:
+            e = summary[key]
+            lines.append(f"- {key}: {e['auc']:.3f} [{e['lo']:.3f}, {e['hi']:.3f}]")
+    for key in ("f1", "accuracy", "sensitivity", "specificity", "hit_rate_ge_1cm3", "dice_abnormal_mean"):
+        if summary.get(key) is not None:
+            lines.append(f"- {key}: {summary[key]:.3f}")
+    for b, e in summary.get("lesion_hit_rate", {}).items():
+        lines.append(f"- hit rate {b}: {e['hit_rate']:.2f} (n={e['n']})")
+    lines += ["", *[f"![{p}]({p})" for p in pngs], ""]
+    write_bytes(out / "summary.md", "\n".join(lines).encode())
+    return summary
