@@ -108,20 +108,14 @@ def build_patch_bundle(out: str | Path, *, preset: Preset, normal: Sequence[np.n
                        mask: str | None = None,
                        voxel_percentile: float = 99.0, min_size_cm3: float = 0.2,
                        log: Callable[[str], None] = print) -> Bundle:
-    """Train M0/M1 patch models on mask-guided patches, then calibrate the map on validation.
-
-    Both maps are evaluated on the validation set; the one whose abnormal volume separates
-    normal from abnormal better (AUROC) is recorded, with its voxel threshold (a percentile
-    of the map on validation normals) and T (validation ROC over 0.5-20 cm³).
-    """
+    """Train M0/M1 patch models on mask-guided patches, then :func:`calibrate_patch_bundle`."""
     prep = preset.preprocessing
     if prep.spacing is None or len(prep.shape) != 3 or len(set(prep.shape)) != 1:
         raise ValueError(f"preset {preset.name} is not a cubic 3D patch preset with a spacing")
     mask = mask or DEFAULT_MASK.get(prep.kind, "none")
     if mask not in (*MASKS, "none"):
         raise ValueError(f"unknown mask {mask!r}; use lung, intracranial or none")
-    vvols, vsp, vlabels = validation
-    y = np.asarray(vlabels).astype(bool)
+    y = np.asarray(validation[2]).astype(bool)
     if y.all() or not y.any():
         raise ValueError("the validation set needs normal and abnormal volumes")
     patch = prep.shape[0]
@@ -141,8 +135,35 @@ def build_patch_bundle(out: str | Path, *, preset: Preset, normal: Sequence[np.n
     opts = replace(options or BuildOptions(), map_scores=False)
     b = build_bundle(out, preset=preset, normal=pn, mixture=pm, name=name, version=version,
                      options=opts, log=log)
+    return calibrate_patch_bundle(b, validation, overlap=overlap, mask=mask,
+                                  voxel_percentile=voxel_percentile, min_size_cm3=min_size_cm3,
+                                  log=log)
+
+
+def calibrate_patch_bundle(b: Bundle, validation: tuple[Sequence[np.ndarray],
+                                                        Sequence[tuple[float, float, float]], np.ndarray],
+                           *, overlap: int | None = None, mask: str | None = None,
+                           voxel_percentile: float = 99.0, min_size_cm3: float = 0.2,
+                           log: Callable[[str], None] = print) -> Bundle:
+    """(Re)calibrate a patch bundle's map on a labelled validation set; rewrites the bundle.
+
+    Both maps are evaluated; the one whose abnormal volume separates normal from abnormal
+    better (AUROC) is recorded, with its voxel threshold (a percentile of the map on
+    validation normals) and T (validation ROC over 0.5-20 cm³); the other map's
+    calibration is kept beside it so the two can be compared.
+    """
     from sklearn.metrics import roc_auc_score
 
+    prep = b.preprocessing
+    if prep.spacing is None:
+        raise BundleError(f"{b.path}: not a patch bundle (its preprocessing has no spacing)")
+    patch = prep.shape[0]
+    overlap = patch // 2 if overlap is None else overlap
+    mask = mask or DEFAULT_MASK.get(prep.kind, "none")
+    vvols, vsp, vlabels = validation
+    y = np.asarray(vlabels).astype(bool)
+    if y.all() or not y.any():
+        raise ValueError("the validation set needs normal and abnormal volumes")
     best: tuple[float, MapCalibration] | None = None
     report: dict[str, Any] = {}
     for source in ("likelihood", "posterior"):
@@ -162,12 +183,13 @@ def build_patch_bundle(out: str | Path, *, preset: Preset, normal: Sequence[np.n
     # Re-save with the map calibration as a verified extra file (the weights are unchanged).
     from flows.bundle import save_bundle
 
-    save_bundle(out, m0=b.m0, m1=b.m1, preset=preset.name, preprocessing=prep,
-                calibration=b.calibration, name=name, version=version,
-                training=b.manifest.get("training"),
+    m = b.manifest
+    save_bundle(b.path, m0=b.m0, m1=b.m1, preset=str(m["preset"]), preprocessing=prep,
+                calibration=b.calibration, name=b.name, version=b.version,
+                training=m.get("training"),
                 extras={PATCHMAP_FILE: json.dumps(asdict(chosen), indent=2).encode()})
-    log(f"patch bundle written to {out}: {chosen.source} map, T {chosen.size_threshold_cm3:.2f} cm³")
-    return load_bundle(out)
+    log(f"patch bundle written to {b.path}: {chosen.source} map, T {chosen.size_threshold_cm3:.2f} cm³")
+    return load_bundle(b.path)
 
 
 def map_calibration(bundle: Bundle) -> MapCalibration:
@@ -181,9 +203,17 @@ def map_calibration(bundle: Bundle) -> MapCalibration:
 class PatchMapScorer:
     """Scores CT volumes with a patch bundle."""
 
-    def __init__(self, bundle: Bundle) -> None:
+    def __init__(self, bundle: Bundle, source: str | None = None) -> None:
+        """``source`` overrides the bundle's choice of map (to compare both maps), with the
+        voxel threshold and T calibrated for that map on the same validation set."""
         self.bundle = bundle
         self.cal = map_calibration(bundle)
+        if source is not None and source != self.cal.source:
+            v = self.cal.validation.get(source)
+            if v is None:
+                raise BundleError(f"{bundle.path}: no calibration for the {source!r} map")
+            self.cal = replace(self.cal, source=source, voxel_threshold=float(v["voxel_threshold"]),
+                               size_threshold_cm3=float(v["T_cm3"]))
 
     def score(self, volume_hu: np.ndarray, spacing: tuple[float, float, float],
               affine: np.ndarray | None = None) -> MapResult:
