@@ -67,7 +67,7 @@ def main() -> None:
     t1 = time.time()
     vols, sps = _volumes(test)
     unit = float(np.prod(test.spacing)) / 1000.0
-    for source in ("likelihood", "posterior"):
+    for source in ("likelihood", "posterior", "likelihood:voxel", "posterior:voxel"):
         scorer = PatchMapScorer(b, source=source)
         cases = []
         for i, (v, sp) in enumerate(zip(vols, sps, strict=True)):
@@ -80,7 +80,7 @@ def main() -> None:
                                  truth=truth, truth_cm3=float(truth.sum()) * unit))
         s = summarise(cases, n_boot=500)
         res = {"tag": tag, "kind": kind, "cfg": cfg, "map": source,
-               "chosen": source == PatchMapScorer(b).cal.source, "T_cm3": scorer.cal.size_threshold_cm3,
+               "chosen": source == PatchMapScorer(b).cal.name, "T_cm3": scorer.cal.size_threshold_cm3,
                **{k: s[k] for k in ("auroc_abnormal_volume", "auroc_peak", "f1", "accuracy",
                                     "hit_rate_ge_1cm3", "dice_abnormal_mean", "lesion_hit_rate",
                                     "auroc_volume_per_finding") if k in s},

@@ -40,14 +40,19 @@ DEFAULT_MASK = {"chestct": "lung", "bct": "intracranial"}
 class MapCalibration:
     """How a patch bundle turns a volume into a decision."""
 
-    source: str  # "likelihood" (-log p0 per voxel) or "posterior" (log p1 - log p0 per voxel)
+    source: str  # "likelihood" (-log p0) or "posterior" (log p1 - log p0), per voxel
     patch: int
     overlap: int
     mask: str  # "lung", "intracranial" or "none"
     voxel_threshold: float
     min_size_cm3: float
     size_threshold_cm3: float  # T: abnormal when the abnormal volume exceeds it
+    per_voxel: bool = False  # each patch contributes its per-voxel decomposition, not one number
     validation: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"{self.source}{':voxel' if self.per_voxel else ''}"
 
 
 @dataclass
@@ -81,9 +86,9 @@ def _prepared(bundle_or_preset: Bundle | Preset, volume_hu: np.ndarray,
 
 
 def _maps(bundle: Bundle, vols: Sequence[np.ndarray], spacings: Sequence[tuple[float, float, float]],
-          mask: str, source: str, patch: int, overlap: int) -> list[np.ndarray]:
+          mask: str, source: str, patch: int, overlap: int, per_voxel: bool = False) -> list[np.ndarray]:
     scorer = glow_patch_scorer(bundle.m0, bundle.m1 if source == "posterior" else None,
-                               bundle.preprocessing.n_bits)
+                               bundle.preprocessing.n_bits, per_voxel=per_voxel)
     out = []
     for v, sp in zip(vols, spacings, strict=True):
         grid01, m, _ = _prepared(bundle, v, sp, mask)
@@ -166,16 +171,18 @@ def calibrate_patch_bundle(b: Bundle, validation: tuple[Sequence[np.ndarray],
         raise ValueError("the validation set needs normal and abnormal volumes")
     best: tuple[float, MapCalibration] | None = None
     report: dict[str, Any] = {}
-    for source in ("likelihood", "posterior"):
-        maps = _maps(b, vvols, vsp, mask, source, patch, overlap)
+    for source, per_voxel in (("likelihood", False), ("posterior", False),
+                              ("likelihood", True), ("posterior", True)):
+        maps = _maps(b, vvols, vsp, mask, source, patch, overlap, per_voxel)
         thr = voxel_threshold([m for m, lab in zip(maps, y, strict=True) if not lab], voxel_percentile)
         sizes = _sizes(maps, thr, prep.spacing, min_size_cm3)
         t = choose_size_threshold(sizes, y)
         auc = float(roc_auc_score(y, sizes))
-        report[source] = {"auroc_volume": round(auc, 4), "voxel_threshold": thr, "T_cm3": t}
-        log(f"validation: {source} map, abnormal-volume AUROC {auc:.3f}, T {t:.2f} cm³")
         cal = MapCalibration(source=source, patch=patch, overlap=overlap, mask=mask,
-                             voxel_threshold=thr, min_size_cm3=min_size_cm3, size_threshold_cm3=t)
+                             voxel_threshold=thr, min_size_cm3=min_size_cm3, size_threshold_cm3=t,
+                             per_voxel=per_voxel)
+        report[cal.name] = {"auroc_volume": round(auc, 4), "voxel_threshold": thr, "T_cm3": t}
+        log(f"validation: {cal.name} map, abnormal-volume AUROC {auc:.3f}, T {t:.2f} cm³")
         if best is None or auc > best[0]:
             best = (auc, cal)
     assert best is not None
@@ -188,7 +195,7 @@ def calibrate_patch_bundle(b: Bundle, validation: tuple[Sequence[np.ndarray],
                 calibration=b.calibration, name=b.name, version=b.version,
                 training=m.get("training"),
                 extras={PATCHMAP_FILE: json.dumps(asdict(chosen), indent=2).encode()})
-    log(f"patch bundle written to {b.path}: {chosen.source} map, T {chosen.size_threshold_cm3:.2f} cm³")
+    log(f"patch bundle written to {b.path}: {chosen.name} map, T {chosen.size_threshold_cm3:.2f} cm³")
     return load_bundle(b.path)
 
 
@@ -208,18 +215,21 @@ class PatchMapScorer:
         voxel threshold and T calibrated for that map on the same validation set."""
         self.bundle = bundle
         self.cal = map_calibration(bundle)
-        if source is not None and source != self.cal.source:
+        if source is not None and source != self.cal.name:
             v = self.cal.validation.get(source)
             if v is None:
                 raise BundleError(f"{bundle.path}: no calibration for the {source!r} map")
-            self.cal = replace(self.cal, source=source, voxel_threshold=float(v["voxel_threshold"]),
+            self.cal = replace(self.cal, source=source.split(":")[0],
+                               per_voxel=source.endswith(":voxel"),
+                               voxel_threshold=float(v["voxel_threshold"]),
                                size_threshold_cm3=float(v["T_cm3"]))
 
     def score(self, volume_hu: np.ndarray, spacing: tuple[float, float, float],
               affine: np.ndarray | None = None) -> MapResult:
         """``affine`` maps source-grid indices to patient mm (for lesion centroids)."""
         c = self.cal
-        vals = _maps(self.bundle, [volume_hu], [spacing], c.mask, c.source, c.patch, c.overlap)[0]
+        vals = _maps(self.bundle, [volume_hu], [spacing], c.mask, c.source, c.patch, c.overlap,
+                     c.per_voxel)[0]
         iso = self.bundle.preprocessing.spacing
         assert iso is not None
         les = find_lesions(vals, c.voxel_threshold, (iso,) * 3, min_size=c.min_size_cm3)

@@ -128,7 +128,11 @@ class PatchMap:
 
 def aggregate(grid: PatchGrid, starts: list[tuple[int, ...]], scores: np.ndarray,
               sigma_scale: float = 0.125) -> np.ndarray:
-    """Gaussian-weighted average of per-patch scores at every voxel (NaN where uncovered)."""
+    """Gaussian-weighted average of per-patch scores at every voxel (NaN where uncovered).
+
+    ``scores`` holds one number per patch ``(M,)``, or one map per patch ``(M, *patch)``
+    (the per-voxel decomposition of each patch's log-density).
+    """
     if len(starts) != len(scores):
         raise PatchMapError(f"{len(starts)} patches but {len(scores)} scores")
     w = gaussian_weights(grid.patch, sigma_scale)
@@ -149,13 +153,19 @@ def _batches(volume: np.ndarray, grid: PatchGrid, starts: list[tuple[int, ...]],
         yield np.stack([volume[grid.slices(s)] for s in starts[i:i + batch_size]])[:, None]
 
 
-def glow_patch_scorer(m0: FlowModel, m1: FlowModel | None, n_bits: int) -> PatchScorer:
-    """Per-voxel score of a batch of [0, 1] patches: ``-log p0 / V`` or ``(log p1 - log p0) / V``.
+def glow_patch_scorer(m0: FlowModel, m1: FlowModel | None, n_bits: int,
+                      per_voxel: bool = False) -> PatchScorer:
+    """Score a batch of [0, 1] patches: ``-log p0 / V`` or ``(log p1 - log p0) / V`` per patch,
+    or with ``per_voxel`` the same as maps over each patch (the exact per-position
+    decomposition, :meth:`flows.glow.Glow.log_p_map`, whose mean is the per-patch value).
 
-    Higher is more abnormal in both cases.
+    Higher is more abnormal in every case.
     """
     def score(x01: torch.Tensor) -> torch.Tensor:
         x = dequantize(x01, n_bits, noise=False)
+        if per_voxel:
+            lp0 = m0.log_p_map(x)
+            return -lp0 if m1 is None else m1.log_p_map(x) - lp0
         v = float(np.prod(x.shape[2:]))
         lp0 = m0(x).log_p
         if m1 is None:
@@ -186,7 +196,8 @@ def patch_map(volume01: np.ndarray, scorer: PatchScorer, *, patch: int | tuple[i
     scores = np.concatenate(out)
     if not np.isfinite(scores).all():
         raise ScoringError(f"{int((~np.isfinite(scores)).sum())} patch(es) got a non-finite score")
-    return PatchMap(aggregate(grid, starts, scores, sigma_scale), scores, starts, grid)
+    per_patch = scores.reshape(len(scores), -1).mean(axis=1)
+    return PatchMap(aggregate(grid, starts, scores, sigma_scale), per_patch, starts, grid)
 
 
 def to_source_grid(values: np.ndarray, source_shape: tuple[int, ...]) -> np.ndarray:

@@ -38,7 +38,7 @@ def test_patch_bundle_records_its_map_calibration(patch_bundle: Bundle) -> None:
     assert cal.source in ("likelihood", "posterior") and cal.mask == "lung"
     assert cal.patch == 8 and cal.overlap == 4
     assert 0.5 <= cal.size_threshold_cm3 <= 20.0
-    assert set(cal.validation) == {"likelihood", "posterior"}
+    assert set(cal.validation) == {"likelihood", "posterior", "likelihood:voxel", "posterior:voxel"}
     assert "patchmap.json" in patch_bundle.manifest["files"]
 
 

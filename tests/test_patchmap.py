@@ -164,3 +164,26 @@ def test_thresholds_from_normals_and_validation_roc() -> None:
     assert 1.4 <= choose_size_threshold(sizes, labels) <= 3.1
     with pytest.raises(ValueError, match="both normal and abnormal"):
         choose_size_threshold(sizes, np.ones(100))
+
+
+def test_per_voxel_patch_maps_average_to_the_per_patch_scores() -> None:
+    g = Glow(GlowConfig(1, 3, levels=2, steps=1, hidden=4), seed=0)
+    g.initialize(torch.rand(4, 1, 8, 8, 8) - 0.5)
+    g.eval()
+    vol = np.random.default_rng(2).random((12, 16, 16)).astype(np.float32)
+    for m1 in (None, Glow(GlowConfig(1, 3, levels=2, steps=1, hidden=4), seed=1)):
+        if m1 is not None:
+            m1.initialize(torch.rand(4, 1, 8, 8, 8) - 0.5)
+            m1.eval()
+        a = patch_map(vol, glow_patch_scorer(g, m1, 8), patch=8, overlap=4)
+        b = patch_map(vol, glow_patch_scorer(g, m1, 8, per_voxel=True), patch=8, overlap=4)
+        np.testing.assert_allclose(b.patch_scores, a.patch_scores, rtol=1e-6, atol=1e-8)
+        assert b.values.shape == vol.shape and np.isfinite(b.values).all()
+        assert b.values.std() > a.values.std() * 0.5  # voxel detail survives aggregation
+
+
+def test_per_patch_maps_aggregate_to_a_constant_when_constant() -> None:
+    grid = PatchGrid.plan((20, 20), 8, 3)
+    starts = grid.starts()
+    m = aggregate(grid, starts, np.full((len(starts), 8, 8), -2.5))
+    np.testing.assert_allclose(m, -2.5, rtol=1e-12)

@@ -269,9 +269,9 @@ def _evaluate_patch_bundle(b: object, data: Path, out: Path, n_boot: int) -> Non
     window = (-1000.0, 300.0) if b.kind == "chestct" else (-20.0, 100.0)  # type: ignore[attr-defined]
     summary = write_report(out, cases, title=f"{b.name} on {data.name}",  # type: ignore[attr-defined]
                            window=window, n_boot=n_boot,
-                           extra={"bundle": b.name, "map": scorer.cal.source,  # type: ignore[attr-defined]
+                           extra={"bundle": b.name, "map": scorer.cal.name,  # type: ignore[attr-defined]
                                   "T_cm3": scorer.cal.size_threshold_cm3})
-    table = Table(title=f"{b.name} on {data.name} ({scorer.cal.source} map)")  # type: ignore[attr-defined]
+    table = Table(title=f"{b.name} on {data.name} ({scorer.cal.name} map)")  # type: ignore[attr-defined]
     table.add_column("metric")
     table.add_column("value")
     for key in ("auroc_abnormal_volume", "auroc_peak"):
