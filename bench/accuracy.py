@@ -4,9 +4,12 @@
 
 KIND is cxr or bct. JSON overrides the cpu-KIND preset and the run:
 ``{"strategy": "conditional", "glow": {"coords": true}, "prep": {"n_bits": 5}, "ep": 4,
-"fep": 2, "freeze": 1, "n": 1500, "nt": 600}``. Normal set seed 11, mixture seed 12 (50 % abnormal),
-test seed 13 (50 % abnormal). Prints one JSON line (AUROC overall and per finding, Spearman
-rho of each score with the zero-pixel fraction) and appends it to runs/accuracy.jsonl.
+"fep": 2, "freeze": 1, "n": 1500, "nt": 600, "nv": 400}``; with ``nv`` a labelled validation
+set (seed 14) lets the bundle choose its score (whole-image posterior or a map score), and
+the chosen score is reported beside the whole-image posterior and the likelihood.
+Normal set seed 11, mixture seed 12 (50 % abnormal), test seed 13 (50 % abnormal). Prints
+one JSON line (AUROC overall and per finding, Spearman rho of each score with the
+zero-pixel fraction) and appends it to runs/accuracy.jsonl.
 Set NT to the number of torch threads (two runs side by side: NT=1 each).
 """
 
@@ -28,7 +31,7 @@ from scipy.stats import spearmanr  # noqa: E402
 from flows.build import BuildOptions, build_bundle  # noqa: E402
 from flows.evaluate import roc_auc_ci  # noqa: E402
 from flows.phantoms import PhantomSet, make_cxr, make_headct  # noqa: E402
-from flows.posterior import log_likelihood  # noqa: E402
+from flows.posterior import PosteriorScorer  # noqa: E402
 from flows.presets import get_preset  # noqa: E402
 
 
@@ -53,17 +56,24 @@ def main() -> None:
     mixture = prep.apply(make(n, abnormal_fraction=0.5, seed=12).images)
     test = make(nt, abnormal_fraction=0.5, seed=13)
     timg = prep.apply(test.images)
+    nv = cfg.get("nv", 0)
+    validation = None
+    if nv:  # the bundle chooses its score (whole-image or map) on this labelled set
+        vset = make(nv, abnormal_fraction=0.5, seed=14)
+        validation = (prep.apply(vset.images), vset.labels)
     out = Path("runs/accuracy") / tag
     b = build_bundle(out, preset=p, normal=normal, mixture=mixture, name=tag, log=print,
+                     validation=validation,
                      options=BuildOptions(strategy=cfg.get("strategy"),
                                           epochs=cfg.get("ep"), finetune_epochs=cfg.get("fep"),
                                           freeze_levels=cfg.get("freeze"),
                                           progress=False))
-    l0 = log_likelihood(b.m0, timg, prep.n_bits)
-    l1 = log_likelihood(b.m1, timg, prep.n_bits)
-    post = -(l0 - l1)
-    res: dict[str, object] = {"tag": tag, "kind": kind, "cfg": cfg}
-    for name, s in (("posterior", post), ("likelihood", -l0)):
+    scored = PosteriorScorer(b).score(timg)
+    l0 = scored.log_p_normal
+    post = scored.abnormality
+    res: dict[str, object] = {"tag": tag, "kind": kind, "cfg": cfg, "chosen": scored.method,
+                              "validation_auroc": b.calibration.choice.validation_auroc}
+    for name, s in (("posterior", post), ("likelihood", -l0), ("chosen", scored.score)):
         ci = roc_auc_ci(test.labels, s, n_boot=500)
         res[name] = [round(ci.auc, 3), round(ci.lo, 3), round(ci.hi, 3)]
         for f in sorted(set(test.findings) - {"normal"}):
