@@ -54,7 +54,8 @@ def main() -> None:
     val, test = _make(kind, nv, 0.5, 23), _make(kind, nt, 0.5, 24)
     if cfg.get("reuse"):  # recalibrate an already trained patch bundle
         b = calibrate_patch_bundle(load_bundle(cfg["reuse"]), (*_volumes(val), val.labels),
-                                   overlap=cfg.get("overlap"), log=print)
+                                   overlap=cfg.get("overlap"), log=print,
+                                   min_mask_fraction=cfg.get("min_mask", 0.1))
     else:
         nor, mix = _make(kind, n, 0.0, 21), _make(kind, n, 0.5, 22)
         b = build_patch_bundle(
@@ -62,6 +63,7 @@ def main() -> None:
             normal_spacing=_volumes(nor)[1], mixture=_volumes(mix)[0],
             mixture_spacing=_volumes(mix)[1], validation=(*_volumes(val), val.labels), name=tag,
             patches_per_volume=cfg.get("per", 64), overlap=cfg.get("overlap"), log=print,
+            min_mask_fraction=cfg.get("min_mask", 0.1),
             options=BuildOptions(epochs=cfg.get("ep"), finetune_epochs=cfg.get("fep"),
                                  freeze_levels=cfg.get("freeze"), progress=False))
     t1 = time.time()

@@ -48,6 +48,7 @@ class MapCalibration:
     min_size_cm3: float
     size_threshold_cm3: float  # T: abnormal when the abnormal volume exceeds it
     per_voxel: bool = False  # each patch contributes its per-voxel decomposition, not one number
+    min_mask_fraction: float = 0.1  # patches scored (and trained on) hold at least this much mask
     validation: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -86,14 +87,15 @@ def _prepared(bundle_or_preset: Bundle | Preset, volume_hu: np.ndarray,
 
 
 def _maps(bundle: Bundle, vols: Sequence[np.ndarray], spacings: Sequence[tuple[float, float, float]],
-          mask: str, source: str, patch: int, overlap: int, per_voxel: bool = False) -> list[np.ndarray]:
+          mask: str, source: str, patch: int, overlap: int, per_voxel: bool = False,
+          min_mask_fraction: float = 0.1) -> list[np.ndarray]:
     scorer = glow_patch_scorer(bundle.m0, bundle.m1 if source == "posterior" else None,
                                bundle.preprocessing.n_bits, per_voxel=per_voxel)
     out = []
     for v, sp in zip(vols, spacings, strict=True):
         grid01, m, _ = _prepared(bundle, v, sp, mask)
         out.append(patch_map(grid01, scorer, patch=patch, overlap=overlap, mask=m,
-                             batch_size=64).values)
+                             min_mask_fraction=min_mask_fraction, batch_size=64).values)
     return out
 
 
@@ -110,7 +112,7 @@ def build_patch_bundle(out: str | Path, *, preset: Preset, normal: Sequence[np.n
                                          np.ndarray],
                        name: str, version: str = "1", options: BuildOptions | None = None,
                        patches_per_volume: int = 64, overlap: int | None = None,
-                       mask: str | None = None,
+                       mask: str | None = None, min_mask_fraction: float = 0.1,
                        voxel_percentile: float = 99.0, min_size_cm3: float = 0.2,
                        log: Callable[[str], None] = print) -> Bundle:
     """Train M0/M1 patch models on mask-guided patches, then :func:`calibrate_patch_bundle`."""
@@ -132,7 +134,7 @@ def build_patch_bundle(out: str | Path, *, preset: Preset, normal: Sequence[np.n
         for v, sp in zip(vols, sps, strict=True):
             grid01, m, _ = _prepared(preset, v, sp, mask)
             got.append(sample_patches(grid01[None], m[None] if m is not None else None, patch,
-                                      patches_per_volume, rng))
+                                      patches_per_volume, rng, min_mask_fraction=min_mask_fraction))
         return np.concatenate(got)
 
     pn, pm = patches(normal, normal_spacing), patches(mixture, mixture_spacing)
@@ -141,6 +143,7 @@ def build_patch_bundle(out: str | Path, *, preset: Preset, normal: Sequence[np.n
     b = build_bundle(out, preset=preset, normal=pn, mixture=pm, name=name, version=version,
                      options=opts, log=log)
     return calibrate_patch_bundle(b, validation, overlap=overlap, mask=mask,
+                                  min_mask_fraction=min_mask_fraction,
                                   voxel_percentile=voxel_percentile, min_size_cm3=min_size_cm3,
                                   log=log)
 
@@ -148,7 +151,8 @@ def build_patch_bundle(out: str | Path, *, preset: Preset, normal: Sequence[np.n
 def calibrate_patch_bundle(b: Bundle, validation: tuple[Sequence[np.ndarray],
                                                         Sequence[tuple[float, float, float]], np.ndarray],
                            *, overlap: int | None = None, mask: str | None = None,
-                           voxel_percentile: float = 99.0, min_size_cm3: float = 0.2,
+                           min_mask_fraction: float = 0.1, voxel_percentile: float = 99.0,
+                           min_size_cm3: float = 0.2,
                            log: Callable[[str], None] = print) -> Bundle:
     """(Re)calibrate a patch bundle's map on a labelled validation set; rewrites the bundle.
 
@@ -173,14 +177,14 @@ def calibrate_patch_bundle(b: Bundle, validation: tuple[Sequence[np.ndarray],
     report: dict[str, Any] = {}
     for source, per_voxel in (("likelihood", False), ("posterior", False),
                               ("likelihood", True), ("posterior", True)):
-        maps = _maps(b, vvols, vsp, mask, source, patch, overlap, per_voxel)
+        maps = _maps(b, vvols, vsp, mask, source, patch, overlap, per_voxel, min_mask_fraction)
         thr = voxel_threshold([m for m, lab in zip(maps, y, strict=True) if not lab], voxel_percentile)
         sizes = _sizes(maps, thr, prep.spacing, min_size_cm3)
         t = choose_size_threshold(sizes, y)
         auc = float(roc_auc_score(y, sizes))
         cal = MapCalibration(source=source, patch=patch, overlap=overlap, mask=mask,
                              voxel_threshold=thr, min_size_cm3=min_size_cm3, size_threshold_cm3=t,
-                             per_voxel=per_voxel)
+                             per_voxel=per_voxel, min_mask_fraction=min_mask_fraction)
         report[cal.name] = {"auroc_volume": round(auc, 4), "voxel_threshold": thr, "T_cm3": t}
         log(f"validation: {cal.name} map, abnormal-volume AUROC {auc:.3f}, T {t:.2f} cm³")
         if best is None or auc > best[0]:
@@ -229,7 +233,7 @@ class PatchMapScorer:
         """``affine`` maps source-grid indices to patient mm (for lesion centroids)."""
         c = self.cal
         vals = _maps(self.bundle, [volume_hu], [spacing], c.mask, c.source, c.patch, c.overlap,
-                     c.per_voxel)[0]
+                     c.per_voxel, c.min_mask_fraction)[0]
         iso = self.bundle.preprocessing.spacing
         assert iso is not None
         les = find_lesions(vals, c.voxel_threshold, (iso,) * 3, min_size=c.min_size_cm3)
