@@ -6,7 +6,10 @@ bundle/
                     training-data fingerprints, training metrics, sha256 of each weight file
   m0.pt             state dict of M0 (normal images only)
   m1.pt             state dict of M1 (unlabelled mixture)
-  calibration.json  reference distribution of the abnormality score, operating thresholds
+  calibration.json  reference distribution of the abnormality score, operating thresholds,
+                    which score (whole-image posterior or a map score) they are for
+  map_reference.npz optional: per-position median/spread of the mixture's maps (map scores)
+  patchmap.json     optional: a patch bundle's map calibration (flows.patchbundle)
 ```
 Loading verifies every hash and refuses a bundle whose format version or preprocessing
 does not match what the caller will feed it. Weights are loaded with ``weights_only=True``.

@@ -154,3 +154,13 @@ def test_map_score_bundle_round_trip(tiny_bundle: Bundle, tmp_path: Path) -> Non
         p.write_bytes(p.read_bytes()[:-10] + b"0123456789")
         with pytest.raises(BundleError, match=r"map_reference\.npz is corrupted"):
             load_bundle(out)
+
+
+def test_manifest_naming_a_file_outside_the_bundle_is_refused(tiny_bundle: Bundle,
+                                                              tmp_path: Path) -> None:
+    p = _copy(tiny_bundle, tmp_path)
+    m = json.loads((p / "manifest.json").read_text())
+    m["files"]["../secret"] = "0" * 64
+    (p / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="outside the bundle"):
+        load_bundle(p)
