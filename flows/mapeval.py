@@ -152,3 +152,30 @@ def write_report(out: Path, cases: Sequence[CaseMap], *, title: str, window: tup
     lines += ["", *[f"![{p}]({p})" for p in pngs], ""]
     write_bytes(out / "summary.md", "\n".join(lines).encode())
     return summary
+
+
+def map_montage(images: np.ndarray, maps: np.ndarray, titles: Sequence[str], path: Path, *,
+                ncol: int = 4, title: str = "") -> Path:
+    """2D images with their abnormality maps on top (radiograph overlays).
+
+    ``images`` ``(N, H, W)`` in [0, 1]; ``maps`` ``(N, H, W)`` (higher = more abnormal); the
+    colour scale is shared, from the median to the 99.5th percentile of all maps, and values
+    below the median are left transparent.
+    """
+    n = len(images)
+    if n == 0 or maps.shape != images.shape:
+        raise ValueError(f"need matching non-empty images and maps, got {images.shape} and {maps.shape}")
+    rows = (n + ncol - 1) // ncol
+    fig = _figure(2.4 * ncol, 2.6 * rows)
+    lo, hi = np.percentile(maps, [50, 99.5])
+    for i in range(n):
+        ax = fig.add_subplot(rows, ncol, i + 1)
+        ax.imshow(images[i], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        ax.imshow(np.ma.masked_where(maps[i] < lo, maps[i]), cmap="inferno", alpha=0.55,
+                  vmin=lo, vmax=hi, interpolation="bilinear")
+        ax.set_title(titles[i], fontsize=7)
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    _save(fig, path)
+    return path

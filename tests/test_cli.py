@@ -43,6 +43,7 @@ def test_synth_train_evaluate_sample(tmp_path: Path) -> None:
     summary = json.loads((d / "eval" / "summary.json").read_text())
     assert "posterior" in summary["scores"] and "likelihood" in summary["scores"]
     assert (d / "eval" / "roc.png").stat().st_size > 1000
+    assert (d / "eval" / "overlays_most_abnormal.png").stat().st_size > 2000
     _ok(["sample", "--bundle", str(d / "bundle"), "--out", str(d / "s.png"), "--n", "4"])
     assert (d / "s.png").stat().st_size > 500
     _ok(["train", "--preset", "tiny-cxr", "--data", str(d / "normal.npz"), "--out",

@@ -232,6 +232,8 @@ def evaluate(
                            title=f"{b.name} on {data.name}",
                            extra={"bundle": b.name, "preset": b.manifest.get("preset"),
                                   "data": str(data)})
+        if b.preprocessing.ndim == 2:
+            _radiograph_overlays(b, imgs, s.score, ps.findings, out)
     except (ValueError, FileNotFoundError, BundleError) as e:
         raise _fail(str(e)) from e
     table = Table(title=f"{b.name} on {data.name}")
@@ -242,6 +244,23 @@ def evaluate(
         table.add_row(name, f"{o['auc']:.3f} [{o['lo']:.3f}, {o['hi']:.3f}]")
     Console().print(table)
     console.print(f"report: {out / 'summary.md'}")
+
+
+def _radiograph_overlays(b: object, imgs: object, score: object, findings: list[str],
+                         out: Path, n: int = 12) -> None:
+    """Posterior-ratio maps (the exact decomposition) over the most abnormal radiographs."""
+    import numpy as np
+
+    from flows.densitymap import log_p_maps, smooth
+    from flows.mapeval import map_montage
+
+    arr = np.asarray(imgs)
+    top = np.argsort(-np.asarray(score))[:n]
+    nb = b.preprocessing.n_bits  # type: ignore[attr-defined]
+    maps = log_p_maps(b.m1, arr[top], nb) - log_p_maps(b.m0, arr[top], nb)  # type: ignore[attr-defined]
+    titles = [f"#{k + 1} case {i}: {findings[i]}" for k, i in enumerate(top)]
+    map_montage(arr[top, 0], smooth(maps, 1.0), titles, out / "overlays_most_abnormal.png",
+                title="posterior-ratio map (log p1 - log p0 per pixel), most abnormal first")
 
 
 def _evaluate_patch_bundle(b: object, data: Path, out: Path, n_boot: int) -> None:
