@@ -231,8 +231,8 @@ def sample_patches(volumes01: np.ndarray, masks: np.ndarray | None, patch: int |
     vols = np.asarray(volumes01)
     if vols.ndim < 3:
         raise PatchMapError(f"expected a batch of images or volumes, got shape {vols.shape}")
-    if vols.ndim == masks.ndim + 1 if masks is not None else False:
-        vols = vols[:, 0]
+    if masks is not None and vols.ndim == masks.ndim + 1 and vols.shape[1] == 1:
+        vols = vols[:, 0]  # (N, 1, *spatial) with masks (N, *spatial)
     if masks is not None and masks.shape != vols.shape:
         raise PatchMapError(f"masks {masks.shape} and volumes {vols.shape} differ in shape")
     if per_volume <= 0:
