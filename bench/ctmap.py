@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 from flows.build import BuildOptions  # noqa: E402
 from flows.bundle import load_bundle  # noqa: E402
-from flows.mapeval import CaseMap, summarise  # noqa: E402
+from flows.mapeval import case_from_result, summarise  # noqa: E402
 from flows.patchbundle import PatchMapScorer, build_patch_bundle, calibrate_patch_bundle  # noqa: E402
 from flows.phantoms import PhantomSet, make_headct  # noqa: E402
 from flows.phantoms.chestct import make_chestct  # noqa: E402
@@ -68,18 +68,15 @@ def main() -> None:
                                  freeze_levels=cfg.get("freeze"), progress=False))
     t1 = time.time()
     vols, sps = _volumes(test)
-    unit = float(np.prod(test.spacing)) / 1000.0
     for source in ("likelihood", "posterior", "likelihood:voxel", "posterior:voxel"):
         scorer = PatchMapScorer(b, source=source)
         cases = []
         for i, (v, sp) in enumerate(zip(vols, sps, strict=True)):
             r = scorer.score(v, sp)
             truth = test.masks[i, 0]
-            cases.append(CaseMap(image=v, values=r.values,
-                                 binary=np.nan_to_num(r.values, nan=-np.inf) >= scorer.cal.voxel_threshold,
-                                 lesions=r.lesions, abnormal_cm3=r.abnormal_cm3, abnormal=r.abnormal,
-                                 peak=r.peak, label=int(test.labels[i]), finding=test.findings[i],
-                                 truth=truth, truth_cm3=float(truth.sum()) * unit))
+            cases.append(case_from_result(v, r, scorer.cal.voxel_threshold,
+                                          label=int(test.labels[i]), finding=test.findings[i],
+                                          truth=truth, spacing=sp))
         s = summarise(cases, n_boot=500)
         res = {"tag": tag, "kind": kind, "cfg": cfg, "map": source,
                "chosen": source == PatchMapScorer(b).cal.name, "T_cm3": scorer.cal.size_threshold_cm3,

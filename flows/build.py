@@ -28,7 +28,7 @@ from typing import Any, Literal
 import numpy as np
 
 from flows.bundle import Bundle, Calibration, load_bundle, save_bundle
-from flows.densitymap import ScoreChoice, choose_score, log_p_maps
+from flows.densitymap import ScoreChoice, abnormality_maps, choose_score, log_p_maps, map_scores
 from flows.glow import Conditioned, FlowModel
 from flows.posterior import two_model_scores
 from flows.presets import Preset
@@ -129,13 +129,17 @@ def build_bundle(out: str | Path, *, preset: Preset, normal: np.ndarray, mixture
             rng = np.random.default_rng(opts.seed)
             sub = mixture[np.sort(rng.choice(len(mixture), min(len(mixture),
                                                                opts.max_reference_maps), replace=False))]
-            choice, map_ref = choose_score(
-                log_p_maps(m0, vimg, n_bits), log_p_maps(m1, vimg, n_bits), val_labels,
-                log_p_maps(m0, sub, n_bits), log_p_maps(m1, sub, n_bits))
+            v0, v1 = log_p_maps(m0, vimg, n_bits), log_p_maps(m1, vimg, n_bits)
+            choice, map_ref = choose_score(v0, v1, val_labels, log_p_maps(m0, sub, n_bits),
+                                           log_p_maps(m1, sub, n_bits))
             log(f"score chosen on validation: {choice.name} (AUROC "
                 f"{choice.validation_auroc[choice.name]:.3f}; whole-image posterior "
                 f"{choice.validation_auroc['whole']:.3f})")
-        val_scores = two_model_scores(m0, m1, vimg, n_bits, choice, map_ref)[2]
+            # the validation maps are at hand: score them once, the same way the scorer will
+            val_scores = (map_scores(abnormality_maps(v0, v1, choice.map.source), choice.map, map_ref)
+                          if choice.map is not None else (v1 - v0).reshape(len(v0), -1).sum(1))
+        else:
+            val_scores = two_model_scores(m0, m1, vimg, n_bits, choice, map_ref)[2]
     ref = two_model_scores(m0, m1, mixture, n_bits, choice, map_ref)[2]
     cal = Calibration.from_scores(ref, labels=val_labels, scores=val_scores,
                                   percentile=opts.threshold_percentile, choice=choice)

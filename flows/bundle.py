@@ -159,8 +159,7 @@ def save_bundle(path: str | Path, *, m0: FlowModel, m1: FlowModel, preset: str,
                 preprocessing: Preprocessing,
                 calibration: Calibration, name: str, version: str = "1",
                 training: dict[str, Any] | None = None,
-                map_reference: MapReference | None = None,
-                extras: dict[str, bytes] | None = None) -> Path:
+                map_reference: MapReference | None = None) -> Path:
     """Write a bundle directory (weights first, manifest last, each file atomically)."""
     if m0.config != m1.config:
         raise BundleError("M0 and M1 must share one Glow configuration")
@@ -181,11 +180,6 @@ def save_bundle(path: str | Path, *, m0: FlowModel, m1: FlowModel, preset: str,
         np.savez(buf, median=map_reference.median, spread=map_reference.spread)
         write_bytes(out / MAP_REFERENCE, buf.getvalue())
         files[MAP_REFERENCE] = sha256_file(out / MAP_REFERENCE)
-    for fname, data in (extras or {}).items():
-        if "/" in fname or fname in files or fname == "manifest.json":
-            raise BundleError(f"bad extra bundle file name {fname!r}")
-        write_bytes(out / fname, data)
-        files[fname] = sha256_file(out / fname)
     manifest = {
         "format_version": FORMAT_VERSION,
         "name": name,
@@ -202,6 +196,21 @@ def save_bundle(path: str | Path, *, m0: FlowModel, m1: FlowModel, preset: str,
     }
     write_bytes(out / "manifest.json", json.dumps(manifest, indent=2).encode())
     return out
+
+
+def add_extra(path: str | Path, fname: str, data: bytes) -> None:
+    """Add (or replace) one extra file in an existing bundle and record its hash.
+
+    The manifest is rewritten last, so a crash leaves the old bundle or the new one.
+    """
+    root = Path(path)
+    if Path(fname).name != fname or fname.startswith(".") or fname == "manifest.json" \
+            or fname in (*WEIGHT_FILES, "calibration.json"):
+        raise BundleError(f"bad extra bundle file name {fname!r}")
+    manifest = json.loads((root / "manifest.json").read_text())
+    write_bytes(root / fname, data)
+    manifest["files"][fname] = sha256_file(root / fname)
+    write_bytes(root / "manifest.json", json.dumps(manifest, indent=2).encode())
 
 
 def load_bundle(path: str | Path, *, expect: Preprocessing | None = None,

@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy import ndimage
 
+from flows.preprocess import check_spacing
+
 
 @dataclass
 class Lesion:
@@ -28,18 +30,9 @@ class Lesion:
         return asdict(self)
 
 
-def _check_spacing(spacing: tuple[float, ...], ndim: int) -> np.ndarray:
-    sp = np.asarray(spacing, dtype=np.float64)
-    if sp.shape != (ndim,):
-        raise ValueError(f"need {ndim} spacing values, got {tuple(spacing)}")
-    if not np.isfinite(sp).all() or (sp <= 0).any():
-        raise ValueError(f"voxel spacing must be positive and finite, got {tuple(spacing)}")
-    return sp
-
-
 def unit_size(spacing: tuple[float, ...]) -> float:
     """Size of one voxel in cm³ (3D) or one pixel in cm² (2D), from spacing in mm."""
-    sp = _check_spacing(spacing, len(spacing))
+    sp = check_spacing(spacing, len(spacing))
     return float(np.prod(sp) / (10.0 ** len(sp)))
 
 
@@ -52,7 +45,7 @@ def find_lesions(values: np.ndarray, threshold: float, spacing: tuple[float, ...
     column vector) to patient millimetres; without it centroids are index times spacing.
     Lesions come sorted by size, largest first.
     """
-    sp = _check_spacing(spacing, values.ndim)
+    sp = check_spacing(spacing, values.ndim)
     binary = np.nan_to_num(values, nan=-np.inf) >= threshold
     structure = ndimage.generate_binary_structure(values.ndim, connectivity)
     labels, n = ndimage.label(binary, structure)

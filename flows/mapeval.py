@@ -13,13 +13,16 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from flows.atomic import write_bytes
 from flows.evaluate import _figure, _save, roc_auc_ci
 from flows.lesions import Lesion
+
+if TYPE_CHECKING:
+    from flows.patchbundle import MapResult
 
 VOLUME_BINS = ((0.0, 1.0), (1.0, 5.0), (5.0, 20.0), (20.0, float("inf")))
 
@@ -39,6 +42,18 @@ class CaseMap:
     finding: str
     truth: np.ndarray | None  # ground-truth lesion mask on the source grid
     truth_cm3: float
+
+
+def case_from_result(image: np.ndarray, result: MapResult, voxel_threshold: float, *,
+                     label: int, finding: str, truth: np.ndarray | None,
+                     spacing: tuple[float, ...]) -> CaseMap:
+    """A :class:`CaseMap` from a patch scorer's result and the case's ground truth."""
+    cm3 = float(truth.sum() * np.prod(spacing) / 1000.0) if truth is not None else 0.0
+    return CaseMap(image=image, values=result.values,
+                   binary=np.nan_to_num(result.values, nan=-np.inf) >= voxel_threshold,
+                   lesions=result.lesions, abnormal_cm3=result.abnormal_cm3,
+                   abnormal=result.abnormal, peak=result.peak, label=label, finding=finding,
+                   truth=truth, truth_cm3=cm3)
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:

@@ -11,14 +11,14 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from flows.preprocess import check_spacing
+
 
 def _check(hu: np.ndarray, spacing: tuple[float, ...]) -> np.ndarray:
     vol = np.asarray(hu)
     if vol.ndim != 3:
         raise ValueError(f"a CT mask needs a 3D volume, got shape {vol.shape}")
-    sp = np.asarray(spacing, dtype=np.float64)
-    if sp.shape != (3,) or not np.isfinite(sp).all() or (sp <= 0).any():
-        raise ValueError(f"voxel spacing must be three positive numbers, got {tuple(spacing)}")
+    check_spacing(spacing, 3)
     if not np.isfinite(vol).all():
         raise ValueError(f"volume holds {int((~np.isfinite(vol)).sum())} NaN/inf voxel(s)")
     return vol

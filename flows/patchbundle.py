@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from flows.build import BuildOptions, build_bundle
-from flows.bundle import Bundle, BundleError, load_bundle
+from flows.bundle import Bundle, BundleError, add_extra, load_bundle
 from flows.lesions import Lesion, abnormal_size, choose_size_threshold, find_lesions, voxel_threshold
 from flows.masks import intracranial_mask, lung_mask
 from flows.patchmap import glow_patch_scorer, patch_map, sample_patches, to_source_grid
@@ -86,17 +86,15 @@ def _prepared(bundle_or_preset: Bundle | Preset, volume_hu: np.ndarray,
     return prep.intensities(grid), m, prep.spacing
 
 
-def _maps(bundle: Bundle, vols: Sequence[np.ndarray], spacings: Sequence[tuple[float, float, float]],
-          mask: str, source: str, patch: int, overlap: int, per_voxel: bool = False,
+def _maps(bundle: Bundle, prepared: Sequence[tuple[np.ndarray, np.ndarray | None]], source: str,
+          patch: int, overlap: int, per_voxel: bool = False,
           min_mask_fraction: float = 0.1) -> list[np.ndarray]:
+    """Maps of volumes already resampled, windowed and masked (:func:`_prepared`)."""
     scorer = glow_patch_scorer(bundle.m0, bundle.m1 if source == "posterior" else None,
                                bundle.preprocessing.n_bits, per_voxel=per_voxel)
-    out = []
-    for v, sp in zip(vols, spacings, strict=True):
-        grid01, m, _ = _prepared(bundle, v, sp, mask)
-        out.append(patch_map(grid01, scorer, patch=patch, overlap=overlap, mask=m,
-                             min_mask_fraction=min_mask_fraction, batch_size=64).values)
-    return out
+    return [patch_map(grid01, scorer, patch=patch, overlap=overlap, mask=m,
+                      min_mask_fraction=min_mask_fraction, batch_size=64).values
+            for grid01, m in prepared]
 
 
 def _sizes(maps: list[np.ndarray], thr: float, spacing: float, min_size: float) -> np.ndarray:
@@ -173,11 +171,13 @@ def calibrate_patch_bundle(b: Bundle, validation: tuple[Sequence[np.ndarray],
     y = np.asarray(vlabels).astype(bool)
     if y.all() or not y.any():
         raise ValueError("the validation set needs normal and abnormal volumes")
+    # resample, window and mask each validation volume once for all four maps
+    prepared = [_prepared(b, v, sp, mask)[:2] for v, sp in zip(vvols, vsp, strict=True)]
     best: tuple[float, MapCalibration] | None = None
     report: dict[str, Any] = {}
     for source, per_voxel in (("likelihood", False), ("posterior", False),
                               ("likelihood", True), ("posterior", True)):
-        maps = _maps(b, vvols, vsp, mask, source, patch, overlap, per_voxel, min_mask_fraction)
+        maps = _maps(b, prepared, source, patch, overlap, per_voxel, min_mask_fraction)
         thr = voxel_threshold([m for m, lab in zip(maps, y, strict=True) if not lab], voxel_percentile)
         sizes = _sizes(maps, thr, prep.spacing, min_size_cm3)
         t = choose_size_threshold(sizes, y)
@@ -191,14 +191,7 @@ def calibrate_patch_bundle(b: Bundle, validation: tuple[Sequence[np.ndarray],
             best = (auc, cal)
     assert best is not None
     chosen = replace(best[1], validation=report)
-    # Re-save with the map calibration as a verified extra file (the weights are unchanged).
-    from flows.bundle import save_bundle
-
-    m = b.manifest
-    save_bundle(b.path, m0=b.m0, m1=b.m1, preset=str(m["preset"]), preprocessing=prep,
-                calibration=b.calibration, name=b.name, version=b.version,
-                training=m.get("training"),
-                extras={PATCHMAP_FILE: json.dumps(asdict(chosen), indent=2).encode()})
+    add_extra(b.path, PATCHMAP_FILE, json.dumps(asdict(chosen), indent=2).encode())
     log(f"patch bundle written to {b.path}: {chosen.name} map, T {chosen.size_threshold_cm3:.2f} cm³")
     return load_bundle(b.path)
 
@@ -232,8 +225,9 @@ class PatchMapScorer:
               affine: np.ndarray | None = None) -> MapResult:
         """``affine`` maps source-grid indices to patient mm (for lesion centroids)."""
         c = self.cal
-        vals = _maps(self.bundle, [volume_hu], [spacing], c.mask, c.source, c.patch, c.overlap,
-                     c.per_voxel, c.min_mask_fraction)[0]
+        prepared = _prepared(self.bundle, volume_hu, spacing, c.mask)[:2]
+        vals = _maps(self.bundle, [prepared], c.source, c.patch, c.overlap, c.per_voxel,
+                     c.min_mask_fraction)[0]
         iso = self.bundle.preprocessing.spacing
         assert iso is not None
         les = find_lesions(vals, c.voxel_threshold, (iso,) * 3, min_size=c.min_size_cm3)

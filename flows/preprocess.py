@@ -114,12 +114,18 @@ class Preprocessing:
         return img
 
 
+def check_spacing(spacing: tuple[float, ...], ndim: int) -> np.ndarray:
+    """Voxel spacing (mm) as an array, or a ValueError naming what is wrong with it."""
+    sp = np.asarray(spacing, dtype=np.float64)
+    if sp.shape != (ndim,) or not np.isfinite(sp).all() or (sp <= 0).any():
+        raise ValueError(f"voxel spacing must be {ndim} positive numbers, got {tuple(spacing)}")
+    return sp
+
+
 def resample_to_spacing(volume: np.ndarray, spacing: tuple[float, ...], target: float
                         ) -> np.ndarray:
     """Resample onto an isotropic grid of ``target`` mm covering the same field of view."""
-    sp = np.asarray(spacing, dtype=np.float64)
-    if sp.shape != (volume.ndim,) or not np.isfinite(sp).all() or (sp <= 0).any():
-        raise ValueError(f"voxel spacing must be {volume.ndim} positive numbers, got {tuple(spacing)}")
+    sp = check_spacing(spacing, volume.ndim)
     if target <= 0:
         raise ValueError(f"target spacing must be positive, got {target}")
     shape = tuple(max(1, round(n * s / target)) for n, s in zip(volume.shape, sp, strict=True))

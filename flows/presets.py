@@ -45,6 +45,15 @@ def _cxr(shape: tuple[int, int], n_bits: int = 8) -> Preprocessing:
     return Preprocessing(kind="cxr", shape=shape, n_bits=n_bits, intensity="minmax")
 
 
+def _patches(kind: str, size: int, spacing: float) -> Preprocessing:
+    """Cubic patches of ``size`` voxels on an isotropic ``spacing`` (mm) grid, CT windows."""
+    if kind == "bct":
+        return Preprocessing(kind="bct", shape=(size,) * 3, n_bits=7, intensity="window",
+                             window=BCT_WINDOW, spacing=spacing)
+    return Preprocessing(kind=kind, shape=(size,) * 3, n_bits=8, intensity="window",
+                         window=CHESTCT_WINDOW, spacing=spacing)
+
+
 def _bct(shape: tuple[int, int, int]) -> Preprocessing:
     return Preprocessing(kind="bct", shape=shape, n_bits=7, intensity="window", window=BCT_WINDOW)
 
@@ -61,8 +70,7 @@ PRESETS: dict[str, Preset] = {
         Preset("ct3dflow", "CT-3DFlow chest-CT patches: 48^3 at 2 mm, L4 K64 (GPU)",
                # 48 is divisible by 2**4.
                GlowConfig(1, 3, levels=4, steps=64, hidden=512, scale_fn="glow", checkpoint=True),
-               Preprocessing(kind="chestct", shape=(48, 48, 48), n_bits=8, intensity="window",
-                             window=CHESTCT_WINDOW, spacing=2.0),
+               _patches("chestct", 48, 2.0),
                batch_size=8, lr=1e-4, epochs=100, weight_decay=1e-5),
         # CPU presets: the best settings of the sweep in docs/results.md that fit the
         # 15-minute budget: 5-bit data, a shared base, the two finest levels kept shared.
@@ -76,14 +84,12 @@ PRESETS: dict[str, Preset] = {
                finetune_epochs=2, finetune_lr=2e-4, finetune_freeze=1, strategy="shared"),
         Preset("cpu-chestct", "small chest-CT patch model for a 2-core CPU: 16^3 at 4 mm, L2 K6, width 48",
                GlowConfig(1, 3, levels=2, steps=6, hidden=48, scale_fn="glow"),
-               Preprocessing(kind="chestct", shape=(16, 16, 16), n_bits=8, intensity="window",
-                             window=CHESTCT_WINDOW, spacing=4.0),
+               _patches("chestct", 16, 4.0),
                batch_size=32, lr=1e-3, epochs=2, weight_decay=1e-5, warmup_steps=100,
                finetune_epochs=2, finetune_lr=2e-4, strategy="shared"),
         Preset("cpu-bct-patch", "small head-CT patch model for a 2-core CPU: 8^3 at 4 mm, L2 K6, width 48",
                GlowConfig(1, 3, levels=2, steps=6, hidden=48, scale_fn="paper"),
-               Preprocessing(kind="bct", shape=(8, 8, 8), n_bits=7, intensity="window",
-                             window=BCT_WINDOW, spacing=4.0),
+               _patches("bct", 8, 4.0),
                batch_size=64, lr=1e-3, epochs=2, weight_decay=1e-5, warmup_steps=100,
                finetune_epochs=2, finetune_lr=2e-4, strategy="shared"),
         Preset("tiny-cxr", "a toy model for unit tests: 16x16, L2 K2, width 16",
@@ -92,8 +98,7 @@ PRESETS: dict[str, Preset] = {
                finetune_epochs=1, finetune_lr=5e-4, strategy="conditional"),
         Preset("tiny-chestct", "a toy chest-CT patch model for unit tests: 8^3 at 8 mm, L2 K1, width 8",
                GlowConfig(1, 3, levels=2, steps=1, hidden=8, scale_fn="glow"),
-               Preprocessing(kind="chestct", shape=(8, 8, 8), n_bits=8, intensity="window",
-                             window=CHESTCT_WINDOW, spacing=8.0),
+               _patches("chestct", 8, 8.0),
                batch_size=32, lr=1e-3, epochs=1, warmup_steps=5, finetune_epochs=1,
                finetune_lr=5e-4, strategy="shared"),
         Preset("tiny-bct", "a toy model for unit tests: 8x16x16, L2 K2, width 8",

@@ -164,3 +164,17 @@ def test_manifest_naming_a_file_outside_the_bundle_is_refused(tiny_bundle: Bundl
     (p / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(BundleError, match="outside the bundle"):
         load_bundle(p)
+
+
+def test_add_extra_records_a_verified_file(tiny_bundle: Bundle, tmp_path: Path) -> None:
+    from flows.bundle import add_extra
+
+    p = _copy(tiny_bundle, tmp_path)
+    add_extra(p, "notes.json", b'{"a": 1}')
+    assert load_bundle(p).extra("notes.json") == b'{"a": 1}'
+    (p / "notes.json").write_bytes(b'{"a": 2}')
+    with pytest.raises(BundleError, match=r"notes\.json is corrupted"):
+        load_bundle(p)
+    for bad in ("../x", "m0.pt", "manifest.json", ".hidden"):
+        with pytest.raises(BundleError, match="bad extra"):
+            add_extra(p, bad, b"")

@@ -267,7 +267,7 @@ def _evaluate_patch_bundle(b: object, data: Path, out: Path, n_boot: int) -> Non
     import numpy as np
     from rich.progress import track
 
-    from flows.mapeval import CaseMap, write_report
+    from flows.mapeval import case_from_result, write_report
     from flows.patchbundle import PatchMapScorer
 
     scorer = PatchMapScorer(b)  # type: ignore[arg-type]
@@ -279,12 +279,9 @@ def _evaluate_patch_bundle(b: object, data: Path, out: Path, n_boot: int) -> Non
         v = np.asarray(vols[i])
         r = scorer.score(v, sps[i])
         truth = ps.masks[i, 0]  # type: ignore[attr-defined]
-        cases.append(CaseMap(
-            image=v, values=r.values,
-            binary=np.nan_to_num(r.values, nan=-np.inf) >= scorer.cal.voxel_threshold,
-            lesions=r.lesions, abnormal_cm3=r.abnormal_cm3, abnormal=r.abnormal, peak=r.peak,
-            label=int(labels[i]), finding=ps.findings[i],  # type: ignore[index, attr-defined]
-            truth=truth, truth_cm3=float(truth.sum() * np.prod(sps[i]) / 1000.0)))
+        cases.append(case_from_result(
+            v, r, scorer.cal.voxel_threshold, label=int(labels[i]),  # type: ignore[index]
+            finding=ps.findings[i], truth=truth, spacing=sps[i]))  # type: ignore[attr-defined]
     window = (-1000.0, 300.0) if b.kind == "chestct" else (-20.0, 100.0)  # type: ignore[attr-defined]
     summary = write_report(out, cases, title=f"{b.name} on {data.name}",  # type: ignore[attr-defined]
                            window=window, n_boot=n_boot,
