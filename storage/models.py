@@ -1,0 +1,224 @@
+"""The node's tables (SQLAlchemy 2 declarative models).
+
+Every value that came from the wire is stored as data only: UIDs are checked for syntax
+before they get here, and no file name or path is ever derived from them (blob paths come
+from :mod:`storage.blobs`). Times are UTC.
+
+State machines (strings, so that both SQLite and PostgreSQL store them the same way):
+
+* ``Series.state``: ``receiving`` -> ``complete`` (then routed: a Job exists, or
+  ``ignored``); a late or changed instance reopens it (``receiving``, ``version + 1``).
+* ``Job.state``: ``queued`` -> ``running`` -> ``done`` | ``failed``; a running job whose
+  lease expires goes back to ``queued`` (its worker died) until ``max_attempts``.
+* ``Delivery.state``: ``pending`` -> ``sent`` | ``dead`` (used by the dispatch stage).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+UID = String(64)
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class UTCDateTime(TypeDecorator[dt.datetime]):
+    """Aware UTC datetimes in Python on every backend (SQLite keeps no time zone)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        value = value.astimezone(dt.UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: dt.datetime | None, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON, dt.datetime: UTCDateTime}  # noqa: RUF012
+
+
+class Study(Base):
+    __tablename__ = "study"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    # Patient identifiers: shown to logged-in users only, never logged.
+    patient_id: Mapped[str | None] = mapped_column(String(64))
+    patient_name: Mapped[str | None] = mapped_column(String(324))
+    accession_number: Mapped[str | None] = mapped_column(String(16))
+    study_date: Mapped[str | None] = mapped_column(String(8))
+    study_description: Mapped[str | None] = mapped_column(String(64))
+    first_received_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+    series: Mapped[list[Series]] = relationship(back_populates="study")
+
+
+class Series(Base):
+    __tablename__ = "series"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("study.id"), index=True)
+    series_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    modality: Mapped[str | None] = mapped_column(String(16))
+    series_description: Mapped[str | None] = mapped_column(String(64))
+    # What routing looks at, captured from the first instance's header.
+    attributes: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    state: Mapped[str] = mapped_column(String(16), default="receiving", index=True)
+    version: Mapped[int] = mapped_column(default=1)
+    changed: Mapped[bool] = mapped_column(Boolean, default=False)  # an instance came with new bytes
+    instance_count: Mapped[int] = mapped_column(default=0)
+    first_received_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    last_received_at: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)
+    released_at: Mapped[dt.datetime | None]  # the sender released the association after sending
+    completed_at: Mapped[dt.datetime | None]
+    completion_reason: Mapped[str | None] = mapped_column(Text)
+    kind: Mapped[str | None] = mapped_column(String(16))
+    route_reason: Mapped[str | None] = mapped_column(Text)
+
+    study: Mapped[Study] = relationship(back_populates="series")
+    instances: Mapped[list[Instance]] = relationship(back_populates="series")
+
+
+class Instance(Base):
+    __tablename__ = "instance"
+    __table_args__ = (UniqueConstraint("sop_instance_uid", "revision"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, index=True)
+    # 1 for the first bytes received; a re-send with different bytes is kept as revision 2...
+    revision: Mapped[int] = mapped_column(default=1)
+    current: Mapped[bool] = mapped_column(Boolean, default=True)
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    transfer_syntax_uid: Mapped[str] = mapped_column(UID)
+    blob: Mapped[str] = mapped_column(String(200))
+    sha256: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(BigInteger)
+    is_image: Mapped[bool] = mapped_column(Boolean)
+    # Geometry for the completeness check (None where the header does not say).
+    rows: Mapped[int | None]
+    columns: Mapped[int | None]
+    frames: Mapped[int | None]
+    instance_number: Mapped[int | None]
+    position: Mapped[list[Any] | None]  # ImagePositionPatient
+    orientation: Mapped[list[Any] | None]  # ImageOrientationPatient
+    expected_count: Mapped[int | None]  # ImagesInAcquisition, where the header says
+    calling_ae: Mapped[str | None] = mapped_column(String(16))
+    peer_address: Mapped[str | None] = mapped_column(String(64))
+    association_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    received_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+    series: Mapped[Series] = relationship(back_populates="instances")
+
+
+class Job(Base):
+    __tablename__ = "job"
+    __table_args__ = (UniqueConstraint("series_id", "series_version"),
+                      Index("ix_job_state_created", "state", "created_at"))
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"))
+    series_version: Mapped[int]
+    kind: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16), default="queued")
+    attempts: Mapped[int] = mapped_column(default=0)
+    reason: Mapped[str | None] = mapped_column(Text)  # why it failed
+    worker: Mapped[str | None] = mapped_column(String(128))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    published_at: Mapped[dt.datetime | None]  # last handed to the broker
+    started_at: Mapped[dt.datetime | None]
+    lease_until: Mapped[dt.datetime | None]
+    finished_at: Mapped[dt.datetime | None]
+
+    series: Mapped[Series] = relationship()
+
+
+class Result(Base):
+    __tablename__ = "result"
+    __table_args__ = (UniqueConstraint("series_id", "version"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("job.id"), unique=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    version: Mapped[int]  # 1, 2, ... per series: each re-analysis is a new version
+    kind: Mapped[str] = mapped_column(String(16))
+    bundle_name: Mapped[str] = mapped_column(String(128))
+    bundle_version: Mapped[str] = mapped_column(String(64))
+    bundle_fingerprint: Mapped[str] = mapped_column(String(64))
+    method: Mapped[str] = mapped_column(String(64))  # which score the bundle uses
+    log_posterior: Mapped[float] = mapped_column(Float)
+    log_p_normal: Mapped[float] = mapped_column(Float)
+    score: Mapped[float] = mapped_column(Float)  # higher = more abnormal
+    percentile: Mapped[float] = mapped_column(Float)
+    abnormal: Mapped[bool] = mapped_column(Boolean)
+    priority: Mapped[int]  # 1 (read first) .. 4
+    abnormal_cm3: Mapped[float | None] = mapped_column(Float)
+    lesions: Mapped[list[Any]] = mapped_column(default=list)
+    map_blob: Mapped[str | None] = mapped_column(String(200))
+    details: Mapped[dict[str, Any]] = mapped_column(default=dict)  # timings, geometry, versions
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+    series: Mapped[Series] = relationship()
+
+
+class Delivery(Base):
+    __tablename__ = "delivery"
+    __table_args__ = (UniqueConstraint("sop_instance_uid", "destination"),
+                      Index("ix_delivery_state_next", "state", "next_attempt_at"))
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    result_id: Mapped[int] = mapped_column(ForeignKey("result.id"), index=True)
+    destination: Mapped[str] = mapped_column(String(64))
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    sop_instance_uid: Mapped[str] = mapped_column(UID)
+    blob: Mapped[str] = mapped_column(String(200))
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    delivered_at: Mapped[dt.datetime | None]
+
+
+class AuditEvent(Base):
+    """What happened, for the timeline and the audit log (never patient identifiers)."""
+
+    __tablename__ = "audit_event"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)
+    actor: Mapped[str] = mapped_column(String(64))  # "scp", "assembler", a user name...
+    action: Mapped[str] = mapped_column(String(64), index=True)
+    series_id: Mapped[int | None] = mapped_column(ForeignKey("series.id"), index=True)
+    detail: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+__all__ = ["AuditEvent", "Base", "Delivery", "Instance", "Job", "Result", "Series", "Study", "utcnow"]
