@@ -106,8 +106,8 @@ def _check_inputs(ps: PhantomLike, seed: int, institution: str) -> tuple[str, np
             raise TypeError(f"write_dicom_studies needs a PhantomSet-like object; missing .{attr}")
     meta = ps.meta if isinstance(ps.meta, dict) else {}
     kind = meta.get("kind")
-    if kind not in ("cxr", "bct"):
-        raise ValueError(f"ps.meta['kind'] must be 'cxr' or 'bct', got {kind!r}")
+    if kind not in ("cxr", "bct", "chestct"):
+        raise ValueError(f"ps.meta['kind'] must be 'cxr', 'bct' or 'chestct', got {kind!r}")
     images = np.asarray(ps.images)
     spatial = 2 if kind == "cxr" else 3
     if images.ndim == spatial + 2 and images.shape[1] == 1:
@@ -202,7 +202,8 @@ def _common(kind: str, case: int, seed: int, institution: str, study_uid: UID, s
     ds.ReferringPhysicianName = ""
     ds.StudyID = f"PH{case:05d}"
     ds.AccessionNumber = f"{'X' if kind == 'cxr' else 'C'}{seed % 10**6:06d}{case:07d}"
-    ds.StudyDescription = "XR CHEST" if kind == "cxr" else "CT HEAD WITHOUT CONTRAST"
+    ds.StudyDescription = {"cxr": "XR CHEST", "bct": "CT HEAD WITHOUT CONTRAST",
+                           "chestct": "CT CHEST WITHOUT CONTRAST"}[kind]
     # General Series
     ds.SeriesInstanceUID = series_uid
     ds.SeriesNumber = 1
@@ -297,15 +298,15 @@ def _cxr_dataset(img: np.ndarray, spacing: Sequence[float], base: Dataset, *, ch
 
 
 def _ct_dataset(slice_hu: np.ndarray, k: int, n_slices: int, spacing: Sequence[float], base: Dataset, *,
-                sop_uid: UID, frame_uid: UID, when: dt.datetime) -> Dataset:
-    """CT Image Storage (CT IOD, PS3.3 A.3) for slice ``k``."""
+                sop_uid: UID, frame_uid: UID, when: dt.datetime, chest: bool = False) -> Dataset:
+    """CT Image Storage (CT IOD, PS3.3 A.3) for slice ``k`` of a head (or chest) CT."""
     ds = base
     ds.SOPClassUID = CT_IMAGE_STORAGE
     ds.SOPInstanceUID = sop_uid
     ds.Modality = "CT"
-    ds.SeriesDescription = "Head axial"
+    ds.SeriesDescription = "Chest axial" if chest else "Head axial"
     ds.PatientPosition = "HFS"
-    ds.BodyPartExamined = "HEAD"
+    ds.BodyPartExamined = "CHEST" if chest else "HEAD"
     # Frame of Reference
     ds.FrameOfReferenceUID = frame_uid
     ds.PositionReferenceIndicator = ""
@@ -412,7 +413,7 @@ def write_dicom_studies(ps: PhantomLike, out_dir: Path, *, seed: int = 0,
                 base = _common(kind, case, seed, institution, study_uid, series_uid, when)
                 ds = _ct_dataset(img[k], k, img.shape[0], spacing, base,
                                  sop_uid=phantom_uid(*key, "instance", k + 1),
-                                 frame_uid=frame_uid, when=when)
+                                 frame_uid=frame_uid, when=when, chest=kind == "chestct")
                 _write(ds, case_dir / f"{case:05d}-{k + 1:05d}.dcm")
         rows.append({
             "case": f"{case:05d}",

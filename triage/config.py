@@ -1,0 +1,236 @@
+"""The node's configuration: embedded defaults, a TOML file, ``TRIAGE_*`` variables.
+
+Precedence (highest first): values passed in code, environment variables, the TOML file
+named by ``--config`` or ``TRIAGE_CONFIG``, the defaults below. Nested settings use
+``__`` in variable names: ``TRIAGE_RECEIVE__PORT=104``, ``TRIAGE_STORAGE__DATABASE_URL=
+postgresql://triage@db/triage``. Lists and tables are given as JSON in variables
+(``TRIAGE_RECEIVE__ALLOWED_CALLING_AES='["PACS1","PACS2"]'``).
+
+A bad value fails at start-up with :class:`ConfigError`, whose message names the setting
+and its variable.
+"""
+
+from __future__ import annotations
+
+import os
+from contextvars import ContextVar
+from ipaddress import ip_network
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+__all__ = ["ConfigError", "Settings", "load_settings"]
+
+KINDS = ("cxr", "bct", "chestct")
+_config_file: ContextVar[Path | None] = ContextVar("triage_config_file", default=None)
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names each bad setting."""
+
+
+def _ae_title(v: str) -> str:
+    if not 1 <= len(v.strip()) <= 16 or "\\" in v or not v.isascii() or not v.isprintable():
+        raise ValueError("an AE title is 1-16 printable ASCII characters without backslash")
+    return v.strip()
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class NodeSettings(_Section):
+    data_dir: Path = Path("triage-data")  # database and blobs live here unless set below
+    name: str = "triage-node"
+
+
+class StorageSettings(_Section):
+    database_url: str = ""  # default: sqlite:///<data_dir>/triage.db
+    blob_root: Path | None = None  # default: <data_dir>/blobs
+    high_water: float = Field(0.95, gt=0, le=1)  # refuse (0xA700) above this disk use fraction
+    fsync: bool = True  # never turn off in production: acknowledgement means durable
+
+
+class TLSSettings(_Section):
+    certificate: Path
+    key: Path
+    client_ca: Path | None = None  # when set, clients must present a certificate it signed
+
+
+class ReceiveSettings(_Section):
+    ae_title: str = "TRIAGE"
+    host: str = "0.0.0.0"
+    port: int = Field(11112, ge=0, le=65535)  # 0: any free port (tests)
+    allowed_calling_aes: list[str] = []  # empty: any
+    allowed_networks: list[str] = []  # CIDR, e.g. "10.1.0.0/16"; empty: any
+    require_called_ae: bool = True
+    max_associations: int = Field(16, ge=1)
+    acse_timeout: float = Field(30, gt=0)
+    dimse_timeout: float = Field(60, gt=0)
+    network_timeout: float = Field(60, gt=0)
+    max_pdu: int = Field(0, ge=0)  # 0: unlimited, the fastest for large images
+    max_side: int = Field(16384, ge=64)  # Rows/Columns above this are refused before decoding
+    max_frames: int = Field(4096, ge=1)
+    tls: TLSSettings | None = None
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, v: str) -> str:
+        return _ae_title(v)
+
+    @field_validator("allowed_calling_aes")
+    @classmethod
+    def _aes(cls, v: list[str]) -> list[str]:
+        return [_ae_title(a) for a in v]
+
+    @field_validator("allowed_networks")
+    @classmethod
+    def _nets(cls, v: list[str]) -> list[str]:
+        for n in v:
+            ip_network(n, strict=False)
+        return v
+
+
+class AssembleSettings(_Section):
+    quiet_seconds: float = Field(5.0, gt=0)  # a series is complete after this long without a new instance
+    early_finish: bool = True  # ... or at association release when it is geometrically complete
+    poll_seconds: float = Field(0.5, gt=0)
+    spacing_tolerance: float = Field(0.05, ge=0, lt=1)  # relative slice-gap deviation still uniform
+
+
+class RouteRule(_Section):
+    """One routing rule; the first rule whose every given condition holds decides."""
+
+    name: str
+    kind: Literal["cxr", "bct", "chestct", "ignore"]
+    modalities: list[str] = []  # e.g. ["CT"]; empty: any
+    sop_classes: list[str] = []  # SOP Class UIDs; empty: any
+    body_parts: list[str] = []  # words searched in BodyPartExamined and descriptions
+    exclude_words: list[str] = []  # any of these in the descriptions: no match
+    image_types: list[str] = []  # any of these values in ImageType matches (e.g. LOCALIZER)
+    view_positions: list[str] = []  # CXR: PA, AP
+    axial: bool | None = None  # slices perpendicular to the feet-head axis (within 10 degrees)
+    min_slice_mm: float | None = None
+    max_slice_mm: float | None = None
+    min_slices: int | None = None
+
+
+def default_rules() -> list[RouteRule]:
+    chest = ["CHEST", "THORAX", "LUNG", "THORAC", "CXR", "PULM"]
+    head = ["HEAD", "BRAIN", "SKULL", "CRAN", "NEURO", "CEREB"]
+    # CR and DX "for presentation" (DX "for processing" is raw detector data)
+    image_sops = ["1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1"]
+    return [
+        RouteRule(name="localizer", kind="ignore", image_types=["LOCALIZER", "SCOUT", "TOPOGRAM"]),
+        RouteRule(name="chest radiograph, frontal", kind="cxr", modalities=["CR", "DX"],
+                  sop_classes=image_sops, body_parts=chest, view_positions=["PA", "AP"]),
+        RouteRule(name="head CT, axial, 2.5-7 mm", kind="bct", modalities=["CT"],
+                  sop_classes=["1.2.840.10008.5.1.4.1.1.2"], body_parts=head, axial=True,
+                  min_slice_mm=2.5, max_slice_mm=7.0, min_slices=10),
+        RouteRule(name="chest CT, axial, <= 3 mm", kind="chestct", modalities=["CT"],
+                  sop_classes=["1.2.840.10008.5.1.4.1.1.2"], body_parts=chest, axial=True,
+                  max_slice_mm=3.0, min_slices=20),
+    ]
+
+
+class RouteSettings(_Section):
+    rules: list[RouteRule] = Field(default_factory=default_rules)
+
+
+class ModelSettings(_Section):
+    """Bundle directories per kind; a kind without a bundle is routed but fails with a reason."""
+
+    cxr: Path | None = None
+    bct: Path | None = None
+    chestct: Path | None = None  # a patch bundle (CT-3DFlow map) or a whole-volume bundle
+    bct_patch: Path | None = None  # optional patch bundle for head CT maps
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1"
+
+
+class ExecutorSettings(_Section):
+    kind: Literal["local", "celery"] = "local"
+    threads: int = Field(1, ge=1)  # local executor: concurrent analyses in the serve process
+    lease_seconds: float = Field(1800, gt=0)  # a running job not finished by then is re-queued
+    max_attempts: int = Field(3, ge=1)
+    poll_seconds: float = Field(0.5, gt=0)
+
+
+class CelerySettings(_Section):
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    visibility_timeout: int = Field(7200, gt=0)  # > the longest analysis, or Redis redelivers it
+    republish_seconds: float = Field(600, gt=0)  # dispatcher re-publishes queued jobs after this
+
+    @field_validator("broker_url")
+    @classmethod
+    def _redis(cls, v: str) -> str:
+        if not v.startswith(("redis://", "rediss://", "sentinel://")):
+            raise ValueError("only a Redis broker is supported (redis://, rediss://, sentinel://)")
+        return v
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TRIAGE_", env_nested_delimiter="__",
+                                      extra="forbid", nested_model_default_partial_update=True)
+
+    node: NodeSettings = NodeSettings()
+    storage: StorageSettings = StorageSettings()
+    receive: ReceiveSettings = ReceiveSettings()
+    assemble: AssembleSettings = AssembleSettings()
+    route: RouteSettings = RouteSettings()
+    models: ModelSettings = ModelSettings()
+    executor: ExecutorSettings = ExecutorSettings()
+    celery: CelerySettings = CelerySettings()
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings],
+                                   init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource,
+                                   dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource,
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+        path = _config_file.get()
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return (*sources, file_secret_settings)
+
+    @property
+    def database_url(self) -> str:
+        return self.storage.database_url or f"sqlite:///{(self.node.data_dir / 'triage.db').resolve()}"
+
+    @property
+    def blob_root(self) -> Path:
+        return self.storage.blob_root or self.node.data_dir / "blobs"
+
+
+def _env_name(loc: tuple[int | str, ...]) -> str:
+    return "TRIAGE_" + "__".join(str(p).upper() for p in loc if not isinstance(p, int))
+
+
+def load_settings(config_file: Path | None = None, **overrides: object) -> Settings:
+    """Settings from ``config_file`` (or ``$TRIAGE_CONFIG``), the environment and overrides."""
+    path = config_file or (Path(os.environ["TRIAGE_CONFIG"]) if os.environ.get("TRIAGE_CONFIG") else None)
+    if path is not None and not path.is_file():
+        raise ConfigError(f"configuration file not found: {path}")
+    token = _config_file.set(path)
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = tuple(err["loc"])
+            dotted = ".".join(str(p) for p in loc)
+            lines.append(f"{dotted} ({_env_name(loc)}): {err['msg']}")
+        where = f" in {path} or the environment" if path else " in the environment"
+        raise ConfigError(f"invalid configuration{where}:\n  " + "\n  ".join(lines)) from None
+    except ValueError as exc:  # TOML syntax errors
+        raise ConfigError(f"cannot read configuration {path}: {exc}") from None
+    finally:
+        _config_file.reset(token)

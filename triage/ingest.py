@@ -1,0 +1,344 @@
+"""Received bytes -> a checked header -> a durable blob -> index rows.
+
+This is the part of C-STORE handling that does not depend on the network library, so it
+is tested directly and reused by anything that imports instances (``triage import``).
+The bytes are stored exactly as received; the header is parsed only to check and index.
+
+Statuses (PS3.4 Annex B.2.3; ``0xC0xx`` codes are this node's "cannot understand"
+reasons, each with an Error Comment):
+
+========  ==================================================================
+0x0000    stored and indexed (or the identical bytes were already stored)
+0xA700    out of resources: disk above the high-water mark, a failed write or
+          an unavailable database; the sender should retry later
+0xA900    data set does not match the SOP class (an image without pixel data,
+          pixel data shorter than its header says, SOP Class differs from the
+          one negotiated)
+0xC001    cannot be parsed (not DICOM, truncated header)
+0xC002    missing or malformed UID (Study, Series or SOP Instance UID)
+0xC003    image dimensions beyond the configured limits (refused before decoding)
+========  ==================================================================
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
+
+from storage.blobs import BlobStore
+from storage.db import Database
+from storage.models import AuditEvent, Instance, Series, Study, utcnow
+
+__all__ = ["Header", "Ingest", "Refused", "StoreOutcome", "parse_header"]
+
+log = logging.getLogger(__name__)
+
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+DOES_NOT_MATCH = 0xA900
+CANNOT_PARSE = 0xC001
+BAD_UID = 0xC002
+TOO_LARGE = 0xC003
+
+_PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_ROUTING_ATTRS = ("Modality", "BodyPartExamined", "StudyDescription", "SeriesDescription",
+                  "ProtocolName", "ImageType", "ViewPosition", "Manufacturer", "SliceThickness",
+                  "PatientOrientation", "ImagesInAcquisition", "SeriesNumber")
+
+
+class Refused(Exception):  # noqa: N818 (a status, not an error of ours)
+    """The instance is refused with a DIMSE status and a reason (no patient identifiers)."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Header:
+    """What indexing and routing need from one instance's header."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_instance_uid: str
+    study_instance_uid: str
+    is_image: bool
+    rows: int | None
+    columns: int | None
+    frames: int | None
+    instance_number: int | None
+    position: list[float] | None
+    orientation: list[float] | None
+    expected_count: int | None
+    study: dict[str, str | None]
+    attributes: dict[str, Any]
+
+
+def _check_uid(ds: Dataset, name: str) -> str:
+    value = ds.get(name)
+    if value is None or str(value).strip("\x00 ") == "":
+        raise Refused(BAD_UID, f"missing {name}")
+    text = str(value).strip("\x00 ")
+    if len(text) > 64 or not _UID_RE.match(text):
+        shown = f"{len(text)} characters" if len(text) > 64 else "characters other than digits and dots"
+        raise Refused(BAD_UID, f"malformed {name} ({shown})")
+    return text
+
+
+def _int(ds: Dataset, name: str) -> int | None:
+    try:
+        v = ds.get(name)
+        return None if v is None or v == "" else int(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def _floats(ds: Dataset, name: str, n: int) -> list[float] | None:
+    try:
+        v = ds.get(name)
+        if v is None:
+            return None
+        out = [float(x) for x in (v if isinstance(v, list | tuple | pydicom.multival.MultiValue) else [v])]
+        return out if len(out) == n else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _text(ds: Dataset, name: str, limit: int = 64) -> str | None:
+    try:
+        v = ds.get(name)
+    except Exception:  # a value in an undecodable character set
+        return None
+    if v is None:
+        return None
+    s = str(v).strip()
+    return s[:limit] if s else None
+
+
+def _json_value(v: Any) -> Any:
+    if isinstance(v, pydicom.multival.MultiValue | list | tuple):
+        return [_json_value(x) for x in v]
+    if isinstance(v, int | float) and not isinstance(v, bool):
+        return float(v) if isinstance(v, float) else int(v)
+    return str(v)[:128]
+
+
+def _is_image_class(sop_class: str) -> bool:
+    name = UID(sop_class).name
+    return "Image Storage" in name
+
+
+def _native_pixel_bytes(ds: Dataset, rows: int, cols: int, frames: int) -> int:
+    bits = _int(ds, "BitsAllocated")
+    spp = _int(ds, "SamplesPerPixel") or 1
+    if bits not in (1, 8, 16, 32, 64):
+        raise Refused(DOES_NOT_MATCH, f"BitsAllocated {bits} is not 1, 8, 16, 32 or 64")
+    total_bits = rows * cols * frames * spp * bits
+    return (total_bits + 7) // 8
+
+
+def parse_header(data: bytes, *, negotiated_sop_class: str | None = None, max_side: int = 16384,
+                 max_frames: int = 4096) -> Header:
+    """Parse and check one received instance (Part 10 bytes with file meta)."""
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=False)
+    except Exception as exc:
+        raise Refused(CANNOT_PARSE, f"cannot parse the data set ({type(exc).__name__})") from exc
+    sop_class = _check_uid(ds, "SOPClassUID")
+    sop_uid = _check_uid(ds, "SOPInstanceUID")
+    series_uid = _check_uid(ds, "SeriesInstanceUID")
+    study_uid = _check_uid(ds, "StudyInstanceUID")
+    if negotiated_sop_class is not None and sop_class != negotiated_sop_class:
+        raise Refused(DOES_NOT_MATCH, "SOP Class UID in the data set differs from the negotiated one")
+
+    is_image = _is_image_class(sop_class)
+    rows, cols = _int(ds, "Rows"), _int(ds, "Columns")
+    frames = _int(ds, "NumberOfFrames")
+    if rows is not None or cols is not None:
+        if not rows or not cols or rows < 0 or cols < 0:
+            raise Refused(DOES_NOT_MATCH, f"invalid image size {rows} x {cols}")
+        if rows > max_side or cols > max_side:
+            raise Refused(TOO_LARGE, f"image {rows} x {cols} exceeds the limit of {max_side} per side")
+        if frames is not None and not 1 <= frames <= max_frames:
+            raise Refused(TOO_LARGE, f"NumberOfFrames {frames} outside 1..{max_frames}")
+    if is_image:
+        pixel_tag = next((t for t in _PIXEL_TAGS if t in ds), None)
+        if pixel_tag is None:
+            raise Refused(DOES_NOT_MATCH, "image SOP class without pixel data")
+        if rows is None or cols is None:
+            raise Refused(DOES_NOT_MATCH, "image SOP class without Rows/Columns")
+        ts = ds.file_meta.get("TransferSyntaxUID")
+        raw = ds[pixel_tag].value
+        if ts is not None and UID(ts).is_encapsulated and pixel_tag == "PixelData":
+            try:
+                n_frag = pydicom.encaps.get_nr_fragments(raw)
+            except Exception as exc:
+                raise Refused(DOES_NOT_MATCH, f"encapsulated pixel data is malformed ({exc})") from exc
+            if n_frag < 1:
+                raise Refused(DOES_NOT_MATCH, "encapsulated pixel data holds no fragment")
+        elif pixel_tag == "PixelData":
+            need = _native_pixel_bytes(ds, rows, cols, frames or 1)
+            if raw is None or len(raw) < need:
+                have = 0 if raw is None else len(raw)
+                raise Refused(DOES_NOT_MATCH, f"pixel data has {have} bytes, the header needs {need}")
+    attributes = {k: _json_value(ds.get(k)) for k in _ROUTING_ATTRS if ds.get(k) not in (None, "")}
+    study = {"patient_id": _text(ds, "PatientID"), "patient_name": _text(ds, "PatientName", 324),
+             "accession_number": _text(ds, "AccessionNumber", 16), "study_date": _text(ds, "StudyDate", 8),
+             "study_description": _text(ds, "StudyDescription")}
+    return Header(sop_class_uid=sop_class, sop_instance_uid=sop_uid, series_instance_uid=series_uid,
+                  study_instance_uid=study_uid, is_image=is_image, rows=rows, columns=cols,
+                  frames=frames, instance_number=_int(ds, "InstanceNumber"),
+                  position=_floats(ds, "ImagePositionPatient", 3),
+                  orientation=_floats(ds, "ImageOrientationPatient", 6),
+                  expected_count=_int(ds, "ImagesInAcquisition"), study=study, attributes=attributes)
+
+
+@dataclass(frozen=True)
+class StoreOutcome:
+    status: int
+    series_id: int | None = None
+    instance_id: int | None = None
+    duplicate: bool = False
+    revision: int = 1
+    reopened: bool = False
+    reason: str | None = None
+
+
+class Ingest:
+    """Checks, stores and indexes instances; safe to call from many threads."""
+
+    def __init__(self, db: Database, blobs: BlobStore, *, high_water: float = 0.95,
+                 max_side: int = 16384, max_frames: int = 4096) -> None:
+        self.db = db
+        self.blobs = blobs
+        self.high_water = high_water
+        self.max_side = max_side
+        self.max_frames = max_frames
+
+    def store(self, data: bytes, *, transfer_syntax: str | None = None,
+              negotiated_sop_class: str | None = None, calling_ae: str | None = None,
+              peer: str | None = None, association_id: str | None = None) -> StoreOutcome:
+        """Store one instance; returns the status to answer (never raises for bad input)."""
+        try:
+            header = parse_header(data, negotiated_sop_class=negotiated_sop_class,
+                                  max_side=self.max_side, max_frames=self.max_frames)
+            return self._store(data, header, transfer_syntax, calling_ae, peer, association_id)
+        except Refused as exc:
+            log.warning("refused an instance from %s (%s): 0x%04X %s", calling_ae, peer, exc.status,
+                        exc.reason)
+            return StoreOutcome(status=exc.status, reason=exc.reason)
+
+    def _check_disk(self, size: int) -> None:
+        u = self.blobs.usage()
+        if u.used_fraction > self.high_water or u.free < 2 * size:
+            raise Refused(OUT_OF_RESOURCES, f"disk {100 * u.used_fraction:.1f}% used, above the "
+                                            f"high-water mark of {100 * self.high_water:.0f}%")
+
+    def _store(self, data: bytes, h: Header, transfer_syntax: str | None, calling_ae: str | None,
+               peer: str | None, association_id: str | None) -> StoreOutcome:
+        digest = hashlib.sha256(data).hexdigest()
+        try:
+            existing = self._current(h.sop_instance_uid)
+        except SQLAlchemyError as exc:
+            raise Refused(OUT_OF_RESOURCES, f"database unavailable ({type(exc).__name__})") from exc
+        if existing is not None and existing[1] == digest:
+            return StoreOutcome(status=SUCCESS, series_id=existing[2], instance_id=existing[0],
+                                duplicate=True, revision=existing[3])
+        self._check_disk(len(data))
+        key = self.blobs.key("instance", h.sop_instance_uid, digest)
+        try:
+            self.blobs.put(key, data)
+        except OSError as exc:
+            raise Refused(OUT_OF_RESOURCES, f"cannot write the instance ({exc.strerror or exc})") from exc
+        ts = transfer_syntax or ""
+        for attempt in range(4):
+            try:
+                return self._index(h, key, digest, len(data), ts, calling_ae, peer, association_id)
+            except IntegrityError:
+                # another association indexed the same study/series/instance at the same moment
+                if attempt == 3:
+                    raise Refused(OUT_OF_RESOURCES, "could not index the instance (concurrent "
+                                                    "updates); retry") from None
+            except (OperationalError, SQLAlchemyError) as exc:
+                raise Refused(OUT_OF_RESOURCES, f"database unavailable ({type(exc).__name__})") from exc
+        raise AssertionError("unreachable")
+
+    def _current(self, sop_uid: str) -> tuple[int, str, int, int] | None:
+        with self.db.sessions() as s:
+            row = s.execute(select(Instance.id, Instance.sha256, Instance.series_id, Instance.revision)
+                            .where(Instance.sop_instance_uid == sop_uid, Instance.current.is_(True))
+                            ).first()
+            return None if row is None else (row[0], row[1], row[2], row[3])
+
+    def _index(self, h: Header, key: str, digest: str, size: int, ts: str, calling_ae: str | None,
+               peer: str | None, association_id: str | None) -> StoreOutcome:
+        now = utcnow()
+        with self.db.session() as s:
+            study = s.scalars(select(Study).where(Study.study_instance_uid == h.study_instance_uid)).first()
+            if study is None:
+                study = Study(study_instance_uid=h.study_instance_uid, **h.study)
+                s.add(study)
+                s.flush()
+            series = s.scalars(select(Series).where(Series.series_instance_uid == h.series_instance_uid)
+                               ).first()
+            reopened = False
+            if series is None:
+                series = Series(study_id=study.id, series_instance_uid=h.series_instance_uid,
+                                modality=_str_or_none(h.attributes.get("Modality"), 16),
+                                series_description=_str_or_none(h.attributes.get("SeriesDescription"), 64),
+                                attributes=h.attributes, first_received_at=now, last_received_at=now)
+                s.add(series)
+                s.flush()
+            elif series.study_id != study.id:
+                raise Refused(DOES_NOT_MATCH, "the series already belongs to another study")
+            prev = s.scalars(select(Instance).where(Instance.sop_instance_uid == h.sop_instance_uid,
+                                                    Instance.current.is_(True))).first()
+            revision = 1
+            if prev is not None:
+                if prev.sha256 == digest:  # raced with an identical re-send
+                    return StoreOutcome(status=SUCCESS, series_id=prev.series_id, instance_id=prev.id,
+                                        duplicate=True, revision=prev.revision)
+                if prev.series_id != series.id:
+                    raise Refused(DOES_NOT_MATCH, "the SOP instance already belongs to another series")
+                prev.current = False
+                revision = prev.revision + 1
+                series.changed = True
+            else:
+                series.instance_count += 1
+            if series.state != "receiving":
+                reopened = True
+                series.state = "receiving"
+                series.version += 1
+                series.completed_at = None
+                series.released_at = None
+                s.add(AuditEvent(actor="scp", action="series reopened", series_id=series.id,
+                                 detail={"why": "changed instance" if prev is not None else "late instance",
+                                         "version": series.version}))
+            series.last_received_at = now
+            inst = Instance(series_id=series.id, sop_instance_uid=h.sop_instance_uid, revision=revision,
+                            sop_class_uid=h.sop_class_uid, transfer_syntax_uid=ts[:64], blob=key,
+                            sha256=digest, size=size, is_image=h.is_image, rows=h.rows, columns=h.columns,
+                            frames=h.frames, instance_number=h.instance_number, position=h.position,
+                            orientation=h.orientation, expected_count=h.expected_count,
+                            calling_ae=calling_ae, peer_address=peer, association_id=association_id,
+                            received_at=now)
+            s.add(inst)
+            s.flush()
+            return StoreOutcome(status=SUCCESS, series_id=series.id, instance_id=inst.id,
+                                revision=revision, reopened=reopened)
+
+
+def _str_or_none(v: Any, limit: int) -> str | None:
+    return None if v is None else str(v)[:limit]
