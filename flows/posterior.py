@@ -15,7 +15,15 @@ import numpy as np
 import torch
 
 from flows.bundle import Bundle
-from flows.densitymap import MapReference, ScoreChoice, abnormality_maps, log_p_maps, map_scores
+from flows.densitymap import (
+    MapReference,
+    MapScore,
+    ScoreChoice,
+    abnormality_maps,
+    log_p_maps,
+    map_scores,
+    prepared_maps,
+)
 from flows.errors import ScoringError
 from flows.glow import FlowModel
 from flows.quantize import dequantize
@@ -99,8 +107,7 @@ class PosteriorScorer:
         if self.choice.map is not None and draws:
             raise ValueError("map scores use bin-centre dequantisation; draws must be 0")
 
-    def score(self, images01: np.ndarray) -> Scores:
-        """Score images already preprocessed to the bundle's grid, values in [0, 1]."""
+    def _checked(self, images01: np.ndarray) -> np.ndarray:
         prep = self.bundle.preprocessing
         expected = (1, *prep.shape)
         arr = np.asarray(images01)
@@ -111,13 +118,43 @@ class PosteriorScorer:
             raise ValueError("nothing to score: empty batch")
         if not np.isfinite(arr).all():
             raise ValueError(f"{int((~np.isfinite(arr)).sum())} NaN/inf pixel(s) in the batch")
-        lp0, lp1, score = two_model_scores(
-            self.bundle.m0, self.bundle.m1, arr, prep.n_bits, self.choice,
-            self.bundle.map_reference, batch_size=self.batch_size, draws=self.draws)
+        return arr
+
+    def _scores(self, lp0: np.ndarray, lp1: np.ndarray, score: np.ndarray) -> Scores:
         cal = self.bundle.calibration
         return Scores(log_p_normal=lp0, log_p_mixture=lp1, log_posterior=lp0 - lp1, score=score,
                       method=self.choice.name, percentile=cal.percentile(score),
                       abnormal=score >= cal.threshold)
+
+    def score(self, images01: np.ndarray) -> Scores:
+        """Score images already preprocessed to the bundle's grid, values in [0, 1]."""
+        arr = self._checked(images01)
+        prep = self.bundle.preprocessing
+        lp0, lp1, score = two_model_scores(
+            self.bundle.m0, self.bundle.m1, arr, prep.n_bits, self.choice,
+            self.bundle.map_reference, batch_size=self.batch_size, draws=self.draws)
+        return self._scores(lp0, lp1, score)
+
+    def score_maps(self, images01: np.ndarray) -> tuple[Scores, np.ndarray]:
+        """The same scores plus each image's abnormality map ``(N, *shape)`` on the model grid.
+
+        The maps come from the exact per-position decomposition (they sum to the
+        log-densities), so the whole-image terms cost nothing extra. The map is the bundle's
+        map score's source (the posterior ratio by default), smoothed and, when the bundle
+        has a map reference, standardised per position: higher = more abnormal.
+        """
+        if self.draws:
+            raise ValueError("maps use bin-centre dequantisation; draws must be 0")
+        arr = self._checked(images01)
+        n_bits = self.bundle.preprocessing.n_bits
+        a = log_p_maps(self.bundle.m0, arr, n_bits, batch_size=self.batch_size)
+        b = log_p_maps(self.bundle.m1, arr, n_bits, batch_size=self.batch_size)
+        lp0, lp1 = a.reshape(len(a), -1).sum(1), b.reshape(len(b), -1).sum(1)
+        ref = self.bundle.map_reference
+        how = self.choice.map or MapScore(source="posterior", sigma=1.0, standardise=ref is not None)
+        raw = abnormality_maps(a, b, how.source)
+        score = lp1 - lp0 if self.choice.map is None else map_scores(raw, self.choice.map, ref)
+        return self._scores(lp0, lp1, score), prepared_maps(raw, how, ref)
 
     def score_raw(self, images: np.ndarray) -> Scores:
         """Apply the bundle's preprocessing to raw arrays, then score."""

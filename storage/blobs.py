@@ -77,7 +77,13 @@ class BlobStore:
         self._ensure_dir(final.parent)
         tmp = final.with_name(f".{final.name}.{os.getpid()}.{id(data):x}.tmp")
         try:
-            with open(tmp, "wb") as fh:
+            try:
+                fh = open(tmp, "wb")  # noqa: SIM115
+            except FileNotFoundError:  # the directory was removed behind our back
+                self._known_dirs.discard(final.parent)
+                self._ensure_dir(final.parent)
+                fh = open(tmp, "wb")  # noqa: SIM115
+            with fh:
                 fh.write(data)
                 fh.flush()
                 if self.fsync:

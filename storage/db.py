@@ -55,18 +55,30 @@ class Database:
                 Path(u.database).parent.mkdir(parents=True, exist_ok=True)
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": SQLITE_BUSY_MS / 1000}
         self.engine: Engine = create_engine(self.url, **kwargs)
+        self.read_engine = self.engine
         if self.dialect == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
             # BEGIN IMMEDIATE: take the write lock at the start, so two writers never
             # deadlock upgrading read locks (SQLite would fail one with SQLITE_BUSY at once).
             event.listen(self.engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
-        self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+            # Readers take no write lock: WAL lets them run beside the one writer.
+            self.read_engine = create_engine(self.url, **kwargs)
+            event.listen(self.read_engine, "connect", _sqlite_pragmas)
+            event.listen(self.read_engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN"))
+        self._writers = sessionmaker(self.engine, expire_on_commit=False)
+        self.sessions = sessionmaker(self.read_engine, expire_on_commit=False)
+        """Sessions for reading (on SQLite they never block the writer)."""
 
     @contextmanager
     def session(self) -> Iterator[Session]:
-        """A session in one transaction: committed on success, rolled back on error."""
-        with self.sessions() as s, s.begin():
+        """A write transaction: committed on success, rolled back on error.
+
+        On PostgreSQL (READ COMMITTED) a read-then-write must lock what it read
+        (``with_for_update``) or be a single compare-and-set statement.
+        """
+        with self._writers() as s, s.begin():
             yield s
 
     def dispose(self) -> None:
         self.engine.dispose()
+        self.read_engine.dispose()

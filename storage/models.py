@@ -62,7 +62,10 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
 
 
 class Base(DeclarativeBase):
-    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON, dt.datetime: UTCDateTime}  # noqa: RUF012
+    # none_as_null: a Python None is SQL NULL (not JSON null), so IS NULL finds it.
+    # JSON values are replaced, never edited in place (no MutableDict tracking).
+    type_annotation_map = {dict[str, Any]: JSON(none_as_null=True),  # noqa: RUF012
+                           list[Any]: JSON(none_as_null=True), dt.datetime: UTCDateTime}
 
 
 class Study(Base):
@@ -174,10 +177,11 @@ class Result(Base):
     bundle_version: Mapped[str] = mapped_column(String(64))
     bundle_fingerprint: Mapped[str] = mapped_column(String(64))
     method: Mapped[str] = mapped_column(String(64))  # which score the bundle uses
-    log_posterior: Mapped[float] = mapped_column(Float)
-    log_p_normal: Mapped[float] = mapped_column(Float)
+    # Whole-image terms (None for a patch-map-only bundle)
+    log_posterior: Mapped[float | None] = mapped_column(Float)
+    log_p_normal: Mapped[float | None] = mapped_column(Float)
     score: Mapped[float] = mapped_column(Float)  # higher = more abnormal
-    percentile: Mapped[float] = mapped_column(Float)
+    percentile: Mapped[float | None] = mapped_column(Float)  # of score in the bundle's reference
     abnormal: Mapped[bool] = mapped_column(Boolean)
     priority: Mapped[int]  # 1 (read first) .. 4
     abnormal_cm3: Mapped[float | None] = mapped_column(Float)

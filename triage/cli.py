@@ -8,11 +8,14 @@ from __future__ import annotations
 import json
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from triage.config import Settings
 
 app = typer.Typer(help="DICOM/PACS AI triage node: normalizing-flow anomaly scores for CXR and CT.",
                   no_args_is_help=True, pretty_exceptions_show_locals=False)
@@ -344,6 +347,104 @@ def presets() -> None:
                       str(g.steps), str(g.hidden), str(p.batch_size), f"{p.lr:g}", str(p.epochs),
                       p.description)
     Console().print(table)
+
+
+# --------------------------------------------------------------------------- the node
+
+ConfigOpt = Annotated[Path | None, typer.Option(
+    "--config", "-c",
+    help="TOML configuration file (default: $TRIAGE_CONFIG); TRIAGE_* variables override it")]
+db_app = typer.Typer(help="The node's database: schema migrations.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+
+def _settings(config: Path | None) -> Settings:
+    from triage.config import ConfigError, load_settings
+
+    try:
+        return load_settings(config)
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+
+
+@db_app.command("upgrade")
+def db_upgrade(config: ConfigOpt = None,
+               revision: Annotated[str, typer.Argument(help="target revision")] = "head") -> None:
+    """Create or migrate the database schema (idempotent)."""
+    from storage.db import Database
+    from storage.migrate import current_revision, upgrade
+
+    s = _settings(config)
+    db = Database(s.database_url)
+    before = current_revision(db)
+    upgrade(db, revision)
+    console.print(f"database {db.engine.url.render_as_string(hide_password=True)}: "
+                  f"{before or 'empty'} -> {current_revision(db)}")
+
+
+@db_app.command("current")
+def db_current(config: ConfigOpt = None) -> None:
+    """Show the schema revision of the database and the newest one this software knows."""
+    from storage.db import Database
+    from storage.migrate import current_revision, head_revision
+
+    s = _settings(config)
+    db = Database(s.database_url)
+    cur, head = current_revision(db), head_revision(db)
+    hint = "" if cur == head else " (run `triage db upgrade`)"
+    console.print(f"current {cur or 'empty'}, head {head}{hint}")
+    if cur != head:
+        raise typer.Exit(code=1)
+
+
+def _log_level(verbose: bool) -> int:
+    import logging
+
+    return logging.DEBUG if verbose else logging.INFO
+
+
+@app.command()
+def serve(config: ConfigOpt = None,
+          verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+    """Run the node: storage SCP (own process), series assembly, routing and the executor."""
+    from triage.serve import Node, _configure_logging
+
+    s = _settings(config)
+    _configure_logging(_log_level(verbose))
+    node = Node(s, log_level=_log_level(verbose)).start()
+    r = s.receive
+    console.print(f"[green]triage node up[/]: AE {r.ae_title} on port {node.port}, "
+                  f"executor {s.executor.kind}, database {s.database_url.split('://')[0]}")
+    node.wait()
+
+
+@app.command()
+def receive(config: ConfigOpt = None,
+            verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+    """Run only the storage SCP (for set-ups that run each part as its own service)."""
+    from triage.serve import prepare_database, run_scp
+
+    s = _settings(config)
+    prepare_database(s, migrate=False).dispose()
+    run_scp(s, _log_level(verbose))
+
+
+@app.command()
+def worker(config: ConfigOpt = None,
+           queues: Annotated[str, typer.Option(help="comma-separated Celery queues")] = "gpu",
+           concurrency: Annotated[int, typer.Option(help="worker processes")] = 1,
+           loglevel: Annotated[str, typer.Option()] = "INFO") -> None:
+    """Run a Celery worker (Redis broker from celery.broker_url) for analyses (queue gpu)."""
+    import os
+
+    if config is not None:
+        os.environ["TRIAGE_CONFIG"] = str(config)  # the worker's child processes read it too
+    _settings(config)
+    from worker.celery_app import app as celery_app
+
+    celery_app.worker_main(["worker", "-Q", queues, "-c", str(concurrency), "-l", loglevel,
+                            "-n", f"triage-{queues.replace(',', '-')}@%h", "--without-gossip",
+                            "--without-mingle"])
 
 
 if __name__ == "__main__":

@@ -291,8 +291,10 @@ class Ingest:
                 study = Study(study_instance_uid=h.study_instance_uid, **h.study)
                 s.add(study)
                 s.flush()
+            # FOR UPDATE: concurrent associations adding to one series serialise here on
+            # PostgreSQL (SQLite's BEGIN IMMEDIATE already does).
             series = s.scalars(select(Series).where(Series.series_instance_uid == h.series_instance_uid)
-                               ).first()
+                               .with_for_update()).first()
             reopened = False
             if series is None:
                 series = Series(study_id=study.id, series_instance_uid=h.series_instance_uid,

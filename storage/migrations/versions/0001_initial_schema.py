@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-30 05:23:34.272735
+Create Date: 2026-11-30 05:29:39.764228
 """
 
 from __future__ import annotations
@@ -137,10 +137,10 @@ def upgrade() -> None:
     sa.Column('bundle_version', sa.String(length=64), nullable=False),
     sa.Column('bundle_fingerprint', sa.String(length=64), nullable=False),
     sa.Column('method', sa.String(length=64), nullable=False),
-    sa.Column('log_posterior', sa.Float(), nullable=False),
-    sa.Column('log_p_normal', sa.Float(), nullable=False),
+    sa.Column('log_posterior', sa.Float(), nullable=True),
+    sa.Column('log_p_normal', sa.Float(), nullable=True),
     sa.Column('score', sa.Float(), nullable=False),
-    sa.Column('percentile', sa.Float(), nullable=False),
+    sa.Column('percentile', sa.Float(), nullable=True),
     sa.Column('abnormal', sa.Boolean(), nullable=False),
     sa.Column('priority', sa.Integer(), nullable=False),
     sa.Column('abnormal_cm3', sa.Float(), nullable=True),

@@ -1,0 +1,97 @@
+"""Helpers for the node's integration tests: peers, data and waiting."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+import pytest
+
+from flows.build import BuildOptions
+from flows.bundle import Bundle
+from flows.patchbundle import build_patch_bundle
+from flows.phantoms.chestct import make_chestct
+from flows.presets import get_preset
+from triage.phantom_dicom import write_dicom_studies
+
+T = TypeVar("T")
+
+
+def require_tool(name: str, package: str) -> str:
+    """The tool's path, or a test failure that says how to get it (never a skip)."""
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} is missing: install it with `apt-get install {package}` "
+                    "(scripts/test does this on Debian)", pytrace=False)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(check: Callable[[], T | None], timeout: float, what: str, interval: float = 0.2) -> T:
+    end = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+def storescu(port: int, paths: Sequence[Path], *, aec: str = "TRIAGE", aet: str = "STORESCU",
+             check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Send files or folders (recursively, *.dcm) with dcmtk's storescu."""
+    exe = require_tool("storescu", "dcmtk")
+    cmd = [exe, "-aet", aet, "-aec", aec, "+sd", "+r", "+sp", "*.dcm", "127.0.0.1", str(port),
+           *map(str, paths)]
+    env = {**os.environ, "TCP_NODELAY": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    if check and res.returncode != 0:
+        raise AssertionError(f"storescu failed ({res.returncode}): {res.stderr[-2000:]}")
+    return res
+
+
+CHEST_SHAPE = (60, 64, 64)  # 2 mm slices: routed as chest CT (<= 3 mm), >= 120 mm field of view
+
+
+def chest_ct_patch_bundle(out: Path) -> Bundle:
+    """A tiny chest-CT patch bundle (tiny-chestct preset) trained on a few phantoms (~10 s)."""
+    n = make_chestct(4, shape=CHEST_SHAPE, spacing_mm=2.0, seed=1)
+    m = make_chestct(4, shape=CHEST_SHAPE, spacing_mm=2.0, abnormal_fraction=0.5, seed=2)
+    v = make_chestct(6, shape=CHEST_SHAPE, spacing_mm=2.0, abnormal_fraction=0.5, seed=3)
+
+    def split(ps: object) -> tuple[list[np.ndarray], list[tuple[float, float, float]]]:
+        imgs = ps.images  # type: ignore[attr-defined]
+        sp = tuple(float(s) for s in ps.spacing)  # type: ignore[attr-defined]
+        return [x[0] for x in imgs], [sp] * len(imgs)  # type: ignore[list-item]
+
+    (nv, ns), (mv, ms), (vv, vs) = split(n), split(m), split(v)
+    return build_patch_bundle(out, preset=get_preset("tiny-chestct"), normal=nv, normal_spacing=ns,
+                              mixture=mv, mixture_spacing=ms, validation=(vv, vs, np.asarray(v.labels)),
+                              name="tiny-chestct", options=BuildOptions(progress=False), log=lambda s: None)
+
+
+def chest_ct_study(out: Path, seed: int = 7, abnormal: float = 0.0) -> Path:
+    ps = make_chestct(1, shape=CHEST_SHAPE, spacing_mm=2.0, abnormal_fraction=abnormal, seed=seed)
+    write_dicom_studies(ps, out, seed=seed)
+    return out
+
+
+def cxr_studies(out: Path, n: int = 2, seed: int = 5) -> Path:
+    from flows.phantoms import make_cxr
+
+    ps = make_cxr(n, size=64, abnormal_fraction=0.5, seed=seed)
+    write_dicom_studies(ps, out, seed=seed)
+    return out

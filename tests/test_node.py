@@ -1,0 +1,125 @@
+"""The node end to end: storescu -> SCP process -> assembly -> routing -> executor -> Result rows."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+from nodekit import (
+    chest_ct_patch_bundle,
+    chest_ct_study,
+    cxr_studies,
+    free_port,
+    storescu,
+    wait_for,
+)
+from sqlalchemy import select
+
+from flows.bundle import Bundle
+from storage.db import Database
+from storage.models import Job, Result, Series
+from triage.config import Settings, load_settings
+from triage.serve import Node
+
+REDIS_URL = os.environ.get("TRIAGE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+@pytest.fixture(scope="module")
+def studies(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("studies")
+    return {"cxr": cxr_studies(root / "cxr"), "chestct": chest_ct_study(root / "ct")}
+
+
+@pytest.fixture(scope="module")
+def ct_bundle(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
+    return chest_ct_patch_bundle(tmp_path_factory.mktemp("ctb") / "tiny-chestct")
+
+
+def _settings(tmp: Path, cxr: Bundle, ct: Bundle, **extra: object) -> Settings:
+    base: dict[str, object] = {
+        "node": {"data_dir": str(tmp / "data")}, "receive": {"port": free_port()},
+        "assemble": {"quiet_seconds": 3.0, "poll_seconds": 0.2}, "executor": {"poll_seconds": 0.2},
+        "models": {"cxr": str(cxr.path), "chestct": str(ct.path)}}
+    return load_settings(**{**base, **extra})
+
+
+def _results(db: Database) -> list[tuple[Series, Result]]:
+    with db.sessions() as s:
+        q = select(Series, Result).join(Result, Result.series_id == Series.id)
+        return [(a, b) for a, b in s.execute(q)]
+
+
+def _check_results(db: Database, n_cxr: int) -> None:
+    rows = wait_for(lambda: (r := _results(db)) and len(r) >= n_cxr + 1 and r, 120,
+                    "a Result for every series")
+    kinds = sorted(se.kind for se, _ in rows)
+    assert kinds == ["chestct"] + ["cxr"] * n_cxr
+    for se, res in rows:
+        assert se.state == "complete" and "association released" in (se.completion_reason or "")
+        assert math.isfinite(res.score) and 1 <= res.priority <= 4 and res.map_blob
+        assert res.bundle_name in ("tiny", "tiny-chestct")
+        if se.kind == "cxr":
+            assert res.log_posterior is not None and res.percentile is not None
+        else:
+            assert res.abnormal_cm3 is not None and res.method.startswith("patch map")
+    with db.sessions() as s:
+        jobs = s.scalars(select(Job)).all()
+    assert len(jobs) == n_cxr + 1 and all(j.state == "done" and j.attempts == 1 for j in jobs)
+
+
+def test_serve_local_executor_analyses_what_storescu_sends(tmp_path: Path, studies: dict[str, Path],
+                                                           tiny_bundle: Bundle, ct_bundle: Bundle) -> None:
+    s = _settings(tmp_path, tiny_bundle, ct_bundle)
+    node = Node(s).start()
+    try:
+        storescu(s.receive.port, [studies["cxr"], studies["chestct"]])
+        _check_results(node.db, 2)
+        # the map of the chest CT lies on the source grid
+        db = node.db
+        with db.sessions() as ss:
+            res = ss.scalars(select(Result).where(Result.kind == "chestct")).one()
+        arr = np.load((s.blob_root / res.map_blob).open("rb"))
+        assert arr.shape == (60, 64, 64)
+    finally:
+        node.stop()
+
+
+def _redis_or_fail() -> None:
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
+    except redis.RedisError as exc:
+        pytest.fail(f"Redis does not answer at {REDIS_URL} ({exc}); install and start it with "
+                    "`apt-get install redis-server && redis-server --daemonize yes` (scripts/test does "
+                    "this) or set TRIAGE_TEST_REDIS_URL", pytrace=False)
+
+
+def test_serve_celery_executor_against_real_redis(tmp_path: Path, studies: dict[str, Path],
+                                                  tiny_bundle: Bundle, ct_bundle: Bundle) -> None:
+    _redis_or_fail()
+    redis.Redis.from_url(REDIS_URL).flushdb()
+    s = _settings(tmp_path, tiny_bundle, ct_bundle, executor={"kind": "celery", "poll_seconds": 0.2},
+                  celery={"broker_url": REDIS_URL})
+    node = Node(s).start()
+    env = {**os.environ, "TRIAGE_NODE__DATA_DIR": str(s.node.data_dir),
+           "TRIAGE_MODELS__CXR": str(tiny_bundle.path), "TRIAGE_MODELS__CHESTCT": str(ct_bundle.path),
+           "TRIAGE_CELERY__BROKER_URL": REDIS_URL, "TRIAGE_EXECUTOR__KIND": "celery"}
+    log = (tmp_path / "worker.log").open("w")
+    worker = subprocess.Popen([sys.executable, "-m", "triage.cli", "worker", "--concurrency", "1",
+                               "--queues", "gpu"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        storescu(s.receive.port, [studies["cxr"], studies["chestct"]])
+        _check_results(node.db, 2)
+        with node.db.sessions() as ss:
+            workers = {j.worker for j in ss.scalars(select(Job))}
+        assert all(w and ":celery:" in w for w in workers), workers
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+        node.stop()
+        log.close()

@@ -1,0 +1,183 @@
+"""One complete series -> scores, a map and a lesion list (the work of a Job).
+
+The models are bundles named per kind in the configuration (``models.cxr``, ``models.bct``,
+``models.chestct``, optionally ``models.bct_patch``). :class:`Models` loads each one once
+per process, lazily, on the first series that needs it, so a Celery prefork worker
+never touches CUDA before it forks.
+
+* ``cxr`` and ``bct``: the two-model posterior of the whole image (the bundle's chosen
+  score), with the per-position posterior-ratio map resampled onto the source grid;
+  head CT also gets the patch map when ``models.bct_patch`` is set.
+* ``chestct``: the CT-3DFlow patch map when the bundle holds patch models (abnormal
+  volume, lesions, decision at T cm³), else the whole-volume posterior.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from flows.bundle import Bundle, BundleError, load_bundle
+from flows.errors import ScoringError
+from flows.patchbundle import PATCHMAP_FILE, PatchMapScorer
+from flows.patchmap import to_source_grid
+from flows.posterior import PosteriorScorer
+from triage.config import ModelSettings
+from triage.imaging import ImagingError, Series, read_series
+from triage.rank import priority
+
+__all__ = ["Analysis", "AnalysisError", "Models", "analyse_series", "volume_affine"]
+
+
+class AnalysisError(RuntimeError):
+    """The series cannot be analysed; ``permanent`` failures are not retried."""
+
+    def __init__(self, message: str, *, permanent: bool = True) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+
+
+@dataclass
+class Analysis:
+    kind: str
+    bundle: Bundle
+    method: str
+    score: float
+    abnormal: bool
+    priority: int
+    log_posterior: float | None = None
+    log_p_normal: float | None = None
+    percentile: float | None = None
+    abnormal_cm3: float | None = None
+    lesions: list[dict[str, Any]] = field(default_factory=list)
+    map: np.ndarray | None = None  # on the source grid of the array below, higher = more abnormal
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def _device(name: str) -> str:
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class Models:
+    """Bundles per kind, loaded once per process on first use."""
+
+    def __init__(self, cfg: ModelSettings) -> None:
+        self.cfg = cfg
+        self._cache: dict[str, Bundle] = {}
+        self._lock = threading.Lock()
+
+    def path(self, name: str) -> Path | None:
+        return getattr(self.cfg, name, None)
+
+    def get(self, name: str) -> Bundle:
+        with self._lock:
+            if name in self._cache:
+                return self._cache[name]
+            path = self.path(name)
+            if path is None:
+                raise AnalysisError(f"no model bundle configured for {name!r} "
+                                    f"(set models.{name} or TRIAGE_MODELS__{name.upper()})")
+            try:
+                b = load_bundle(path, device=_device(self.cfg.device))
+            except (BundleError, OSError) as exc:
+                raise AnalysisError(f"model bundle for {name!r} cannot be loaded: {exc}") from exc
+            self._cache[name] = b
+            return b
+
+    def loaded(self) -> dict[str, str]:
+        with self._lock:
+            return {k: f"{b.name} {b.version}" for k, b in self._cache.items()}
+
+
+def volume_affine(s: Series) -> np.ndarray:
+    """4x4 matrix from (slice, row, column) indices to patient LPS millimetres."""
+    if s.origin is None or s.direction is None:
+        raise AnalysisError("the volume has no patient geometry")
+    d = np.asarray(s.direction, dtype=float).reshape(3, 3)  # row cosine, column cosine, normal
+    a = np.eye(4)
+    a[:3, 0] = d[2] * s.spacing[0]  # slice index moves along the normal
+    a[:3, 1] = d[1] * s.spacing[1]  # row index moves along the column cosine
+    a[:3, 2] = d[0] * s.spacing[2]  # column index moves along the row cosine
+    a[:3, 3] = s.origin
+    return a
+
+
+def _posterior(kind: str, bundle: Bundle, s: Series) -> Analysis:
+    scorer = PosteriorScorer(bundle, batch_size=1)
+    try:
+        images = bundle.preprocessing.apply(s.array[None])
+    except ValueError as exc:
+        raise AnalysisError(f"preprocessing failed: {exc}") from exc
+    sc, maps = scorer.score_maps(images)
+    pct = float(sc.percentile[0])
+    abnormal = bool(sc.abnormal[0])
+    return Analysis(kind=kind, bundle=bundle, method=sc.method, score=float(sc.score[0]),
+                    abnormal=abnormal, priority=priority(abnormal=abnormal, percentile=pct),
+                    log_posterior=float(sc.log_posterior[0]), log_p_normal=float(sc.log_p_normal[0]),
+                    percentile=pct, map=to_source_grid(maps[0], tuple(s.array.shape)).astype(np.float32),
+                    details={"threshold": bundle.calibration.threshold})
+
+
+def _patch_map(kind: str, bundle: Bundle, s: Series) -> Analysis:
+    if not s.is_volume:
+        raise AnalysisError(f"{kind}: a patch bundle needs a volume")
+    scorer = PatchMapScorer(bundle)
+    res = scorer.score(s.array, (float(s.spacing[0]), float(s.spacing[1]), float(s.spacing[2])),
+                       volume_affine(s))
+    cal = scorer.cal
+    lesions = [{"volume_cm3": float(le.size), "centroid_mm": [float(v) for v in le.centroid_mm],
+                "centroid_index": [float(v) for v in le.centroid_index], "peak": float(le.peak),
+                "bbox": [list(map(int, b)) for b in le.bbox]} for le in res.lesions]
+    return Analysis(kind=kind, bundle=bundle, method=f"patch map ({cal.name})",
+                    score=float(res.abnormal_cm3),
+                    abnormal=bool(res.abnormal),
+                    priority=priority(abnormal=bool(res.abnormal), abnormal_cm3=res.abnormal_cm3,
+                                      threshold_cm3=cal.size_threshold_cm3),
+                    abnormal_cm3=float(res.abnormal_cm3), lesions=lesions,
+                    map=np.asarray(res.values, dtype=np.float32),
+                    details={"T_cm3": cal.size_threshold_cm3, "voxel_threshold": cal.voxel_threshold,
+                             "peak": res.peak})
+
+
+def _is_patch_bundle(b: Bundle) -> bool:
+    return b.extra(PATCHMAP_FILE) is not None
+
+
+def analyse_series(files: Sequence[Path], kind: str, models: Models) -> Analysis:
+    """Read the series, score it with the kind's bundle(s); raises :class:`AnalysisError`."""
+    t0 = time.perf_counter()
+    try:
+        s = read_series(files)
+    except ImagingError as exc:
+        raise AnalysisError(f"cannot read the series: {exc}") from exc
+    t_read = time.perf_counter() - t0
+    if kind == "cxr" and s.is_volume:
+        raise AnalysisError("routed as a radiograph but the series is a volume")
+    if kind in ("bct", "chestct") and not s.is_volume:
+        raise AnalysisError(f"routed as {kind} but the series is a single projection image")
+    bundle = models.get(kind)
+    t1 = time.perf_counter()
+    try:
+        out = _patch_map(kind, bundle, s) if _is_patch_bundle(bundle) else _posterior(kind, bundle, s)
+        if kind == "bct" and models.path("bct_patch") is not None:
+            extra = _patch_map(kind, models.get("bct_patch"), s)
+            out.abnormal_cm3, out.lesions, out.map = extra.abnormal_cm3, extra.lesions, extra.map
+            out.details["patch_bundle"] = f"{extra.bundle.name} {extra.bundle.version}"
+    except (ValueError, BundleError, ScoringError) as exc:  # PatchMapError is a ValueError
+        raise AnalysisError(f"scoring failed: {exc}") from exc
+    out.details.update({
+        "timings_s": {"read": round(t_read, 4), "score": round(time.perf_counter() - t1, 4)},
+        "shape": list(s.array.shape), "spacing_mm": [float(v) for v in s.spacing],
+        "modality": s.modality, "instances": len(s.sop_instance_uids),
+    })
+    return out
