@@ -35,7 +35,7 @@ from storage.db import Database
 from storage.models import AuditEvent, Instance, Job, Series, utcnow
 from triage import MANUFACTURER
 from triage.config import Settings
-from triage.imaging import PROJECTION_MODALITIES
+from triage.modality import PROJECTION_MODALITIES
 from triage.route import Decision, SeriesFacts, route
 
 __all__ = ["Assembler", "Geometry", "check_geometry", "complete_series", "finish_quiet", "on_release"]

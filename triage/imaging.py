@@ -40,6 +40,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut
 
 from flows.train import register_loader
+from triage.modality import PROJECTION_MODALITIES
 
 __all__ = [
     "MAX_OUTPUT_BYTES",
@@ -58,8 +59,6 @@ MAX_SIDE = 16384
 """Largest Rows / Columns / number of slices accepted."""
 MAX_OUTPUT_BYTES = 2 * 1024**3
 """Largest float32 array one series may decode to."""
-PROJECTION_MODALITIES = frozenset({"DX", "CR", "MG", "RF", "XA", "IO", "PX", "RG"})
-"""Modalities read as single 2D projection images rather than as volumes."""
 
 _PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _DEFER_SIZE = 4096  # header values larger than this (pixel data) are read only when used
