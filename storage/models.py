@@ -9,7 +9,8 @@ State machines (strings, so that both SQLite and PostgreSQL store them the same 
 * ``Series.state``: ``receiving`` -> ``complete`` (then routed: a Job exists, or
   ``ignored``); a late or changed instance reopens it (``receiving``, ``version + 1``).
 * ``Job.state``: ``queued`` -> ``running`` -> ``done`` | ``failed``; a running job whose
-  lease expires goes back to ``queued`` (its worker died) until ``max_attempts``.
+  lease expires goes back to ``queued`` (its worker died) until ``max_attempts``; a queued
+  job becomes ``superseded`` when its series is reopened before it ran.
 * ``Delivery.state``: ``pending`` -> ``sent`` | ``dead`` (used by the dispatch stage).
 """
 

@@ -211,7 +211,13 @@ class Settings(BaseSettings):
 
 
 def _env_name(loc: tuple[int | str, ...]) -> str:
-    return "TRIAGE_" + "__".join(str(p).upper() for p in loc if not isinstance(p, int))
+    """The variable that sets ``loc``; inside a list that is the whole list (as JSON)."""
+    parts = []
+    for p in loc:
+        if isinstance(p, int):
+            break
+        parts.append(str(p).upper())
+    return "TRIAGE_" + "__".join(parts)
 
 
 def load_settings(config_file: Path | None = None, **overrides: object) -> Settings:

@@ -32,12 +32,12 @@ from typing import Any
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
 from storage.blobs import BlobStore
 from storage.db import Database
-from storage.models import AuditEvent, Instance, Series, Study, utcnow
+from storage.models import AuditEvent, Instance, Job, Series, Study, utcnow
 
 __all__ = ["Header", "Ingest", "Refused", "StoreOutcome", "parse_header"]
 
@@ -50,7 +50,6 @@ CANNOT_PARSE = 0xC001
 BAD_UID = 0xC002
 TOO_LARGE = 0xC003
 
-_PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _ROUTING_ATTRS = ("Modality", "BodyPartExamined", "StudyDescription", "SeriesDescription",
                   "ProtocolName", "ImageType", "ViewPosition", "Manufacturer", "SliceThickness",
@@ -149,13 +148,96 @@ def _native_pixel_bytes(ds: Dataset, rows: int, cols: int, frames: int) -> int:
     return (total_bits + 7) // 8
 
 
+def _pixel_element(data: bytes, offset: int, ts: UID) -> tuple[str | None, int, int]:
+    """(keyword, value offset, value length) of the pixel element at ``offset``, read from
+    its element header; ``(None, 0, 0)`` when the data set ends there."""
+    if offset >= len(data):
+        return None, 0, 0
+    if offset + 8 > len(data):
+        raise Refused(CANNOT_PARSE, "the data set ends inside an element header")
+    order = "big" if ts == "1.2.840.10008.1.2.2" else "little"
+    group = int.from_bytes(data[offset:offset + 2], order)  # type: ignore[arg-type]
+    elem = int.from_bytes(data[offset + 2:offset + 4], order)  # type: ignore[arg-type]
+    keyword = {0x0010: "PixelData", 0x0008: "FloatPixelData", 0x0009: "DoubleFloatPixelData"}.get(elem)
+    if group != 0x7FE0 or keyword is None:
+        raise Refused(CANNOT_PARSE, f"unexpected element ({group:04X},{elem:04X}) after the header")
+    if ts.is_implicit_VR:
+        return keyword, offset + 8, int.from_bytes(data[offset + 4:offset + 8], order)  # type: ignore[arg-type]
+    if offset + 12 > len(data):
+        raise Refused(CANNOT_PARSE, "the data set ends inside the pixel data header")
+    return keyword, offset + 12, int.from_bytes(data[offset + 8:offset + 12], order)  # type: ignore[arg-type]
+
+
+_ITEM = 0xE000FFFE  # (FFFE,E000) read as one little-endian uint32
+_SEQ_DELIMITER = 0xE0DDFFFE
+
+
+def _check_fragments(data: bytes, pos: int) -> None:
+    """Encapsulated pixel data: items up to the sequence delimiter, inside ``data``
+    (the Basic Offset Table item first, then at least one fragment)."""
+    items = 0
+    while True:
+        if pos + 8 > len(data):
+            raise Refused(DOES_NOT_MATCH, "encapsulated pixel data is truncated (no sequence delimiter)")
+        tag = int.from_bytes(data[pos:pos + 4], "little")
+        length = int.from_bytes(data[pos + 4:pos + 8], "little")
+        pos += 8
+        if tag == _SEQ_DELIMITER:
+            break
+        if tag != _ITEM or length == 0xFFFFFFFF:
+            raise Refused(DOES_NOT_MATCH, "encapsulated pixel data is malformed (not an item)")
+        pos += length
+        items += 1
+    if items < 2:
+        raise Refused(DOES_NOT_MATCH, "encapsulated pixel data holds no fragment")
+
+
+def _check_complete(ds: Dataset, data: bytes) -> None:
+    """pydicom stops quietly at the end of the bytes: the last element must be whole."""
+    if not len(ds):
+        return
+    last = ds.get_item(max(ds.keys()))
+    length = getattr(last, "length", None)
+    value = getattr(last, "value", None)
+    if (length is not None and length != 0xFFFFFFFF and isinstance(value, bytes | bytearray)
+            and len(value) < length):
+        raise Refused(CANNOT_PARSE, "the data set is truncated (its last element is cut short)")
+
+
+def _check_pixels(data: bytes, ds: Dataset, offset: int, rows: int, cols: int, frames: int) -> None:
+    """The pixel element is there and as long as the header says, without reading its value."""
+    ts = UID(str(ds.file_meta.get("TransferSyntaxUID", "")))
+    keyword, start, length = _pixel_element(data, offset, ts)
+    if keyword is None:
+        raise Refused(DOES_NOT_MATCH, "image SOP class without pixel data")
+    if length == 0xFFFFFFFF:  # encapsulated: fragments follow
+        if keyword != "PixelData" or not ts.is_encapsulated:
+            raise Refused(DOES_NOT_MATCH, "undefined-length pixel data in a native transfer syntax")
+        _check_fragments(data, start)
+        return
+    have = min(length, len(data) - start)
+    if keyword == "PixelData":
+        need = _native_pixel_bytes(ds, rows, cols, frames)
+    else:
+        need = rows * cols * frames * (4 if keyword == "FloatPixelData" else 8)
+    if have < need:
+        raise Refused(DOES_NOT_MATCH, f"pixel data has {have} bytes, the header needs {need}")
+
+
 def parse_header(data: bytes, *, negotiated_sop_class: str | None = None, max_side: int = 16384,
                  max_frames: int = 4096) -> Header:
-    """Parse and check one received instance (Part 10 bytes with file meta)."""
+    """Parse and check one received instance (Part 10 bytes with file meta).
+
+    Only the header is parsed; the pixel element is checked from its element header (present,
+    long enough for Rows x Columns x frames, fragments parse), never copied or decoded.
+    """
+    fp = io.BytesIO(data)
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=False)
+        ds = pydicom.dcmread(fp, force=False, stop_before_pixels=True)
     except Exception as exc:
         raise Refused(CANNOT_PARSE, f"cannot parse the data set ({type(exc).__name__})") from exc
+    header_end = fp.tell()
+    _check_complete(ds, data)
     sop_class = _check_uid(ds, "SOPClassUID")
     sop_uid = _check_uid(ds, "SOPInstanceUID")
     series_uid = _check_uid(ds, "SeriesInstanceUID")
@@ -174,25 +256,15 @@ def parse_header(data: bytes, *, negotiated_sop_class: str | None = None, max_si
         if frames is not None and not 1 <= frames <= max_frames:
             raise Refused(TOO_LARGE, f"NumberOfFrames {frames} outside 1..{max_frames}")
     if is_image:
-        pixel_tag = next((t for t in _PIXEL_TAGS if t in ds), None)
-        if pixel_tag is None:
-            raise Refused(DOES_NOT_MATCH, "image SOP class without pixel data")
         if rows is None or cols is None:
             raise Refused(DOES_NOT_MATCH, "image SOP class without Rows/Columns")
-        ts = ds.file_meta.get("TransferSyntaxUID")
-        raw = ds[pixel_tag].value
-        if ts is not None and UID(ts).is_encapsulated and pixel_tag == "PixelData":
-            try:
-                n_frag = pydicom.encaps.get_nr_fragments(raw)
-            except Exception as exc:
-                raise Refused(DOES_NOT_MATCH, f"encapsulated pixel data is malformed ({exc})") from exc
-            if n_frag < 1:
-                raise Refused(DOES_NOT_MATCH, "encapsulated pixel data holds no fragment")
-        elif pixel_tag == "PixelData":
-            need = _native_pixel_bytes(ds, rows, cols, frames or 1)
-            if raw is None or len(raw) < need:
-                have = 0 if raw is None else len(raw)
-                raise Refused(DOES_NOT_MATCH, f"pixel data has {have} bytes, the header needs {need}")
+        ts = UID(str(ds.file_meta.get("TransferSyntaxUID", "")))
+        if ts.is_deflated:  # offsets in the stream are not offsets in ``data``: parse it all
+            full = pydicom.dcmread(io.BytesIO(data))
+            if "PixelData" not in full:
+                raise Refused(DOES_NOT_MATCH, "image SOP class without pixel data")
+        else:
+            _check_pixels(data, ds, header_end, rows, cols, frames or 1)
     attributes = {k: _json_value(ds.get(k)) for k in _ROUTING_ATTRS if ds.get(k) not in (None, "")}
     study = {"patient_id": _text(ds, "PatientID"), "patient_name": _text(ds, "PatientName", 324),
              "accession_number": _text(ds, "AccessionNumber", 16), "study_date": _text(ds, "StudyDate", 8),
@@ -266,6 +338,9 @@ class Ingest:
         for attempt in range(4):
             try:
                 return self._index(h, key, digest, len(data), ts, calling_ae, peer, association_id)
+            except Refused:
+                self.blobs.delete(key)  # refused while indexing: no row will point at it
+                raise
             except IntegrityError:
                 # another association indexed the same study/series/instance at the same moment
                 if attempt == 3:
@@ -325,6 +400,11 @@ class Ingest:
                 series.version += 1
                 series.completed_at = None
                 series.released_at = None
+                # a queued job for the older version would analyse part of the series
+                s.execute(update(Job).where(Job.series_id == series.id, Job.state == "queued")
+                          .values(state="superseded", finished_at=now,
+                                  reason=f"superseded: the series was reopened as version {series.version}")
+                          .execution_options(synchronize_session=False))
                 s.add(AuditEvent(actor="scp", action="series reopened", series_id=series.id,
                                  detail={"why": "changed instance" if prev is not None else "late instance",
                                          "version": series.version}))
