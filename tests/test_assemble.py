@@ -328,6 +328,18 @@ def test_identical_resend_is_idempotent(ingest: Ingest, db: Database, settings: 
     assert len(jobs(db)) == 1
 
 
+def test_re_push_after_an_aborted_association_finishes_early(ingest: Ingest, db: Database,
+                                                             settings: Settings) -> None:
+    # the first association dies after 15 slices (no release); the sender re-sends all 25
+    slices = g.ct_series("ct1", 25)
+    send(ingest, slices[:15], "a-dead")
+    out = send(ingest, slices, "a-again")
+    assert [o.duplicate for o in out] == [True] * 15 + [False] * 10
+    assert on_release(db, "a-again", settings) == [out[0].series_id]
+    assert_chestct_complete(db, "ct1", "association released; 25 slices, uniform 2.00 mm")
+    assert count(db, Instance) == 25
+
+
 def test_changed_bytes_make_a_revision_and_reopen(ingest: Ingest, db: Database, settings: Settings,
                                                   blobs: BlobStore) -> None:
     ser = _complete_ct(ingest, db, settings)

@@ -136,7 +136,7 @@ def test_bad_input_gets_the_right_status_and_the_node_keeps_serving(
     ds = ct_slice(2, 1, series=series, study=study)
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3/../../../etc/passwd"
     status, comment = _store(port, ds)
-    assert status == 0xC002 and "malformed SOPInstanceUID" in comment
+    assert status == 0xC002 and "malformed" in comment and "SOP" in comment
     ds = ct_slice(2, 1, series=series, study=study)
     ds.StudyInstanceUID = "1." * 100 + "1"  # 201 characters (the SCU refuses such an Affected UID)
     status, comment = _store(port, ds)
@@ -162,7 +162,7 @@ def test_bad_input_gets_the_right_status_and_the_node_keeps_serving(
 
     # every refusal was logged with its reason, and the node still answers
     text = caplog.text
-    for reason in ("pixel data has", "without pixel data", "malformed SOPInstanceUID", "exceeds the limit"):
+    for reason in ("pixel data has", "without pixel data", "malformed", "exceeds the limit"):
         assert reason in text, reason
     assert _store(port, good) == (0x0000, "")
     ok = _assoc(port)
@@ -216,7 +216,9 @@ def test_sigkill_mid_push_loses_no_acknowledged_instance(tmp_path: Path, ct_bund
     sop = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID: p for p in files}
     port = free_port()
     s = load_settings(node={"data_dir": str(tmp_path / "data")}, receive={"port": port},
-                      assemble={"quiet_seconds": 8.0, "poll_seconds": 0.2},
+                      # long enough that the partial series never completes on a busy machine;
+                      # the re-push's release finishes it early (duplicates count as carried)
+                      assemble={"quiet_seconds": 120.0, "poll_seconds": 0.2},
                       executor={"poll_seconds": 0.2}, models={"chestct": str(ct_bundle.path)})
     node = Node(s).start()
     acked: list[str] = []
@@ -260,6 +262,7 @@ def test_sigkill_mid_push_loses_no_acknowledged_instance(tmp_path: Path, ct_bund
             se = ss.scalars(select(Series)).one()
             jobs = ss.scalars(select(Job)).all()
             assert se.instance_count == 300 and se.version == 1 and se.kind == "chestct"
+            assert (se.completion_reason or "").startswith("association released")
             assert [j.state for j in jobs] == ["done"]
         assert res.kind == "chestct"
         time.sleep(1.0)

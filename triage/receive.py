@@ -129,13 +129,14 @@ class StorageSCP:
     def _on_store(self, event: Any) -> Dataset | int:
         r = event.assoc.requestor
         try:
-            data = event.encoded_dataset(include_meta=True)
+            data = event.encoded_dataset(include_meta=False)  # the bytes as sent
+            sop_instance = str(event.request.AffectedSOPInstanceUID or "")
         except Exception as exc:  # the peer's bytes could not even be framed
             log.warning("C-STORE from %s: cannot read the data set (%s)", r.ae_title, type(exc).__name__)
             return _status(0xC001, "cannot read the data set")
-        outcome = self.ingest.store(
-            data, transfer_syntax=str(event.context.transfer_syntax),
-            negotiated_sop_class=str(event.context.abstract_syntax), calling_ae=str(r.ae_title),
+        outcome = self.ingest.store_dataset(
+            data, sop_class=str(event.context.abstract_syntax), sop_instance=sop_instance,
+            transfer_syntax=str(event.context.transfer_syntax), calling_ae=str(r.ae_title),
             peer=str(r.address), association_id=self._assoc_id(event.assoc))
         if outcome.status == 0x0000:
             return 0x0000
