@@ -33,7 +33,11 @@ REDIS_URL = os.environ.get("TRIAGE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 @pytest.fixture(scope="module")
 def studies(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("studies")
-    return {"cxr": cxr_studies(root / "cxr"), "chestct": chest_ct_study(root / "ct")}
+    from flows.phantoms import make_headct
+    from triage.phantom_dicom import write_dicom_studies
+
+    write_dicom_studies(make_headct(1, shape=(16, 64, 64), seed=3), root / "head", seed=3)
+    return {"cxr": cxr_studies(root / "cxr"), "chestct": chest_ct_study(root / "ct"), "bct": root / "head"}
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +59,16 @@ def _results(db: Database) -> list[tuple[Series, Result]]:
         return [(a, b) for a, b in s.execute(q)]
 
 
-def _check_results(db: Database, n_cxr: int) -> None:
+def _check_results(db: Database, n_cxr: int, failed_bct: bool = False) -> None:
     rows = wait_for(lambda: (r := _results(db)) and len(r) >= n_cxr + 1 and r, 120,
                     "a Result for every series")
+    if failed_bct:  # routed to bct, but no bct bundle is configured: the job fails with the reason
+        def bct_job() -> Job | None:
+            with db.sessions() as s:
+                return s.scalars(select(Job).where(Job.kind == "bct", Job.state == "failed")).first()
+        job = wait_for(bct_job, 60, "the head-CT job to fail")
+        assert "no model bundle configured for 'bct'" in (job.reason or "")
+        assert job.attempts == 1
     kinds = sorted(se.kind for se, _ in rows)
     assert kinds == ["chestct"] + ["cxr"] * n_cxr
     for se, res in rows:
@@ -69,7 +80,7 @@ def _check_results(db: Database, n_cxr: int) -> None:
         else:
             assert res.abnormal_cm3 is not None and res.method.startswith("patch map")
     with db.sessions() as s:
-        jobs = s.scalars(select(Job)).all()
+        jobs = s.scalars(select(Job).where(Job.kind != "bct")).all()
     assert len(jobs) == n_cxr + 1 and all(j.state == "done" and j.attempts == 1 for j in jobs)
 
 
@@ -78,8 +89,8 @@ def test_serve_local_executor_analyses_what_storescu_sends(tmp_path: Path, studi
     s = _settings(tmp_path, tiny_bundle, ct_bundle)
     node = Node(s).start()
     try:
-        storescu(s.receive.port, [studies["cxr"], studies["chestct"]])
-        _check_results(node.db, 2)
+        storescu(s.receive.port, [studies["cxr"], studies["chestct"], studies["bct"]])
+        _check_results(node.db, 2, failed_bct=True)
         # the map of the chest CT lies on the source grid
         db = node.db
         with db.sessions() as ss:
