@@ -134,7 +134,7 @@ def test_bad_input_gets_the_right_status_and_the_node_keeps_serving(
     assert _store(port, nopix) == (0xA900, "image SOP class without pixel data")
 
     ds = ct_slice(2, 1, series=series, study=study)
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3/../../../etc/passwd"
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3/../../../etc/passwd"  # type: ignore[assignment]
     status, comment = _store(port, ds)
     assert status == 0xC002 and "malformed" in comment and "SOP" in comment
     ds = ct_slice(2, 1, series=series, study=study)

@@ -55,10 +55,25 @@ class _Server(ThreadedAssociationServer):
         return False
 
     def get_request(self) -> tuple[Any, Any]:
-        sock, addr = super().get_request()
+        # Plain accept: the TLS handshake runs in the connection's own thread (below), so a
+        # client that connects and stays silent cannot hold up everyone else's accept.
+        assert self.socket is not None
+        sock, addr = self.socket.accept()
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock, addr
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        if self.ssl_context is not None:
+            try:
+                request.settimeout(self.ae.acse_timeout)
+                request = self.ssl_context.wrap_socket(request, server_side=True)
+                request.settimeout(None)
+            except OSError as exc:
+                log.warning("TLS handshake with %s failed: %s", client_address[0], exc)
+                self.shutdown_request(request)
+                return
+        super().process_request_thread(request, client_address)
 
 
 def _ssl_context(cfg: ReceiveSettings) -> ssl.SSLContext | None:
