@@ -106,6 +106,9 @@ class Series(Base):
     completion_reason: Mapped[str | None] = mapped_column(Text)
     kind: Mapped[str | None] = mapped_column(String(16))
     route_reason: Mapped[str | None] = mapped_column(Text)
+    # The worklist priority never drops on re-analysis: it is the most urgent level of the
+    # results from this version on; an admin who accepts a lower level moves it forward.
+    priority_from_version: Mapped[int] = mapped_column(default=1, server_default="1")
 
     study: Mapped[Study] = relationship(back_populates="series")
     instances: Mapped[list[Instance]] = relationship(back_populates="series")
@@ -190,6 +193,13 @@ class Result(Base):
     map_blob: Mapped[str | None] = mapped_column(String(200))
     details: Mapped[dict[str, Any]] = mapped_column(default=dict)  # timings, geometry, versions
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    # SR/SEG objects for the PACS: "pending" until built and their Delivery rows exist,
+    # then "ready"; "failed" with the reason when they cannot be built.
+    report_state: Mapped[str] = mapped_column(String(16), default="pending", server_default="pending",
+                                              index=True)
+    report_error: Mapped[str | None] = mapped_column(Text)
+    # the built objects: [{"what", "sop_class", "sop_instance", "series", "blob"}]
+    outputs: Mapped[list[Any] | None] = mapped_column(default=list)  # NULL for results before 0002
 
     series: Mapped[Series] = relationship()
 

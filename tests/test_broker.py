@@ -182,8 +182,7 @@ def test_unreachable_broker_keeps_the_job_queued_until_redis_returns(
     port = free_port()  # nothing listens here (yet)
     s = _settings(tmp_path, tiny_bundle, f"redis://127.0.0.1:{port}/0")
     node = Node(s).start()
-    dispatcher = node._parts[-1]
-    assert type(dispatcher).__name__ == "Dispatcher"
+    dispatcher = next(p for p in node._parts if type(p).__name__ == "Dispatcher")
     try:
         # reception and assembly do not need the broker
         storescu(s.receive.port, [cxr_study])

@@ -32,7 +32,12 @@ from triage.config import ModelSettings
 from triage.imaging import ImagingError, Series, read_series
 from triage.rank import priority
 
-__all__ = ["Analysis", "AnalysisError", "Models", "analyse_series", "volume_affine"]
+__all__ = ["Analysis", "AnalysisError", "Models", "analyse_series", "to_stored_grid", "volume_affine"]
+
+
+POSTERIOR_MAP_Z = 3.0
+"""Binary overlay of a standardised posterior map: positions this many robust SDs above the
+mixture's median map (bundles without a map reference get no binary overlay)."""
 
 
 class AnalysisError(RuntimeError):
@@ -56,7 +61,9 @@ class Analysis:
     percentile: float | None = None
     abnormal_cm3: float | None = None
     lesions: list[dict[str, Any]] = field(default_factory=list)
-    map: np.ndarray | None = None  # on the source grid of the array below, higher = more abnormal
+    # On the stored pixel grid (radiographs: as stored, not display-flipped; volumes: slices in
+    # details["slice_order"]), higher = more abnormal.
+    map: np.ndarray | None = None
     details: dict[str, Any] = field(default_factory=dict)
 
 
@@ -125,7 +132,10 @@ def _posterior(kind: str, bundle: Bundle, s: Series) -> Analysis:
                     abnormal=abnormal, priority=priority(abnormal=abnormal, percentile=pct),
                     log_posterior=float(sc.log_posterior[0]), log_p_normal=float(sc.log_p_normal[0]),
                     percentile=pct, map=to_source_grid(maps[0], tuple(s.array.shape)).astype(np.float32),
-                    details={"threshold": bundle.calibration.threshold})
+                    details={"threshold": bundle.calibration.threshold,
+                             # the map is standardised per position when the bundle has a map
+                             # reference: 3 robust SDs above the mixture marks "abnormal"
+                             "map_threshold": POSTERIOR_MAP_Z if bundle.map_reference is not None else None})
 
 
 def _patch_map(kind: str, bundle: Bundle, s: Series) -> Analysis:
@@ -146,7 +156,23 @@ def _patch_map(kind: str, bundle: Bundle, s: Series) -> Analysis:
                     abnormal_cm3=float(res.abnormal_cm3), lesions=lesions,
                     map=np.asarray(res.values, dtype=np.float32),
                     details={"T_cm3": cal.size_threshold_cm3, "voxel_threshold": cal.voxel_threshold,
-                             "peak": res.peak})
+                             "map_threshold": cal.voxel_threshold, "peak": res.peak})
+
+
+def to_stored_grid(values: np.ndarray, ops: Sequence[str]) -> np.ndarray:
+    """Undo :mod:`triage.imaging`'s display-orientation flips, so a radiograph's map lies on
+    the pixel grid of the stored image (where its SEG must go)."""
+    out = values
+    for op in reversed(list(ops)):
+        if op == "flip_rows":
+            out = out[::-1, :]
+        elif op == "flip_columns":
+            out = out[:, ::-1]
+        elif op == "transpose":
+            out = out.T
+        else:
+            raise AnalysisError(f"unknown orientation operation {op!r}")
+    return np.ascontiguousarray(out)
 
 
 def _is_patch_bundle(b: Bundle) -> bool:
@@ -175,7 +201,11 @@ def analyse_series(files: Sequence[Path], kind: str, models: Models) -> Analysis
             out.details["patch_bundle"] = f"{extra.bundle.name} {extra.bundle.version}"
     except (ValueError, BundleError, ScoringError) as exc:  # PatchMapError is a ValueError
         raise AnalysisError(f"scoring failed: {exc}") from exc
+    if out.map is not None and s.meta.get("orientation_ops"):
+        out.map = to_stored_grid(out.map, s.meta["orientation_ops"])
     out.details.update({
+        # the map's slice k belongs to instance slice_order[k] (volumes: sorted along the normal)
+        "slice_order": list(s.sop_instance_uids),
         "timings_s": {"read": round(t_read, 4), "score": round(time.perf_counter() - t1, 4)},
         "shape": list(s.array.shape), "spacing_mm": [float(v) for v in s.spacing],
         "modality": s.modality, "instances": len(s.sop_instance_uids),

@@ -430,6 +430,36 @@ def receive(config: ConfigOpt = None,
 
 
 @app.command()
+def worklist(config: ConfigOpt = None,
+             limit: Annotated[int, typer.Option(help="rows")] = 50,
+             kind: Annotated[str | None, typer.Option(help="cxr, bct or chestct")] = None,
+             min_priority: Annotated[int | None, typer.Option(help="only levels 1..N (1 = urgent)")] = None,
+             phi: Annotated[bool, typer.Option(help="show patient names and IDs")] = False) -> None:
+    """The studies in reading order: priority, then abnormality, then arrival."""
+    from storage.db import Database
+    from triage.rank import worklist as ranked
+
+    s = _settings(config)
+    db = Database(s.database_url)
+    with db.sessions() as session:
+        rows = ranked(session, limit=limit, kind=kind, min_priority=min_priority)
+    table = Table(title=f"worklist ({len(rows)} studies)")
+    cols = ["#", "priority", "percentile", "score", "kind", "state", "arrived (UTC)", "accession",
+            *(["patient", "patient ID"] if phi else []), "description"]
+    for c in cols:
+        table.add_column(c)
+    style = {1: "bold red", 2: "red", 3: "yellow", 4: "green"}
+    for i, r in enumerate(rows, 1):
+        level = f"[{style.get(r.priority or 0, 'dim')}]{r.priority or '-'} {r.priority_name}[/]"
+        table.add_row(str(i), level,
+                      "" if r.percentile is None else f"{r.percentile:.1f}",
+                      "" if r.score is None else f"{r.score:.3g}", ",".join(r.kinds), r.state,
+                      r.arrived.strftime("%Y-%m-%d %H:%M:%S"), r.accession_number or "",
+                      *([r.patient_name or "", r.patient_id or ""] if phi else []), r.study_description or "")
+    Console().print(table)
+
+
+@app.command()
 def worker(config: ConfigOpt = None,
            queues: Annotated[str, typer.Option(help="comma-separated Celery queues")] = "gpu",
            concurrency: Annotated[int, typer.Option(help="worker processes")] = 1,

@@ -154,6 +154,41 @@ class ModelSettings(_Section):
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1"
 
 
+class Destination(_Section):
+    """A DICOM node the results are sent to (C-STORE SCU)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    min_priority: int | None = Field(None, ge=1, le=4)  # only results at or above (1 = urgent); None: all
+    tls: TLSSettings | None = None  # client side: certificate/key of the node, client_ca = CA to trust
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, v: str) -> str:
+        return _ae_title(v)
+
+
+class DispatchSettings(_Section):
+    """Where SR/SEG go and how failed deliveries are retried."""
+
+    destinations: list[Destination] = []  # none: results stay on the node (web page, API)
+    calling_ae_title: str = "TRIAGE"
+    backoff_initial_seconds: float = Field(5.0, gt=0)
+    backoff_max_seconds: float = Field(600.0, gt=0)
+    jitter: float = Field(0.2, ge=0, le=1)  # +- this fraction of each delay, so retries spread out
+    max_age_seconds: float = Field(7 * 24 * 3600.0, gt=0)  # then the delivery is a dead letter
+    poll_seconds: float = Field(1.0, gt=0)
+    timeout_seconds: float = Field(30.0, gt=0)  # association and DIMSE timeouts
+    secondary_capture: bool = False  # also heat-map key images for viewers without SEG
+
+    @field_validator("calling_ae_title")
+    @classmethod
+    def _ae(cls, v: str) -> str:
+        return _ae_title(v)
+
+
 class ExecutorSettings(_Section):
     kind: Literal["local", "celery"] = "local"
     threads: int = Field(1, ge=1)  # local executor: concurrent analyses in the serve process
@@ -186,6 +221,7 @@ class Settings(BaseSettings):
     route: RouteSettings = RouteSettings()
     models: ModelSettings = ModelSettings()
     executor: ExecutorSettings = ExecutorSettings()
+    dispatch: DispatchSettings = DispatchSettings()
     celery: CelerySettings = CelerySettings()
 
     @classmethod

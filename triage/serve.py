@@ -106,6 +106,9 @@ class Node:
             from worker.local import LocalExecutor
 
             self._parts.append(LocalExecutor(ctx).start())
+        from worker.report import DeliveryLoop
+
+        self._parts.append(DeliveryLoop(ctx).start())
         threading.Thread(target=self._watch, name="scp-watch", daemon=True).start()
         return self
 

@@ -153,8 +153,9 @@ def requeue_orphans(ctx: NodeContext) -> int:
 
 
 def _finish(ctx: NodeContext, job: Job, worker: str, state: str, reason: str | None,
-            analysis: Analysis | None, map_key: str | None) -> bool:
-    """Record the outcome while the claim is still ours; False when it was lost."""
+            analysis: Analysis | None, map_key: str | None) -> int | None:
+    """Record the outcome while the claim is still ours: the Result id (0 without a result),
+    or None when the claim was lost."""
     now = utcnow()
     with ctx.db.session() as s:
         n = _rows(s.execute(
@@ -162,12 +163,13 @@ def _finish(ctx: NodeContext, job: Job, worker: str, state: str, reason: str | N
             .values(state=state, reason=reason, finished_at=now, lease_until=None)
             .execution_options(synchronize_session=False)))
         if n != 1:
-            return False
+            return None
+        res = None
         if analysis is not None:
             version = (s.scalar(select(func.max(Result.version)).where(Result.series_id == job.series_id))
                        or 0) + 1
             b = analysis.bundle
-            s.add(Result(job_id=job.id, series_id=job.series_id, version=version, kind=analysis.kind,
+            res = Result(job_id=job.id, series_id=job.series_id, version=version, kind=analysis.kind,
                          bundle_name=b.name, bundle_version=b.version, bundle_fingerprint=b.fingerprint,
                          method=analysis.method, log_posterior=analysis.log_posterior,
                          log_p_normal=analysis.log_p_normal, score=analysis.score,
@@ -175,13 +177,15 @@ def _finish(ctx: NodeContext, job: Job, worker: str, state: str, reason: str | N
                          priority=analysis.priority, abnormal_cm3=analysis.abnormal_cm3,
                          lesions=analysis.lesions, map_blob=map_key,
                          details={**analysis.details, "series_version": job.series_version,
-                                  "worker": worker}, created_at=now))
+                                  "worker": worker}, created_at=now)
+            s.add(res)
+            s.flush()
         s.add(AuditEvent(actor=worker[:64], action="analysed" if state == "done" else "analysis failed",
                          series_id=job.series_id,
                          detail={"job": job.id, "kind": job.kind, "reason": reason,
                                  **({"score": analysis.score, "priority": analysis.priority}
                                     if analysis is not None else {})}))
-    return True
+    return res.id if res is not None else 0
 
 
 def _save_map(ctx: NodeContext, job: Job, values: np.ndarray) -> str:
@@ -223,12 +227,15 @@ def run_job(ctx: NodeContext, job_id: int, worker: str, *, claimed: bool = False
         _finish(ctx, job, worker, "failed" if final else "queued", reason, None, None)
         return "failed" if final else "queued"
     try:
-        ok = _finish(ctx, job, worker, "done", None, analysis, key)
+        rid = _finish(ctx, job, worker, "done", None, analysis, key)
     except IntegrityError:  # a result for this job exists already (a duplicate run finished first)
-        ok = False
-    if not ok:
+        rid = None
+    if not rid:
         log.warning("job %d: lost the claim before finishing; result discarded", job_id)
         return "skipped"
     log.info("job %d (%s) done: score %.3f, priority %d", job_id, job.kind, analysis.score,
              analysis.priority)
+    from worker.report import report_result  # (imports highdicom; after the analysis)
+
+    report_result(ctx, rid)
     return "done"

@@ -1,0 +1,136 @@
+"""Results -> SR and SEG objects in the blob store -> Delivery rows; and the delivery loop.
+
+A Result is written first (``report_state = "pending"``); its reports are built outside any
+database transaction (highdicom takes a while on a CT and must not hold SQLite's write
+lock), stored as blobs, and then one transaction marks the result ``ready`` and creates
+its Delivery rows. A worker that dies in between leaves the result pending, and
+:class:`DeliveryLoop` builds it later: the output UIDs depend only on the result id and
+version, so a rebuild makes the same objects.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import logging
+import threading
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+import numpy as np
+import pydicom
+from sqlalchemy import select
+
+from storage.models import AuditEvent, Instance, Result, utcnow
+from triage.dispatch import Sender, plan_deliveries
+from worker.tasks import NodeContext
+
+__all__ = ["DeliveryLoop", "report_result"]
+
+log = logging.getLogger(__name__)
+
+
+def software_version() -> str:
+    try:
+        return version("triage-node")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def _predecessor(ctx: NodeContext, r: Result) -> tuple[str, str, str] | None:
+    with ctx.db.sessions() as s:
+        prev = s.scalars(select(Result).where(Result.series_id == r.series_id, Result.version < r.version,
+                                              Result.report_state == "ready")
+                         .order_by(Result.version.desc()).limit(1)).first()
+    if prev is None:
+        return None
+    sr = next((o for o in prev.outputs or [] if o.get("what") == "sr"), None)
+    return None if sr is None else (sr["sop_class"], sr["sop_instance"], sr["series"])
+
+
+def report_result(ctx: NodeContext, result_id: int) -> str:
+    """Build and store the result's SR/SEG and queue their deliveries; ``ready`` or ``failed``."""
+    from triage.report import ReportInput, build_reports
+
+    with ctx.db.sessions() as s:
+        r = s.get(Result, result_id)
+        if r is None or r.report_state != "pending":
+            return "skipped"
+        keys = list(s.scalars(select(Instance.blob).where(Instance.series_id == r.series_id,
+                                                          Instance.current.is_(True),
+                                                          Instance.is_image.is_(True))))
+    try:
+        source = [pydicom.dcmread(ctx.blobs.path(k)) for k in keys]
+        values = None
+        if r.map_blob:
+            values = np.load(io.BytesIO(ctx.blobs.get(r.map_blob)), allow_pickle=False).astype(np.float32)
+        d = r.details or {}
+        inp = ReportInput(
+            result_id=r.id, version=r.version, kind=r.kind, bundle_name=r.bundle_name,
+            bundle_version=r.bundle_version, bundle_fingerprint=r.bundle_fingerprint, method=r.method,
+            score=r.score, abnormal=r.abnormal, priority=r.priority, log_posterior=r.log_posterior,
+            log_p_normal=r.log_p_normal, percentile=r.percentile, abnormal_cm3=r.abnormal_cm3,
+            lesions=list(r.lesions or []), map=values, threshold=d.get("map_threshold"),
+            slice_order=list(d.get("slice_order") or []), predecessor=_predecessor(ctx, r))
+        objects = build_reports(source, inp, software_version=software_version())
+        outputs: list[dict[str, Any]] = []
+        for what, ds in [("sr", objects.sr), *((f"seg{i}", seg) for i, seg in enumerate(objects.segs))]:
+            buf = io.BytesIO()
+            ds.save_as(buf, enforce_file_format=True)
+            key = ctx.blobs.key("output", str(ds.SOPInstanceUID))
+            ctx.blobs.put(key, buf.getvalue())
+            outputs.append({"what": what, "sop_class": str(ds.SOPClassUID),
+                            "sop_instance": str(ds.SOPInstanceUID), "series": str(ds.SeriesInstanceUID),
+                            "blob": key})
+    except Exception as exc:  # a report that cannot be built is visible, never silent
+        log.exception("reports for result %d failed", result_id)
+        with ctx.db.session() as s:
+            row = s.get(Result, result_id)
+            if row is not None and row.report_state == "pending":
+                row.report_state, row.report_error = "failed", f"{type(exc).__name__}: {exc}"[:2000]
+        return "failed"
+    with ctx.db.session() as s:
+        row = s.get(Result, result_id, with_for_update=True)
+        if row is None or row.report_state != "pending":
+            return "skipped"
+        row.report_state, row.outputs, row.report_error = "ready", outputs, None
+        n = plan_deliveries(s, row, outputs, ctx.settings.dispatch)
+        s.add(AuditEvent(actor="reporter", action="reports built", series_id=row.series_id,
+                         detail={"result": row.id, "objects": [o["what"] for o in outputs],
+                                 "deliveries": n, "notes": objects.notes}))
+    return "ready"
+
+
+class DeliveryLoop:
+    """A thread: builds reports left pending, sends due deliveries."""
+
+    def __init__(self, ctx: NodeContext, *, stale_seconds: float = 30.0) -> None:
+        self.ctx = ctx
+        self.sender = Sender(ctx.db, ctx.blobs, ctx.settings.dispatch)
+        self.stale = dt.timedelta(seconds=stale_seconds)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="delivery", daemon=True)
+
+    def start(self) -> DeliveryLoop:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def _pending_reports(self) -> list[int]:
+        cutoff = utcnow() - self.stale
+        with self.ctx.db.sessions() as s:
+            return list(s.scalars(select(Result.id).where(Result.report_state == "pending",
+                                                          Result.created_at < cutoff).limit(20)))
+
+    def _run(self) -> None:
+        self.sender.echo_all()
+        while not self._stop.wait(self.ctx.settings.dispatch.poll_seconds):
+            try:
+                for rid in self._pending_reports():
+                    report_result(self.ctx, rid)
+                self.sender.run_once()
+            except Exception:
+                log.exception("delivery pass failed")
