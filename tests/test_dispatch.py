@@ -209,3 +209,30 @@ def test_backoff_doubles_with_jitter_and_a_cap() -> None:
         assert base * 0.8 <= min(ds) and max(ds) <= base * 1.2
         assert max(ds) - min(ds) > 0.2 * base  # spread out, not all at once
     assert max(delays[-1]) <= cfg.backoff_max_seconds * 1.2
+
+
+def test_cli_lists_and_retries_dead_letters(sqlite_db: Database, blobs: BlobStore,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from triage.cli import app
+
+    db = sqlite_db
+    cfg = _cfg(pacs=free_port())
+    r, outputs = _result(db, blobs, n_objects=1)
+    with db.session() as s:
+        plan_deliveries(s, s.get(Result, r.id), outputs, cfg)  # type: ignore[arg-type]
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=cfg.max_age_seconds + 1)
+    Sender(db, blobs, cfg).run_once(now=later)
+    monkeypatch.setenv("TRIAGE_STORAGE__DATABASE_URL", db.url)
+    monkeypatch.setenv("TRIAGE_STORAGE__BLOB_ROOT", str(blobs.root))
+    monkeypatch.setenv("COLUMNS", "200")
+    runner = CliRunner()
+    res = runner.invoke(app, ["deliveries", "list", "--state", "dead"])
+    assert res.exit_code == 0 and "dead" in res.output and "CT Image Storage" in res.output
+    (d,) = _rows(db)
+    res = runner.invoke(app, ["deliveries", "retry", str(d.id)])
+    assert res.exit_code == 0, res.output
+    assert _rows(db)[0].state == "pending"
+    res = runner.invoke(app, ["deliveries", "retry", "999"])
+    assert res.exit_code == 2 and "cannot retry deliveries [999]" in res.output

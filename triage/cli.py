@@ -459,6 +459,64 @@ def worklist(config: ConfigOpt = None,
     Console().print(table)
 
 
+deliveries_app = typer.Typer(help="Result deliveries to the PACS: list, retry dead letters, cancel.",
+                             no_args_is_help=True)
+app.add_typer(deliveries_app, name="deliveries")
+
+
+@deliveries_app.command("list")
+def deliveries_list(config: ConfigOpt = None,
+                    state: Annotated[str | None, typer.Option(
+                        help="pending, sending, sent, dead, cancelled")] = None,
+                    limit: Annotated[int, typer.Option()] = 50) -> None:
+    """Deliveries, newest first (dead letters and retries show their last error)."""
+    from pydicom.uid import UID
+    from sqlalchemy import select
+
+    from storage.db import Database
+    from storage.models import Delivery
+
+    db = Database(_settings(config).database_url)
+    with db.sessions() as s:
+        q = select(Delivery).order_by(Delivery.id.desc()).limit(limit)
+        rows = list(s.scalars(q if state is None else q.where(Delivery.state == state)))
+    table = Table(title=f"deliveries ({len(rows)})")
+    for c in ("id", "result", "destination", "object", "state", "attempts", "next try (UTC)", "last error"):
+        table.add_column(c)
+    for d in rows:
+        table.add_row(str(d.id), str(d.result_id), d.destination, UID(d.sop_class_uid).name,
+                      d.state, str(d.attempts), d.next_attempt_at.strftime("%Y-%m-%d %H:%M:%S"),
+                      (d.last_error or "")[:60])
+    Console().print(table)
+
+
+def _delivery_action(config: Path | None, ids: list[int], action: str) -> None:
+    from storage.blobs import BlobStore
+    from storage.db import Database
+    from triage.dispatch import Sender
+
+    s = _settings(config)
+    sender = Sender(Database(s.database_url), BlobStore(s.blob_root), s.dispatch)
+    failed = [i for i in ids if not getattr(sender, action)(i, actor="cli")]
+    if failed:
+        raise _fail(f"cannot {action} deliveries {failed} (unknown, or already sent)")
+    console.print(f"{action}: {len(ids)} deliveries")
+
+
+@deliveries_app.command("retry")
+def deliveries_retry(ids: Annotated[list[int], typer.Argument(help="delivery ids")],
+                     config: ConfigOpt = None) -> None:
+    """Send dead (or waiting) deliveries again at the next pass."""
+    _delivery_action(config, ids, "retry")
+
+
+@deliveries_app.command("cancel")
+def deliveries_cancel(ids: Annotated[list[int], typer.Argument(help="delivery ids")],
+                      config: ConfigOpt = None) -> None:
+    """Give up on pending or dead deliveries."""
+    _delivery_action(config, ids, "cancel")
+
+
 @app.command()
 def worker(config: ConfigOpt = None,
            queues: Annotated[str, typer.Option(help="comma-separated Celery queues")] = "gpu",
