@@ -97,3 +97,12 @@ def test_cli_worklist(sqlite_db: Database, monkeypatch: pytest.MonkeyPatch) -> N
     assert "urgent" in res.output and "DOE^J" not in res.output  # no patient names unless asked
     res = CliRunner().invoke(app, ["worklist", "--phi"])
     assert "DOE^J" in res.output
+
+
+def test_priority_thresholds_come_from_the_configuration() -> None:
+    from triage.config import load_settings
+
+    levels = load_settings(rank={"urgent_percentile": 95, "borderline_percentile": 80}).rank
+    assert priority(abnormal=True, percentile=96.0, levels=levels) == 1
+    assert priority(abnormal=False, percentile=85.0, levels=levels) == 3
+    assert priority(abnormal=True, percentile=96.0) == 2  # the defaults

@@ -28,7 +28,7 @@ from flows.errors import ScoringError
 from flows.patchbundle import PATCHMAP_FILE, PatchMapScorer
 from flows.patchmap import to_source_grid
 from flows.posterior import PosteriorScorer
-from triage.config import ModelSettings
+from triage.config import ModelSettings, RankSettings
 from triage.imaging import ImagingError, Series, read_series
 from triage.rank import priority
 
@@ -119,7 +119,7 @@ def volume_affine(s: Series) -> np.ndarray:
     return a
 
 
-def _posterior(kind: str, bundle: Bundle, s: Series) -> Analysis:
+def _posterior(kind: str, bundle: Bundle, s: Series, levels: RankSettings | None) -> Analysis:
     scorer = PosteriorScorer(bundle, batch_size=1)
     try:
         images = bundle.preprocessing.apply(s.array[None])
@@ -129,7 +129,7 @@ def _posterior(kind: str, bundle: Bundle, s: Series) -> Analysis:
     pct = float(sc.percentile[0])
     abnormal = bool(sc.abnormal[0])
     return Analysis(kind=kind, bundle=bundle, method=sc.method, score=float(sc.score[0]),
-                    abnormal=abnormal, priority=priority(abnormal=abnormal, percentile=pct),
+                    abnormal=abnormal, priority=priority(abnormal=abnormal, percentile=pct, levels=levels),
                     log_posterior=float(sc.log_posterior[0]), log_p_normal=float(sc.log_p_normal[0]),
                     percentile=pct, map=to_source_grid(maps[0], tuple(s.array.shape)).astype(np.float32),
                     details={"threshold": bundle.calibration.threshold,
@@ -138,7 +138,7 @@ def _posterior(kind: str, bundle: Bundle, s: Series) -> Analysis:
                              "map_threshold": POSTERIOR_MAP_Z if bundle.map_reference is not None else None})
 
 
-def _patch_map(kind: str, bundle: Bundle, s: Series) -> Analysis:
+def _patch_map(kind: str, bundle: Bundle, s: Series, levels: RankSettings | None) -> Analysis:
     if not s.is_volume:
         raise AnalysisError(f"{kind}: a patch bundle needs a volume")
     scorer = PatchMapScorer(bundle)
@@ -152,7 +152,7 @@ def _patch_map(kind: str, bundle: Bundle, s: Series) -> Analysis:
                     score=float(res.abnormal_cm3),
                     abnormal=bool(res.abnormal),
                     priority=priority(abnormal=bool(res.abnormal), abnormal_cm3=res.abnormal_cm3,
-                                      threshold_cm3=cal.size_threshold_cm3),
+                                      threshold_cm3=cal.size_threshold_cm3, levels=levels),
                     abnormal_cm3=float(res.abnormal_cm3), lesions=lesions,
                     map=np.asarray(res.values, dtype=np.float32),
                     details={"T_cm3": cal.size_threshold_cm3, "voxel_threshold": cal.voxel_threshold,
@@ -179,7 +179,8 @@ def _is_patch_bundle(b: Bundle) -> bool:
     return b.extra(PATCHMAP_FILE) is not None
 
 
-def analyse_series(files: Sequence[Path], kind: str, models: Models) -> Analysis:
+def analyse_series(files: Sequence[Path], kind: str, models: Models,
+                   levels: RankSettings | None = None) -> Analysis:
     """Read the series, score it with the kind's bundle(s); raises :class:`AnalysisError`."""
     t0 = time.perf_counter()
     try:
@@ -194,9 +195,10 @@ def analyse_series(files: Sequence[Path], kind: str, models: Models) -> Analysis
     bundle = models.get(kind)
     t1 = time.perf_counter()
     try:
-        out = _patch_map(kind, bundle, s) if _is_patch_bundle(bundle) else _posterior(kind, bundle, s)
+        out = (_patch_map(kind, bundle, s, levels) if _is_patch_bundle(bundle)
+               else _posterior(kind, bundle, s, levels))
         if kind == "bct" and models.path("bct_patch") is not None:
-            extra = _patch_map(kind, models.get("bct_patch"), s)
+            extra = _patch_map(kind, models.get("bct_patch"), s, levels)
             out.abnormal_cm3, out.lesions, out.map = extra.abnormal_cm3, extra.lesions, extra.map
             out.details["patch_bundle"] = f"{extra.bundle.name} {extra.bundle.version}"
     except (ValueError, BundleError, ScoringError) as exc:  # PatchMapError is a ValueError

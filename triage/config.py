@@ -188,6 +188,14 @@ class DispatchSettings(_Section):
         return _ae_title(v)
 
 
+class RankSettings(_Section):
+    """Priority levels (1 urgent .. 4 routine); "abnormal" itself is the bundle's calibrated threshold."""
+
+    urgent_percentile: float = Field(99.0, gt=0, le=100)  # abnormal and at least this percentile
+    borderline_percentile: float = Field(90.0, gt=0, le=100)  # normal but at least this percentile
+    urgent_volume_factor: float = Field(4.0, ge=1)  # maps: abnormal volume >= factor x T is urgent
+
+
 class ExecutorSettings(_Section):
     kind: Literal["local", "celery"] = "local"
     threads: int = Field(1, ge=1)  # local executor: concurrent analyses in the serve process
@@ -221,6 +229,7 @@ class Settings(BaseSettings):
     models: ModelSettings = ModelSettings()
     executor: ExecutorSettings = ExecutorSettings()
     dispatch: DispatchSettings = DispatchSettings()
+    rank: RankSettings = RankSettings()
     celery: CelerySettings = CelerySettings()
 
     @classmethod

@@ -1,11 +1,11 @@
 """Priority levels for the worklist: 1 is read first.
 
 =====  ===========  ==============================================================
-level  name         when
+level  name         when (defaults; ``[rank]`` in the configuration)
 =====  ===========  ==============================================================
 1      urgent       abnormal, and beyond the 99th percentile of the bundle's
                     reference scores (or, for a map, abnormal volume >= 4 T)
-2      abnormal     above the bundle's operating threshold
+2      abnormal     above the bundle's calibrated operating threshold
 3      borderline   above the 90th percentile (or any abnormal voxel cluster)
 4      routine      everything else
 =====  ===========  ==============================================================
@@ -29,6 +29,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from storage.models import AuditEvent, Job, Result, Series, Study
+from triage.config import RankSettings
 
 __all__ = ["PRIORITY_NAMES", "WorklistRow", "accept_priority", "priority", "worklist"]
 
@@ -36,16 +37,17 @@ PRIORITY_NAMES = {1: "urgent", 2: "abnormal", 3: "borderline", 4: "routine"}
 
 
 def priority(*, abnormal: bool, percentile: float | None = None, abnormal_cm3: float | None = None,
-             threshold_cm3: float | None = None) -> int:
-    """The priority level of one result (see the module table)."""
+             threshold_cm3: float | None = None, levels: RankSettings | None = None) -> int:
+    """The priority level of one result (see the module table; thresholds from ``levels``)."""
+    lv = levels or RankSettings()
     if percentile is not None and math.isfinite(percentile):
-        if abnormal and percentile >= 99.0:
+        if abnormal and percentile >= lv.urgent_percentile:
             return 1
         if abnormal:
             return 2
-        return 3 if percentile >= 90.0 else 4
+        return 3 if percentile >= lv.borderline_percentile else 4
     cm3 = abnormal_cm3 or 0.0
-    if abnormal and threshold_cm3 is not None and cm3 >= 4 * max(threshold_cm3, 0.5):
+    if abnormal and threshold_cm3 is not None and cm3 >= lv.urgent_volume_factor * max(threshold_cm3, 0.5):
         return 1
     if abnormal:
         return 2

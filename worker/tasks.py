@@ -214,7 +214,7 @@ def run_job(ctx: NodeContext, job_id: int, worker: str, *, claimed: bool = False
     try:
         if not files:
             raise AnalysisError("the series holds no images")
-        analysis = analyse_series(files, job.kind, ctx.models)
+        analysis = analyse_series(files, job.kind, ctx.models, ctx.settings.rank)
         key = _save_map(ctx, job, analysis.map) if analysis.map is not None else None
     except AnalysisError as exc:
         log.warning("job %d (%s) failed: %s", job_id, job.kind, exc)
