@@ -524,3 +524,26 @@ def test_normalise_map() -> None:
     assert not flat.any()
     empty, _, _ = normalise_map(np.full((4, 4), np.nan, np.float32))
     assert not empty.any()
+
+
+@pytest.mark.parametrize("kind", ["cxr", "chestct"])
+def test_key_images_are_valid_secondary_captures(kind: str, studies: dict[str, Study],
+                                                 tmp_path: Path) -> None:
+    study = studies[kind]
+    inp = report_input(study)
+    objs = build_reports(study.datasets(), inp, software_version="9.9", key_images=True)
+    assert 1 <= len(objs.key_images) <= 4
+    again = build_reports(study.datasets(), inp, software_version="9.9", key_images=True)
+    uids = [str(d.SOPInstanceUID) for d in objs.key_images]
+    assert [str(d.SOPInstanceUID) for d in again.key_images] == uids
+    for i, sc in enumerate(objs.key_images):
+        assert_valid(sc, tmp_path / f"sc{i}.dcm", "SC")
+        assert sc.StudyInstanceUID == study.series.study_instance_uid
+        assert sc.PhotometricInterpretation == "RGB" and sc.Manufacturer == "triage-node"
+        rgb = pydicom.dcmread(tmp_path / f"sc{i}.dcm").pixel_array
+        assert rgb.shape[-1] == 3 and rgb.shape[:2] == study.series.array.shape[-2:]
+    if kind == "chestct":  # the slice through the lesion's centroid is among them
+        k = round(inp.lesions[0]["centroid_index"][0])
+        assert str(study.series.sop_instance_uids[k]) in {
+            str(sc.SourceImageSequence[0].ReferencedSOPInstanceUID) for sc in objs.key_images}
+    assert build_reports(study.datasets(), inp, software_version="9.9").key_images == []

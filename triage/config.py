@@ -181,6 +181,7 @@ class DispatchSettings(_Section):
     max_age_seconds: float = Field(7 * 24 * 3600.0, gt=0)  # then the delivery is a dead letter
     poll_seconds: float = Field(1.0, gt=0)
     timeout_seconds: float = Field(30.0, gt=0)  # association and DIMSE timeouts
+    key_images: bool = False  # also Secondary Capture heat-map images, for viewers without SEG
 
     @field_validator("calling_ae_title")
     @classmethod

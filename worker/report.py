@@ -72,9 +72,11 @@ def report_result(ctx: NodeContext, result_id: int) -> str:
             log_p_normal=r.log_p_normal, percentile=r.percentile, abnormal_cm3=r.abnormal_cm3,
             lesions=list(r.lesions or []), map=values, threshold=d.get("map_threshold"),
             slice_order=list(d.get("slice_order") or []), predecessor=_predecessor(ctx, r))
-        objects = build_reports(source, inp, software_version=software_version())
+        objects = build_reports(source, inp, software_version=software_version(),
+                                key_images=ctx.settings.dispatch.key_images)
         outputs: list[dict[str, Any]] = []
-        for what, ds in [("sr", objects.sr), *((f"seg{i}", seg) for i, seg in enumerate(objects.segs))]:
+        for what, ds in [("sr", objects.sr), *((f"seg{i}", seg) for i, seg in enumerate(objects.segs)),
+                         *((f"sc{i}", sc) for i, sc in enumerate(objects.key_images))]:
             buf = io.BytesIO()
             ds.save_as(buf, enforce_file_format=True)
             key = ctx.blobs.key("output", str(ds.SOPInstanceUID))

@@ -120,6 +120,7 @@ class ReportObjects:
     sr: Dataset
     segs: list[Dataset]  # fractional first, binary second when present
     notes: list[str]  # why something was left out
+    key_images: list[Dataset] = field(default_factory=list)  # Secondary Capture, when asked for
 
 
 def algorithm_equipment(inp: ReportInput) -> hd.ContributingEquipment:
@@ -226,7 +227,8 @@ def _check_map(headers: Sequence[Dataset], inp: ReportInput) -> None:
 # --------------------------------------------------------------------------- entry point
 
 
-def build_reports(source: Sequence[Dataset], inp: ReportInput, *, software_version: str) -> ReportObjects:
+def build_reports(source: Sequence[Dataset], inp: ReportInput, *, software_version: str,
+                  key_images: bool = False) -> ReportObjects:
     """The SR and SEGs of one result version (see the module docstring).
 
     ``source``: the full source data sets of the analysed series, any order (pixel data is
@@ -249,8 +251,21 @@ def build_reports(source: Sequence[Dataset], inp: ReportInput, *, software_versi
         if isinstance(exc, ReportError):
             raise
         raise ReportError(f"cannot build the {inp.kind} report: {type(exc).__name__}: {exc}") from exc
+    keys: list[Dataset] = []
+    if key_images and inp.map is not None:
+        from triage.report.sc import build_key_images
+
+        by_uid = {str(ds.SOPInstanceUID): ds for ds in source}
+        ordered = [by_uid[str(h.SOPInstanceUID)] for h in headers]
+        try:
+            keys = build_key_images(ordered, inp.map, kind=inp.kind, result_id=inp.result_id,
+                                    version=inp.version, lesions=inp.lesions, equipment=equipment)
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise ReportError(f"cannot build the key images: {type(exc).__name__}: {exc}") from exc
+    elif key_images:
+        notes.append("no key images: the result has no map")
     for note in notes:
         log.info("report for result %d version %d: %s", inp.result_id, inp.version, note)
     log.info("report for result %d version %d (%s): SR with %d lesion(s), %d SEG(s)",
              inp.result_id, inp.version, inp.kind, len(inp.lesions), len(segs))
-    return ReportObjects(sr=sr, segs=segs, notes=notes)
+    return ReportObjects(sr=sr, segs=segs, notes=notes, key_images=keys)

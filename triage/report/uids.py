@@ -23,7 +23,8 @@ _NAMESPACE = uuid.UUID("2b4e9bbc-0a9a-5353-ad62-3b9049dcab93")  # uuid5(URL, "ur
 _SCHEME = "triage-report-v1"
 _SEP = "\x1f"  # never inside the parts (ints and fixed words), so names cannot collide
 
-OUTPUTS = frozenset({"sr", "seg-binary", "seg-fractional", "sr-series", "seg-series"})
+OUTPUTS = frozenset({"sr", "seg-binary", "seg-fractional", "sr-series", "seg-series", "sc-series",
+                     *(f"sc{i}" for i in range(1, 9))})
 """The ``what`` values :func:`output_uid` accepts."""
 
 
