@@ -260,3 +260,34 @@ def test_tls_a_silent_connection_does_not_block_other_clients(tls_scp: tuple[Sto
         assert established, "a good client could not associate while another connection was silent"
     finally:
         silent.close()
+
+
+def test_dispatch_delivers_over_tls_with_a_client_certificate(tls_scp: tuple[StorageSCP, Settings],
+                                                              pki: PKI, tmp_path: Path) -> None:
+    """The delivery outbox as a TLS client: our certificate for the PACS, its CA trusted."""
+    from sqlalchemy import func, select
+    from test_dispatch import _result
+
+    from storage.blobs import BlobStore
+    from storage.models import Instance, Result
+    from triage.config import DispatchSettings
+    from triage.dispatch import Sender, plan_deliveries
+
+    scp, _ = tls_scp
+    blobs = BlobStore(tmp_path / "out")
+
+    def cfg(cert: Path, key_file: Path) -> DispatchSettings:
+        return load_settings(dispatch={"timeout_seconds": 5, "destinations": [{
+            "name": "pacs", "ae_title": "TRIAGE", "host": "127.0.0.1", "port": scp.port,
+            "tls": {"certificate": str(cert), "key": str(key_file), "client_ca": str(pki.ca)}}]}).dispatch
+
+    good = cfg(pki.client_cert, pki.client_key)
+    r, outputs = _result(scp.db, blobs, n_objects=1)
+    with scp.db.session() as s:
+        assert plan_deliveries(s, s.get(Result, r.id), outputs, good) == 1  # type: ignore[arg-type]
+    bad = Sender(scp.db, blobs, cfg(pki.other_client_cert, pki.other_client_key))
+    assert bad.echo_all()["pacs"] is not None  # an untrusted client certificate is refused
+    assert Sender(scp.db, blobs, good).echo_all() == {"pacs": None}
+    assert Sender(scp.db, blobs, good).run_once() == {"dead": 0, "sent": 1, "failed": 0}
+    with scp.db.sessions() as s:  # received and indexed by the TLS SCP
+        assert s.scalar(select(func.count()).select_from(Instance)) == 1
