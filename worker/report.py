@@ -29,6 +29,10 @@ __all__ = ["DeliveryLoop", "report_result"]
 
 log = logging.getLogger(__name__)
 
+WAKE = threading.Event()
+"""Set when a result's deliveries were queued in this process: the loop sends at once
+instead of at its next poll (other processes' results wait for the poll)."""
+
 
 def software_version() -> str:
     try:
@@ -100,6 +104,8 @@ def report_result(ctx: NodeContext, result_id: int) -> str:
         s.add(AuditEvent(actor="reporter", action="reports built", series_id=row.series_id,
                          detail={"result": row.id, "objects": [o["what"] for o in outputs],
                                  "deliveries": n, "notes": objects.notes}))
+    if n:
+        WAKE.set()
     return "ready"
 
 
@@ -119,6 +125,7 @@ class DeliveryLoop:
 
     def stop(self) -> None:
         self._stop.set()
+        WAKE.set()
         self._thread.join(timeout=30)
 
     def _pending_reports(self) -> list[int]:
@@ -129,7 +136,11 @@ class DeliveryLoop:
 
     def _run(self) -> None:
         self.sender.echo_all()
-        while not self._stop.wait(self.ctx.settings.dispatch.poll_seconds):
+        while not self._stop.is_set():
+            WAKE.wait(self.ctx.settings.dispatch.poll_seconds)
+            WAKE.clear()
+            if self._stop.is_set():
+                break
             try:
                 for rid in self._pending_reports():
                     report_result(self.ctx, rid)
