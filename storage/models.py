@@ -223,6 +223,37 @@ class Delivery(Base):
     delivered_at: Mapped[dt.datetime | None]
 
 
+class User(Base):
+    """A person who logs in to the web page (roles ``viewer`` and ``admin``)."""
+
+    __tablename__ = "user_account"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(256))  # scrypt, with its parameters and salt
+    role: Mapped[str] = mapped_column(String(16), default="viewer")
+    failed_logins: Mapped[int] = mapped_column(default=0)
+    locked_until: Mapped[dt.datetime | None]
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class ApiToken(Base):
+    """A machine client's bearer token; only its SHA-256 is stored."""
+
+    __tablename__ = "api_token"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("user_account.id"), index=True)
+    name: Mapped[str] = mapped_column(String(64))
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    last_used_at: Mapped[dt.datetime | None]
+    revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+
+    user: Mapped[User] = relationship()
+
+
 class AuditEvent(Base):
     """What happened, for the timeline and the audit log (never patient identifiers)."""
 
@@ -236,4 +267,5 @@ class AuditEvent(Base):
     detail: Mapped[dict[str, Any]] = mapped_column(default=dict)
 
 
-__all__ = ["AuditEvent", "Base", "Delivery", "Instance", "Job", "Result", "Series", "Study", "utcnow"]
+__all__ = ["ApiToken", "AuditEvent", "Base", "Delivery", "Instance", "Job", "Result", "Series", "Study",
+           "User", "utcnow"]

@@ -29,6 +29,9 @@ from flows.presets import get_preset
 from storage.db import Database
 from storage.migrate import upgrade
 
+# Nodes started by the tests serve their web page on a free port, never a fixed one.
+os.environ.setdefault("TRIAGE_WEB__PORT", "0")
+
 POSTGRES_URL_ENV = "TRIAGE_TEST_POSTGRES_URL"
 POSTGRES_DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/test"
 

@@ -518,6 +518,62 @@ def deliveries_cancel(ids: Annotated[list[int], typer.Argument(help="delivery id
 
 
 @app.command()
+def web(config: ConfigOpt = None) -> None:
+    """Run only the web page, the API and /metrics (for set-ups that scale parts apart)."""
+    import uvicorn
+
+    from triage.web.api import create_app
+
+    s = _settings(config)
+    uvicorn.run(create_app(s), host=s.web.host, port=s.web.port, log_level="info")
+
+
+user_app = typer.Typer(help="Web users and API tokens.", no_args_is_help=True)
+app.add_typer(user_app, name="user")
+
+
+@user_app.command("add")
+def user_add(username: Annotated[str, typer.Argument()],
+             role: Annotated[str, typer.Option(help="viewer or admin")] = "viewer",
+             config: ConfigOpt = None,
+             password: Annotated[str | None, typer.Option(
+                 help="read from the TRIAGE_NEW_PASSWORD variable or asked for when not given",
+                 envvar="TRIAGE_NEW_PASSWORD")] = None) -> None:
+    """Create a user who can log in (the password is asked for twice)."""
+    from storage.db import Database
+    from triage.web.security import create_user
+
+    s = _settings(config)
+    pw = password or typer.prompt("password", hide_input=True, confirmation_prompt=True)
+    try:
+        with Database(s.database_url).session() as ss:
+            create_user(ss, username, pw, role)
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    console.print(f"user {username} ({role}) created")
+
+
+@user_app.command("token")
+def user_token(username: Annotated[str, typer.Argument()],
+               name: Annotated[str, typer.Option(help="what the token is for")] = "api",
+               config: ConfigOpt = None) -> None:
+    """Create an API token for a user; it is printed once (only its hash is stored)."""
+    from sqlalchemy import select
+
+    from storage.db import Database
+    from storage.models import User
+    from triage.web.security import create_token
+
+    s = _settings(config)
+    with Database(s.database_url).session() as ss:
+        u = ss.scalar(select(User).where(User.username == username))
+        if u is None:
+            raise _fail(f"no user {username!r} (create it with `triage user add`)")
+        token = create_token(ss, u, name)
+    typer.echo(token)
+
+
+@app.command()
 def worker(config: ConfigOpt = None,
            queues: Annotated[str, typer.Option(help="comma-separated Celery queues")] = "gpu",
            concurrency: Annotated[int, typer.Option(help="worker processes")] = 1,

@@ -189,6 +189,12 @@ class DispatchSettings(_Section):
         return _ae_title(v)
 
 
+class WebSettings(_Section):
+    enabled: bool = True  # triage serve also serves the web page and API
+    host: str = "127.0.0.1"  # behind a TLS reverse proxy in production
+    port: int = Field(8080, ge=0, le=65535)
+
+
 class RankSettings(_Section):
     """Priority levels (1 urgent .. 4 routine); "abnormal" itself is the bundle's calibrated threshold."""
 
@@ -231,6 +237,7 @@ class Settings(BaseSettings):
     executor: ExecutorSettings = ExecutorSettings()
     dispatch: DispatchSettings = DispatchSettings()
     rank: RankSettings = RankSettings()
+    web: WebSettings = WebSettings()
     celery: CelerySettings = CelerySettings()
 
     @classmethod

@@ -72,6 +72,7 @@ class Node:
         self.port: int | None = None
         self._stop = threading.Event()
         self._parts: list[Any] = []
+        self.web: Any = None
 
     @property
     def pid_file(self) -> Path:
@@ -109,6 +110,14 @@ class Node:
         from worker.report import DeliveryLoop
 
         self._parts.append(DeliveryLoop(ctx).start())
+        if self.settings.web.enabled:
+            from triage.web import WebServer
+            from triage.web.api import create_app
+
+            w = self.settings.web
+            self.web = WebServer(create_app(self.settings, ctx.db), w.host, w.port).start()
+            self._parts.append(self.web)
+            log.info("web page and API on http://%s:%d/", w.host, self.web.port)
         threading.Thread(target=self._watch, name="scp-watch", daemon=True).start()
         return self
 
