@@ -223,6 +223,16 @@ class Delivery(Base):
     delivered_at: Mapped[dt.datetime | None]
 
 
+class NodeInfo(Base):
+    """Facts about this installation, e.g. ``installation_id`` (random, set by migration 0003):
+    it enters every output UID, so two nodes (or a reinstalled one) never reuse each other's."""
+
+    __tablename__ = "node_info"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(String(256))
+
+
 class User(Base):
     """A person who logs in to the web page (roles ``viewer`` and ``admin``)."""
 
@@ -267,5 +277,5 @@ class AuditEvent(Base):
     detail: Mapped[dict[str, Any]] = mapped_column(default=dict)
 
 
-__all__ = ["ApiToken", "AuditEvent", "Base", "Delivery", "Instance", "Job", "Result", "Series", "Study",
-           "User", "utcnow"]
+__all__ = ["ApiToken", "AuditEvent", "Base", "Delivery", "Instance", "Job", "NodeInfo", "Result", "Series",
+           "Study", "User", "utcnow"]

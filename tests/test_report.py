@@ -547,3 +547,11 @@ def test_key_images_are_valid_secondary_captures(kind: str, studies: dict[str, S
         assert str(study.series.sop_instance_uids[k]) in {
             str(sc.SourceImageSequence[0].ReferencedSOPInstanceUID) for sc in objs.key_images}
     assert build_reports(study.datasets(), inp, software_version="9.9").key_images == []
+
+
+def test_output_uids_differ_between_installations() -> None:
+    from triage.report.uids import output_uid
+
+    a = output_uid(1, 1, "sr", "a" * 32)
+    assert a == output_uid(1, 1, "sr", "a" * 32) != output_uid(1, 1, "sr", "b" * 32)
+    assert output_uid(1, 1, "sr", "a" * 32) != output_uid(1, 1, "sr")

@@ -21,7 +21,7 @@ import numpy as np
 import pydicom
 from sqlalchemy import select
 
-from storage.models import AuditEvent, Instance, Result, utcnow
+from storage.models import AuditEvent, Instance, NodeInfo, Result, utcnow
 from triage.dispatch import Sender, plan_deliveries
 from worker.tasks import NodeContext
 
@@ -39,6 +39,18 @@ def software_version() -> str:
         return version("triage-node")
     except PackageNotFoundError:
         return "0+unknown"
+
+
+def installation_id(ctx: NodeContext) -> str:
+    """This node's random identity (created by migration 0003), cached per process."""
+    cached = getattr(ctx, "_installation", None)
+    if cached is None:
+        with ctx.db.sessions() as s:
+            cached = s.scalar(select(NodeInfo.value).where(NodeInfo.key == "installation_id"))
+        if not cached:
+            raise RuntimeError("the database has no installation_id; run `triage db upgrade`")
+        ctx._installation = cached  # type: ignore[attr-defined]
+    return str(cached)
 
 
 def _predecessor(ctx: NodeContext, r: Result) -> tuple[str, str, str] | None:
@@ -75,7 +87,8 @@ def report_result(ctx: NodeContext, result_id: int) -> str:
             score=r.score, abnormal=r.abnormal, priority=r.priority, log_posterior=r.log_posterior,
             log_p_normal=r.log_p_normal, percentile=r.percentile, abnormal_cm3=r.abnormal_cm3,
             lesions=list(r.lesions or []), map=values, threshold=d.get("map_threshold"),
-            slice_order=list(d.get("slice_order") or []), predecessor=_predecessor(ctx, r))
+            slice_order=list(d.get("slice_order") or []), predecessor=_predecessor(ctx, r),
+            installation=installation_id(ctx))
         objects = build_reports(source, inp, software_version=software_version(),
                                 key_images=ctx.settings.dispatch.key_images)
         outputs: list[dict[str, Any]] = []

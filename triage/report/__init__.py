@@ -113,6 +113,7 @@ class ReportInput:
     slice_order: list[str] = field(default_factory=list)  # SOPInstanceUIDs in map order
     # (SOPClassUID, SOPInstanceUID, SeriesInstanceUID) of the previous version's SR
     predecessor: tuple[str, str, str] | None = None
+    installation: str = ""  # the node's installation_id: part of every output UID
 
 
 @dataclass
@@ -148,7 +149,7 @@ def _check_input(inp: ReportInput) -> None:
     for name in ("bundle_name", "bundle_version", "bundle_fingerprint", "method"):
         if not isinstance(getattr(inp, name), str):
             raise ReportError(f"{name} must be a string")
-    output_uid(inp.result_id, inp.version, "sr")  # raises ValueError for a bad identity
+    output_uid(inp.result_id, inp.version, "sr", inp.installation)  # ValueError for a bad identity
     prio = inp.priority
     if isinstance(prio, bool) or not isinstance(prio, int | np.integer) or not 1 <= prio <= 4:
         raise ReportError(f"priority must be an integer 1..4, got {inp.priority!r}")
@@ -259,7 +260,8 @@ def build_reports(source: Sequence[Dataset], inp: ReportInput, *, software_versi
         ordered = [by_uid[str(h.SOPInstanceUID)] for h in headers]
         try:
             keys = build_key_images(ordered, inp.map, kind=inp.kind, result_id=inp.result_id,
-                                    version=inp.version, lesions=inp.lesions, equipment=equipment)
+                                    version=inp.version, lesions=inp.lesions, equipment=equipment,
+                                    installation=inp.installation)
         except (ValueError, TypeError, AttributeError) as exc:
             raise ReportError(f"cannot build the key images: {type(exc).__name__}: {exc}") from exc
     elif key_images:

@@ -66,10 +66,10 @@ def _slices(inp_map: np.ndarray, lesions: Sequence[dict[str, object]]) -> list[i
 
 def build_key_images(ordered_sources: Sequence[Dataset], values: np.ndarray, *, kind: str, result_id: int,
                      version: int, lesions: Sequence[dict[str, object]],
-                     equipment: Sequence[hd.ContributingEquipment]) -> list[Dataset]:
+                     equipment: Sequence[hd.ContributingEquipment], installation: str = "") -> list[Dataset]:
     """Secondary Capture images; ``ordered_sources`` in map order (with pixel data)."""
     norm, _, _ = normalise_map(values)
-    series_uid = output_uid(result_id, version, "sc-series")
+    series_uid = output_uid(result_id, version, "sc-series", installation)
     out: list[Dataset] = []
     for n, k in enumerate(_slices(np.asarray(values), lesions), 1):
         src = ordered_sources[k]
@@ -81,7 +81,7 @@ def build_key_images(ordered_sources: Sequence[Dataset], values: np.ndarray, *, 
         sc = hd.sc.SCImage.from_ref_dataset(
             ref_dataset=src, pixel_array=rgb, photometric_interpretation="RGB", bits_allocated=8,
             coordinate_system="PATIENT", series_instance_uid=series_uid, series_number=SERIES_NUMBER,
-            sop_instance_uid=output_uid(result_id, version, f"sc{n}"), instance_number=n,
+            sop_instance_uid=output_uid(result_id, version, f"sc{n}", installation), instance_number=n,
             manufacturer=MANUFACTURER, patient_orientation=orientation or ("L", "F"),
             transfer_syntax_uid=ExplicitVRLittleEndian, contributing_equipment=list(equipment))
         sc.SeriesDescription = "AI triage key images (not for diagnosis)"

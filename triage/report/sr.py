@@ -179,7 +179,8 @@ def _series_group(inp: ReportInput, algorithm: hd.sr.AlgorithmIdentification, no
     ]
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=tracking_uid(inp.result_id, inp.version, -1), identifier="AI triage result"),
+            uid=tracking_uid(inp.result_id, inp.version, -1, inp.installation),
+            identifier="AI triage result"),
         algorithm_id=algorithm, measurements=measurements, qualitative_evaluations=evaluations)
 
 
@@ -228,7 +229,8 @@ def _lesion_groups(inp: ReportInput, headers: Sequence[Dataset], binary: Dataset
         lesion = inp.lesions[i]
         common = {
             "tracking_identifier": hd.sr.TrackingIdentifier(
-                uid=tracking_uid(inp.result_id, inp.version, i), identifier=f"lesion {i + 1}"),
+                uid=tracking_uid(inp.result_id, inp.version, i, inp.installation),
+                identifier=f"lesion {i + 1}"),
             "finding_type": _LESION, "finding_category": _CATEGORY, "algorithm_id": algorithm,
             "measurements": _lesion_measurements(lesion, planar),
         }
@@ -279,9 +281,9 @@ def build_sr(headers: Sequence[Dataset], inp: ReportInput, *, segs: Sequence[Dat
     return hd.sr.Comprehensive3DSR(
         evidence=[*headers, *segs],
         content=report[0],
-        series_instance_uid=output_uid(inp.result_id, inp.version, "sr-series"),
+        series_instance_uid=output_uid(inp.result_id, inp.version, "sr-series", inp.installation),
         series_number=SR_SERIES_NUMBER,
-        sop_instance_uid=output_uid(inp.result_id, inp.version, "sr"),
+        sop_instance_uid=output_uid(inp.result_id, inp.version, "sr", inp.installation),
         instance_number=1,
         manufacturer=MANUFACTURER,
         is_complete=True,

@@ -40,22 +40,30 @@ def _check_identity(result_id: int, version: int) -> None:
         raise ValueError(f"version must be a positive integer, got {version!r}")
 
 
-def output_uid(result_id: int, version: int, what: str) -> str:
+def _installation(installation: str) -> list[str]:
+    if _SEP in installation:
+        raise ValueError("an installation id cannot contain the separator")
+    return [installation] if installation else []
+
+
+def output_uid(result_id: int, version: int, what: str, installation: str = "") -> str:
     """The UID of output ``what`` (one of :data:`OUTPUTS`) of version ``version`` of result
-    ``result_id``: the same arguments always give the same UID (<= 64 characters)."""
+    ``result_id`` of the node ``installation`` (its random ``installation_id``, so that two
+    nodes, or one reinstalled, never produce the same UID): the same arguments always give
+    the same UID (<= 64 characters)."""
     _check_identity(result_id, version)
     if what not in OUTPUTS:
         raise ValueError(f"what must be one of {sorted(OUTPUTS)}, got {what!r}")
-    return _uid("output", result_id, version, what)
+    return _uid("output", *_installation(installation), result_id, version, what)
 
 
-def tracking_uid(result_id: int, version: int, lesion_index: int) -> str:
+def tracking_uid(result_id: int, version: int, lesion_index: int, installation: str = "") -> str:
     """Tracking Unique Identifier of lesion ``lesion_index`` (0-based) of a result version
     (``-1``: the whole-series measurement group)."""
     _check_identity(result_id, version)
     if isinstance(lesion_index, bool) or not isinstance(lesion_index, int) or lesion_index < -1:
         raise ValueError(f"lesion_index must be an integer >= -1, got {lesion_index!r}")
-    return _uid("tracking", result_id, version, lesion_index)
+    return _uid("tracking", *_installation(installation), result_id, version, lesion_index)
 
 
 def device_uid(bundle_name: str, bundle_version: str, bundle_fingerprint: str) -> str:
