@@ -199,7 +199,12 @@ def analyse_series(files: Sequence[Path], kind: str, models: Models,
                else _posterior(kind, bundle, s, levels))
         if kind == "bct" and models.path("bct_patch") is not None:
             extra = _patch_map(kind, models.get("bct_patch"), s, levels)
+            # the map, its threshold and lesions come from the patch bundle; the decision and
+            # the level are the more urgent of the two
             out.abnormal_cm3, out.lesions, out.map = extra.abnormal_cm3, extra.lesions, extra.map
+            out.details.update({k: extra.details[k] for k in ("map_threshold", "T_cm3", "voxel_threshold")})
+            out.abnormal = out.abnormal or extra.abnormal
+            out.priority = min(out.priority, extra.priority)
             out.details["patch_bundle"] = f"{extra.bundle.name} {extra.bundle.version}"
     except (ValueError, BundleError, ScoringError) as exc:  # PatchMapError is a ValueError
         raise AnalysisError(f"scoring failed: {exc}") from exc

@@ -152,7 +152,8 @@ def on_release(db: Database, association_id: str, settings: Settings) -> list[in
                         .distinct()).all()
         now = utcnow()
         for sid in ids:
-            series = s.get(Series, sid)
+            # FOR UPDATE: an instance being indexed into this series (PostgreSQL) finishes first
+            series = s.get(Series, sid, with_for_update=True)
             if series is None or series.state != "receiving":
                 continue
             series.released_at = now
@@ -176,7 +177,7 @@ def finish_quiet(db: Database, settings: Settings, now: dt.datetime | None = Non
                                                 Series.last_received_at <= cutoff)).all()
     for sid in due:
         with db.session() as s:
-            series = s.get(Series, sid)
+            series = s.get(Series, sid, with_for_update=True)
             if series is None or series.state != "receiving" or series.last_received_at > cutoff:
                 continue
             quiet = settings.assemble.quiet_seconds

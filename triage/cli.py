@@ -407,15 +407,16 @@ def _log_level(verbose: bool) -> int:
 def serve(config: ConfigOpt = None,
           verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
     """Run the node: storage SCP (own process), series assembly, routing and the executor."""
-    from triage.serve import Node, _configure_logging
+    from triage.serve import Node, _configure_logging, stop_on_signals
 
     s = _settings(config)
     _configure_logging(_log_level(verbose))
+    stop = stop_on_signals()
     node = Node(s, log_level=_log_level(verbose)).start()
     r = s.receive
     console.print(f"[green]triage node up[/]: AE {r.ae_title} on port {node.port}, "
                   f"executor {s.executor.kind}, database {s.database_url.split('://')[0]}")
-    node.wait()
+    node.wait(stop)
 
 
 @app.command()

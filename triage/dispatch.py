@@ -138,7 +138,7 @@ class Sender:
         with self.db.session() as s:
             n = cast(CursorResult[Any], s.execute(
                 update(Delivery)
-                .where(Delivery.state.in_(("pending", "sending")), Delivery.created_at < cutoff)
+                .where(Delivery.state == "pending", Delivery.created_at < cutoff)
                 .values(state="dead", next_attempt_at=now)
                 .execution_options(synchronize_session=False))).rowcount
         if n:
@@ -204,13 +204,13 @@ class Sender:
                     continue
                 try:
                     ds = pydicom.dcmread(self.blobs.path(r.blob))
-                except (OSError, ValueError) as exc:
-                    outs.append(_Outcome(False, f"stored object unreadable: {exc}"))
+                except Exception as exc:  # missing, truncated, not DICOM: this row fails, not the pass
+                    outs.append(_Outcome(False, f"stored object unreadable: {type(exc).__name__}: {exc}"))
                     continue
                 try:
                     st = assoc.send_c_store(ds)
-                except (ValueError, RuntimeError) as exc:
-                    outs.append(_Outcome(False, f"C-STORE not sent: {exc}"))
+                except Exception as exc:
+                    outs.append(_Outcome(False, f"C-STORE not sent: {type(exc).__name__}: {exc}"))
                     continue
                 code = int(st.Status) if st and "Status" in st else None
                 if code in _SUCCESS:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import math
 import re
 import struct
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from sqlalchemy import select, update
-from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import DataError, IntegrityError, OperationalError, SQLAlchemyError
 
 from storage.blobs import BlobStore
 from storage.db import Database
@@ -98,11 +99,13 @@ def _check_uid(ds: Dataset, name: str) -> str:
 
 
 def _int(ds: Dataset, name: str) -> int | None:
+    """An integer attribute, or None when absent, malformed or beyond 32 bits (the columns)."""
     try:
         v = ds.get(name)
-        return None if v is None or v == "" else int(v)
-    except (TypeError, ValueError):
+        out = None if v is None or v == "" else int(v)
+    except (TypeError, ValueError, OverflowError):
         return None
+    return out if out is None or -(2**31) <= out < 2**31 else None
 
 
 def _floats(ds: Dataset, name: str, n: int) -> list[float] | None:
@@ -111,7 +114,7 @@ def _floats(ds: Dataset, name: str, n: int) -> list[float] | None:
         if v is None:
             return None
         out = [float(x) for x in (v if isinstance(v, list | tuple | pydicom.multival.MultiValue) else [v])]
-        return out if len(out) == n else None
+        return out if len(out) == n and all(math.isfinite(x) for x in out) else None
     except (TypeError, ValueError):
         return None
 
@@ -131,7 +134,9 @@ def _json_value(v: Any) -> Any:
     if isinstance(v, pydicom.multival.MultiValue | list | tuple):
         return [_json_value(x) for x in v]
     if isinstance(v, int | float) and not isinstance(v, bool):
-        return float(v) if isinstance(v, float) else int(v)
+        if isinstance(v, float):
+            return float(v) if math.isfinite(v) else None  # JSON has no NaN
+        return int(v)
     return str(v)[:128]
 
 
@@ -218,6 +223,8 @@ def _check_pixels(data: bytes, ds: Dataset, ts: UID, offset: int, rows: int, col
     have = min(length, len(data) - start)
     if keyword == "PixelData":
         need = _native_pixel_bytes(ds, rows, cols, frames)
+        if str(ds.get("PhotometricInterpretation", "")).strip() == "YBR_FULL_422":
+            need = need * 2 // 3  # two chroma samples are shared by each pair of pixels
     else:
         need = rows * cols * frames * (4 if keyword == "FloatPixelData" else 8)
     if have < need:
@@ -230,7 +237,7 @@ def _at_pixels(tag: Any, vr: str | None, length: int) -> bool:
 
 def parse_header(data: bytes, *, negotiated_sop_class: str | None = None, max_side: int = 16384,
                  max_frames: int = 4096, dataset_start: int | None = None,
-                 transfer_syntax: str | None = None) -> Header:
+                 transfer_syntax: str | None = None, affected_sop_instance: str | None = None) -> Header:
     """Parse and check one received instance (Part 10 bytes with file meta).
 
     Only the header is parsed; the pixel element is checked from its element header (present,
@@ -258,6 +265,8 @@ def parse_header(data: bytes, *, negotiated_sop_class: str | None = None, max_si
     study_uid = _check_uid(ds, "StudyInstanceUID")
     if negotiated_sop_class is not None and sop_class != negotiated_sop_class:
         raise Refused(DOES_NOT_MATCH, "SOP Class UID in the data set differs from the negotiated one")
+    if affected_sop_instance is not None and sop_uid != affected_sop_instance:
+        raise Refused(DOES_NOT_MATCH, "SOP Instance UID in the data set differs from the request's")
 
     is_image = _is_image_class(sop_class)
     rows, cols = _int(ds, "Rows"), _int(ds, "Columns")
@@ -356,18 +365,19 @@ class Ingest:
         prefix = part10_prefix(sop_class, sop_instance, transfer_syntax, calling_ae)
         return self.store(prefix + dataset, transfer_syntax=transfer_syntax, negotiated_sop_class=sop_class,
                           calling_ae=calling_ae, peer=peer, association_id=association_id,
-                          dataset_start=len(prefix))
+                          dataset_start=len(prefix), affected_sop_instance=sop_instance)
 
     def store(self, data: bytes, *, transfer_syntax: str | None = None,
               negotiated_sop_class: str | None = None, calling_ae: str | None = None,
               peer: str | None = None, association_id: str | None = None,
-              dataset_start: int | None = None) -> StoreOutcome:
+              dataset_start: int | None = None, affected_sop_instance: str | None = None) -> StoreOutcome:
         """Store one Part 10 instance; returns the status to answer (never raises for bad input)."""
         try:
             header = parse_header(data, negotiated_sop_class=negotiated_sop_class,
                                   max_side=self.max_side, max_frames=self.max_frames,
                                   dataset_start=dataset_start,
-                                  transfer_syntax=transfer_syntax if dataset_start is not None else None)
+                                  transfer_syntax=transfer_syntax if dataset_start is not None else None,
+                                  affected_sop_instance=affected_sop_instance)
             return self._store(data, header, transfer_syntax, calling_ae, peer, association_id)
         except Refused as exc:
             log.warning("refused an instance from %s (%s): 0x%04X %s", calling_ae, peer, exc.status,
@@ -404,6 +414,9 @@ class Ingest:
                 if attempt == 3:
                     raise Refused(OUT_OF_RESOURCES, "could not index the instance (concurrent "
                                                     "updates); retry") from None
+            except DataError as exc:  # a header value the database cannot hold: retrying will not help
+                self.blobs.delete(key)
+                raise Refused(DOES_NOT_MATCH, "a header value is out of range for the index") from exc
             except (OperationalError, SQLAlchemyError) as exc:
                 raise Refused(OUT_OF_RESOURCES, f"database unavailable ({type(exc).__name__})") from exc
         raise AssertionError("unreachable")

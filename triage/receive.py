@@ -18,10 +18,12 @@ import socket
 import ssl
 import threading
 import uuid
+import weakref
 from ipaddress import ip_address, ip_network
 from typing import Any
 
 from pydicom.dataset import Dataset
+from pydicom.uid import UID
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
@@ -100,11 +102,14 @@ class StorageSCP:
         self.ingest = Ingest(self.db, self.blobs, high_water=settings.storage.high_water,
                              max_side=cfg.max_side, max_frames=cfg.max_frames)
         ae = AE(ae_title=cfg.ae_title)
-        # Every storage SOP class with every transfer syntax pynetdicom knows, compressed too.
+        # Every storage SOP class with every transfer syntax pynetdicom knows, compressed
+        # too, except Deflate: a few MB of deflated zeros inflate to gigabytes before any
+        # size could be checked (a sender that proposes it also proposes an uncompressed one).
+        syntaxes = [t for t in ALL_TRANSFER_SYNTAXES if not UID(t).is_deflated]
         for cx in AllStoragePresentationContexts:
             assert cx.abstract_syntax is not None
-            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
-        ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+            ae.add_supported_context(cx.abstract_syntax, syntaxes)
+        ae.add_supported_context(Verification, syntaxes)
         ae.maximum_associations = cfg.max_associations
         ae.maximum_pdu_size = cfg.max_pdu
         ae.acse_timeout = cfg.acse_timeout
@@ -114,7 +119,7 @@ class StorageSCP:
         ae.require_calling_aet = list(cfg.allowed_calling_aes)
         self.ae = ae
         self._server: _Server | None = None
-        self._assoc_ids: dict[int, str] = {}
+        self._assoc_ids: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
         self.handlers: list[Any] = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, self._on_echo),
                          (evt.EVT_ESTABLISHED, self._on_established), (evt.EVT_RELEASED, self._on_released),
@@ -124,9 +129,9 @@ class StorageSCP:
 
     def _assoc_id(self, assoc: Any) -> str:
         with self._lock:
-            aid = self._assoc_ids.get(id(assoc))
+            aid = self._assoc_ids.get(assoc)
             if aid is None:
-                aid = self._assoc_ids[id(assoc)] = uuid.uuid4().hex
+                aid = self._assoc_ids[assoc] = uuid.uuid4().hex
             return aid
 
     def _on_established(self, event: Any) -> None:
@@ -159,7 +164,7 @@ class StorageSCP:
 
     def _forget(self, assoc: Any) -> str | None:
         with self._lock:
-            return self._assoc_ids.pop(id(assoc), None)
+            return self._assoc_ids.pop(assoc, None)
 
     def _on_released(self, event: Any) -> None:
         aid = self._forget(event.assoc)

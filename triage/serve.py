@@ -24,7 +24,7 @@ from storage.migrate import current_revision, head_revision, upgrade
 from triage.assemble import Assembler
 from triage.config import Settings
 
-__all__ = ["Node", "prepare_database", "run_scp"]
+__all__ = ["Node", "prepare_database", "run_scp", "stop_on_signals"]
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,13 @@ def run_scp(settings: Settings, level: int = logging.INFO, ready: Any = None) ->
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    stop.wait()
+    parent = os.getppid()
+    # If the serve process is killed (SIGKILL, OOM), stop too: an orphan SCP would keep the
+    # port and acknowledge instances that nothing completes or analyses.
+    while not stop.wait(1.0):
+        if os.getppid() != parent:
+            logging.getLogger(__name__).error("the serve process is gone; the SCP stops")
+            break
     scp.stop()
 
 
@@ -145,10 +151,17 @@ class Node:
         self.pid_file.unlink(missing_ok=True)
         self.db.dispose()
 
-    def wait(self) -> None:
-        """Block until SIGTERM or SIGINT, then stop."""
-        stop = threading.Event()
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        signal.signal(signal.SIGINT, lambda *_: stop.set())
+    def wait(self, stop: threading.Event | None = None) -> None:
+        """Block until ``stop`` is set (by default: SIGTERM or SIGINT), then stop."""
+        stop = stop or stop_on_signals()
         stop.wait()
         self.stop()
+
+
+def stop_on_signals() -> threading.Event:
+    """An event set by SIGTERM or SIGINT (install it before starting, so that a signal that
+    arrives during start-up is not lost)."""
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    return stop

@@ -15,6 +15,9 @@ import io
 import logging
 import os
 import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, cast
@@ -25,7 +28,7 @@ from sqlalchemy.exc import IntegrityError
 
 from storage.blobs import BlobStore
 from storage.db import Database
-from storage.models import AuditEvent, Instance, Job, Result, utcnow
+from storage.models import AuditEvent, Instance, Job, Result, Series, utcnow
 from triage.analyze import Analysis, AnalysisError, Models, analyse_series
 from triage.config import Settings
 
@@ -160,12 +163,16 @@ def _finish(ctx: NodeContext, job: Job, worker: str, state: str, reason: str | N
     with ctx.db.session() as s:
         n = _rows(s.execute(
             update(Job).where(Job.id == job.id, Job.state == "running", Job.worker == worker)
-            .values(state=state, reason=reason, finished_at=now, lease_until=None)
+            .values(state=state, reason=reason, finished_at=now if state != "queued" else None,
+                    lease_until=None, worker=worker if state != "queued" else None,
+                    published_at=Job.published_at if state != "queued" else None)
             .execution_options(synchronize_session=False)))
         if n != 1:
             return None
         res = None
         if analysis is not None:
+            # lock the series: two workers finishing results of one series number them in turn
+            s.get(Series, job.series_id, with_for_update=True)
             version = (s.scalar(select(func.max(Result.version)).where(Result.series_id == job.series_id))
                        or 0) + 1
             b = analysis.bundle
@@ -196,6 +203,33 @@ def _save_map(ctx: NodeContext, job: Job, values: np.ndarray) -> str:
     return key
 
 
+@contextmanager
+def _lease_kept(ctx: NodeContext, job_id: int, worker: str) -> Iterator[None]:
+    """Renew the job's lease every third of its length while the analysis runs, so a long
+    analysis is not taken for a dead worker (a dead worker stops renewing)."""
+    stop = threading.Event()
+    period = ctx.settings.executor.lease_seconds / 3
+
+    def renew() -> None:
+        while not stop.wait(period):
+            try:
+                until = utcnow() + dt.timedelta(seconds=ctx.settings.executor.lease_seconds)
+                with ctx.db.session() as s:
+                    s.execute(update(Job)
+                              .where(Job.id == job_id, Job.state == "running", Job.worker == worker)
+                              .values(lease_until=until).execution_options(synchronize_session=False))
+            except Exception:  # the next renewal tries again; the lease still has two thirds left
+                log.warning("job %d: lease renewal failed", job_id, exc_info=True)
+
+    t = threading.Thread(target=renew, name=f"lease-{job_id}", daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join(timeout=5)
+
+
 def run_job(ctx: NodeContext, job_id: int, worker: str, *, claimed: bool = False,
             takeover: str | None = None) -> str:
     """Run one job to its end state; returns ``done``, ``failed``, ``queued`` or ``skipped``.
@@ -214,7 +248,8 @@ def run_job(ctx: NodeContext, job_id: int, worker: str, *, claimed: bool = False
     try:
         if not files:
             raise AnalysisError("the series holds no images")
-        analysis = analyse_series(files, job.kind, ctx.models, ctx.settings.rank)
+        with _lease_kept(ctx, job_id, worker):
+            analysis = analyse_series(files, job.kind, ctx.models, ctx.settings.rank)
         key = _save_map(ctx, job, analysis.map) if analysis.map is not None else None
     except AnalysisError as exc:
         log.warning("job %d (%s) failed: %s", job_id, job.kind, exc)
