@@ -72,9 +72,10 @@ def report_result(ctx: NodeContext, result_id: int) -> str:
         r = s.get(Result, result_id)
         if r is None or r.report_state != "pending":
             return "skipped"
-        keys = list(s.scalars(select(Instance.blob).where(Instance.series_id == r.series_id,
-                                                          Instance.current.is_(True),
-                                                          Instance.is_image.is_(True))))
+        # the instances that were analysed (a changed instance arriving since must not mix in)
+        keys = list((r.details or {}).get("instance_blobs") or s.scalars(
+            select(Instance.blob).where(Instance.series_id == r.series_id, Instance.current.is_(True),
+                                        Instance.is_image.is_(True))))
     try:
         source = [pydicom.dcmread(ctx.blobs.path(k)) for k in keys]
         values = None

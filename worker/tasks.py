@@ -242,14 +242,16 @@ def run_job(ctx: NodeContext, job_id: int, worker: str, *, claimed: bool = False
     with ctx.db.sessions() as s:
         job = s.get(Job, job_id)
         assert job is not None
-        files = [ctx.blobs.path(k) for k in s.scalars(
+        keys = list(s.scalars(
             select(Instance.blob).where(Instance.series_id == job.series_id, Instance.current.is_(True),
-                                        Instance.is_image.is_(True)))]
+                                        Instance.is_image.is_(True))))
+        files = [ctx.blobs.path(k) for k in keys]
     try:
         if not files:
             raise AnalysisError("the series holds no images")
         with _lease_kept(ctx, job_id, worker):
             analysis = analyse_series(files, job.kind, ctx.models, ctx.settings.rank)
+        analysis.details["instance_blobs"] = keys  # the report is built from exactly these
         key = _save_map(ctx, job, analysis.map) if analysis.map is not None else None
     except AnalysisError as exc:
         log.warning("job %d (%s) failed: %s", job_id, job.kind, exc)
