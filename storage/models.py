@@ -264,6 +264,21 @@ class ApiToken(Base):
     user: Mapped[User] = relationship()
 
 
+class WebSession(Base):
+    """A logged-in browser: the cookie holds a random token, the database only its SHA-256."""
+
+    __tablename__ = "web_session"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("user_account.id"), index=True)
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[dt.datetime]
+
+    user: Mapped[User] = relationship()
+
+
 class AuditEvent(Base):
     """What happened, for the timeline and the audit log (never patient identifiers)."""
 
@@ -278,4 +293,4 @@ class AuditEvent(Base):
 
 
 __all__ = ["ApiToken", "AuditEvent", "Base", "Delivery", "Instance", "Job", "NodeInfo", "Result", "Series",
-           "Study", "User", "utcnow"]
+           "Study", "User", "WebSession", "utcnow"]

@@ -80,9 +80,9 @@ def test_cli_db_upgrade_and_current(tmp_path: Path) -> None:
     res = runner.invoke(app, ["db", "current"], env=env)
     assert res.exit_code == 1 and "run `triage db upgrade`" in res.output
     res = runner.invoke(app, ["db", "upgrade"], env=env)
-    assert res.exit_code == 0 and "empty -> 0003" in res.output
+    assert res.exit_code == 0 and "empty -> 0004" in res.output
     res = runner.invoke(app, ["db", "current"], env=env)
-    assert res.exit_code == 0 and "current 0003, head 0003" in res.output
+    assert res.exit_code == 0 and "current 0004, head 0004" in res.output
     res = runner.invoke(app, ["serve"], env={"TRIAGE_RECEIVE__PORT": "-1"})
     assert res.exit_code == 2 and "receive.port (TRIAGE_RECEIVE__PORT)" in res.output
 

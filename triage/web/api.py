@@ -29,6 +29,7 @@ from triage.config import Settings
 from triage.dispatch import Sender
 from triage.rank import PRIORITY_NAMES, worklist
 from triage.web.metrics import registry
+from triage.web.pages import LoginRequired, login_redirect, pages_router
 from triage.web.security import token_user
 
 __all__ = ["create_app"]
@@ -198,6 +199,8 @@ def create_app(settings: Settings, db: Database | None = None) -> FastAPI:
         return {"id": delivery_id, "state": "cancelled"}
 
     app.include_router(api)
+    app.include_router(pages_router(db))
+    app.add_exception_handler(LoginRequired, login_redirect)
 
     @app.get("/metrics", include_in_schema=False)
     def get_metrics(_: Request) -> Response:
