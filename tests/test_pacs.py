@@ -91,8 +91,32 @@ def test_orthanc_routes_to_the_node_and_gets_sr_and_seg_back(
             assert rows and all(d.state == "sent" for d in rows)
             assert len({d.sop_instance_uid for d in rows}) == len(rows)
             assert all(j.state == "done" for j in ss.scalars(select(Job)))
+        _check_study_page(node, next(iter(sent)))
     finally:
         node.stop()
+
+
+def _check_study_page(node: Node, study_uid: str) -> None:
+    """The node's own web page (served by triage serve) shows the study, its overlay and deliveries."""
+    import re
+
+    import httpx
+
+    from triage.web.security import create_user
+
+    with node.db.session() as ss:
+        create_user(ss, "reader", "correct horse battery", "viewer")
+    base = f"http://127.0.0.1:{node.web.port}"
+    with httpx.Client(base_url=base, follow_redirects=True) as c:
+        form = c.get("/login").text
+        token = re.search(r'name="csrf" value="([^"]+)"', form).group(1)  # type: ignore[union-attr]
+        r = c.post("/login", data={"username": "reader", "password": "correct horse battery", "csrf": token,
+                                   "next": f"/studies/{study_uid}"})
+        assert r.status_code == 200 and "Timeline" in r.text and "sent" in r.text
+        img = re.search(r'src="(/results/\d+/overlay.png)"', r.text)
+        assert img, r.text
+        png = c.get(img.group(1))
+        assert png.status_code == 200 and png.content[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_pacs_down_then_back_across_a_node_restart(

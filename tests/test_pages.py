@@ -90,3 +90,27 @@ def test_no_open_redirect_after_login(client: TestClient) -> None:
     r = client.post("/login", data={"username": "ann", "password": PASSWORD, "csrf": _csrf(form.text),
                                     "next": "//evil.example/"})
     assert r.status_code == 303 and r.headers["location"] == "/worklist"
+
+
+def test_retry_a_dead_letter_from_the_page(client: TestClient, sqlite_db: Database, tmp_path: Path) -> None:
+    from test_dispatch import _result
+
+    from storage.blobs import BlobStore
+    from storage.models import Delivery
+
+    res, outputs = _result(sqlite_db, BlobStore(tmp_path / "b"), n_objects=1)
+    with sqlite_db.session() as s:
+        d = Delivery(result_id=res.id, destination="pacs", sop_class_uid=outputs[0]["sop_class"],
+                     sop_instance_uid=outputs[0]["sop_instance"], blob=outputs[0]["blob"], state="dead",
+                     attempts=9, last_error="C-STORE status 0xA700")
+        s.add(d)
+        s.flush()
+        did = d.id
+    _login(client)
+    page = client.get("/deliveries")
+    assert page.status_code == 200 and "0xA700" in page.text and f'data-delivery="{did}"' in page.text
+    assert client.post(f"/deliveries/{did}/retry", data={}).status_code == 403  # no CSRF token
+    r = client.post(f"/deliveries/{did}/retry", data={"csrf": _csrf(page.text)})
+    assert r.status_code == 303
+    with sqlite_db.sessions() as s:
+        assert s.get(Delivery, did).state == "pending"  # type: ignore[union-attr]

@@ -199,7 +199,7 @@ def create_app(settings: Settings, db: Database | None = None) -> FastAPI:
         return {"id": delivery_id, "state": "cancelled"}
 
     app.include_router(api)
-    app.include_router(pages_router(db))
+    app.include_router(pages_router(db, blobs, sender))
     app.add_exception_handler(LoginRequired, login_redirect)
 
     @app.get("/metrics", include_in_schema=False)

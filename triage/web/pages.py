@@ -24,9 +24,11 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from sqlalchemy import delete, select
 
+from storage.blobs import BlobStore
 from storage.db import Database
-from storage.models import AuditEvent, User, WebSession, utcnow
-from triage.rank import worklist
+from storage.models import AuditEvent, Delivery, Result, Series, Study, User, WebSession, utcnow
+from triage.dispatch import Sender
+from triage.rank import PRIORITY_NAMES, worklist
 from triage.web.security import verify_password
 
 __all__ = ["SESSION_COOKIE", "LoginRequired", "login_redirect", "pages_router"]
@@ -56,7 +58,7 @@ class LoginRequired(Exception):  # noqa: N818 (a redirect, not an error)
     """Not logged in: the page redirects to the login form."""
 
 
-def pages_router(db: Database) -> APIRouter:
+def pages_router(db: Database, blobs: BlobStore, sender: Sender) -> APIRouter:
     r = APIRouter(include_in_schema=False)
 
     def current(request: Request) -> tuple[User, WebSession]:
@@ -152,7 +154,116 @@ def pages_router(db: Database) -> APIRouter:
             rows = worklist(s, limit=500, kind=kind)
         return page(request, "worklist.html", rows=rows, user=user, csrf=ws.csrf_token)
 
+    @r.get("/studies/{study_uid}")
+    def study_page(request: Request, study_uid: str) -> HTMLResponse:
+        user, ws = current(request)
+        with db.sessions() as s:
+            st = s.scalar(select(Study).where(Study.study_instance_uid == study_uid))
+            if st is None:
+                raise HTTPException(404, "no such study")
+            series = []
+            for se in s.scalars(select(Series).where(Series.study_id == st.id).order_by(Series.id)):
+                results = list(s.scalars(select(Result).where(Result.series_id == se.id)
+                                         .order_by(Result.version.desc())))
+                deliveries = {}
+                for res in results:
+                    what = {o["sop_instance"]: o["what"] for o in res.outputs or []}
+                    deliveries[res.id] = [
+                        {"id": d.id, "destination": d.destination, "state": d.state, "attempts": d.attempts,
+                         "last_error": d.last_error, "what": _object_name(what.get(d.sop_instance_uid, ""))}
+                        for d in s.scalars(select(Delivery).where(Delivery.result_id == res.id)
+                                           .order_by(Delivery.id))]
+                events = list(s.scalars(select(AuditEvent).where(AuditEvent.series_id == se.id)
+                                        .order_by(AuditEvent.at)))
+                series.append({"row": se, "results": results, "deliveries": deliveries, "events": events})
+        return page(request, "study.html", study=st, series=series, user=user, csrf=ws.csrf_token,
+                    priority_names=PRIORITY_NAMES)
+
+    @r.get("/results/{result_id}/overlay.png")
+    def overlay(request: Request, result_id: int) -> Response:
+        current(request)
+        png = _overlay_png(db, blobs, result_id)
+        return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+
+    @r.get("/deliveries")
+    def deliveries_page(request: Request) -> HTMLResponse:
+        user, ws = current(request)
+        with db.sessions() as s:
+            rows = list(s.scalars(select(Delivery).where(Delivery.state.in_(("pending", "sending", "dead")))
+                                  .order_by(Delivery.id.desc()).limit(500)))
+        return page(request, "deliveries.html", rows=rows, user=user, csrf=ws.csrf_token)
+
+    def _admin_action(request: Request, delivery_id: int, csrf: str, back: str, action: str) -> Response:
+        user, ws = current(request)
+        check_csrf(ws, csrf)
+        if user.role != "admin":
+            raise HTTPException(403, "this needs the admin role")
+        if not getattr(sender, action)(delivery_id, actor=user.username):
+            raise HTTPException(409, f"this delivery cannot be {action}d now")
+        return RedirectResponse(_safe_next(back) if back else "/deliveries", status_code=303)
+
+    @r.post("/deliveries/{delivery_id}/retry")
+    def retry(request: Request, delivery_id: int, csrf: Annotated[str, Form()] = "",
+              back: Annotated[str, Form()] = "") -> Response:
+        return _admin_action(request, delivery_id, csrf, back, "retry")
+
+    @r.post("/deliveries/{delivery_id}/cancel")
+    def cancel(request: Request, delivery_id: int, csrf: Annotated[str, Form()] = "",
+               back: Annotated[str, Form()] = "") -> Response:
+        return _admin_action(request, delivery_id, csrf, back, "cancel")
+
     return r
+
+
+def _object_name(what: str) -> str:
+    if what == "sr":
+        return "SR"
+    if what.startswith("seg"):
+        return "SEG"
+    return "key image" if what.startswith("sc") else what
+
+
+def _overlay_png(db: Database, blobs: BlobStore, result_id: int) -> bytes:
+    """A thumbnail of the result's map over the middle (or most abnormal) source image."""
+    import io
+
+    import numpy as np
+    import pydicom
+    from matplotlib.figure import Figure
+    from pydicom.pixels import apply_modality_lut
+
+    from triage.report.sc import render
+    from triage.report.seg import normalise_map
+
+    with db.sessions() as s:
+        res = s.get(Result, result_id)
+        if res is None or not res.map_blob:
+            raise HTTPException(404, "no map for this result")
+        keys = list((res.details or {}).get("instance_blobs") or [])
+        order = list((res.details or {}).get("slice_order") or [])
+        kind = res.kind
+        values = np.load(io.BytesIO(blobs.get(res.map_blob)), allow_pickle=False).astype(np.float32)
+    if not keys:
+        raise HTTPException(404, "the analysed instances are not recorded")
+    k = 0
+    if values.ndim == 3:
+        filled = np.where(np.isfinite(values), values, -np.inf)
+        k = int(np.unravel_index(np.argmax(filled), filled.shape)[0])
+    by_uid = {}
+    for key in keys:
+        ds = pydicom.dcmread(blobs.path(key), stop_before_pixels=True)
+        by_uid[str(ds.SOPInstanceUID)] = key
+    src = pydicom.dcmread(blobs.path(by_uid[order[k]] if order and order[k] in by_uid else keys[0]))
+    norm, _, _ = normalise_map(values)
+    rgb = render(apply_modality_lut(src.pixel_array, src), norm if norm.ndim == 2 else norm[k], kind,
+                 str(src.get("PhotometricInterpretation", "")) == "MONOCHROME1")
+    fig = Figure(figsize=(3, 3 * rgb.shape[0] / rgb.shape[1]), dpi=100)
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.imshow(rgb)
+    ax.axis("off")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
 
 
 def login_redirect(request: Request, exc: Exception) -> RedirectResponse:
