@@ -39,7 +39,6 @@ over the repeats, a table and one JSON line. Every run is checked: all instances
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import json
 import logging
@@ -58,9 +57,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+# bench/ goes last: bench/flows.py must not shadow the flows package, bench/netkit.py is found
+_BENCH = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH] + [str(_BENCH)]
 
 import numpy as np  # noqa: E402
+from netkit import free_port, listening, tcp_env  # noqa: E402
 from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid  # noqa: E402
 from pynetdicom.transport import ThreadedAssociationServer  # noqa: E402
@@ -180,27 +182,6 @@ def cached_series(n: int) -> Path:
 
 # --------------------------------------------------------------------------- helpers
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "TCP_NODELAY": "1"}
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _listening(port: int) -> bool:
-    """Is something listening on ``port``? (/proc, so as not to open an association)"""
-    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with contextlib.suppress(OSError), open(name) as fh:
-            for line in fh.readlines()[1:]:
-                f = line.split()
-                if f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:
-                    return True
-    return False
-
-
 def _cpu_s(pid: int) -> float:
     """User + system CPU seconds of a process (all its threads)."""
     with open(f"/proc/{pid}/stat") as fh:
@@ -213,7 +194,7 @@ def storescu(folder: Path, port: int, aec: str, log: Path) -> tuple[float, float
     cmd = ["storescu", "-aec", aec, "+sd", "127.0.0.1", str(port), str(folder)]
     with open(log, "ab") as fh:
         t = time.perf_counter()
-        rc = subprocess.run(cmd, env=_env(), stdout=fh, stderr=subprocess.STDOUT).returncode
+        rc = subprocess.run(cmd, env=tcp_env(), stdout=fh, stderr=subprocess.STDOUT).returncode
         secs, end = time.perf_counter() - t, time.time()
     if rc != 0:
         raise RuntimeError(f"storescu exited with {rc}; see {log}")
@@ -234,10 +215,10 @@ def run_storescp(folder: Path, n: int, nbytes: int, work: Path, keep: bool) -> d
     port = free_port()
     with open(log, "ab") as fh:
         proc = subprocess.Popen(["storescp", "-aet", STORESCP_AET, "-od", str(out), str(port)],
-                                env=_env(), stdout=fh, stderr=subprocess.STDOUT)
+                                env=tcp_env(), stdout=fh, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 30
-        while not _listening(port):
+        while not listening(port):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"storescp did not start; see {log}")
             time.sleep(0.02)

@@ -62,7 +62,6 @@ import platform
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -72,10 +71,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+# bench/ goes last: bench/flows.py must not shadow the flows package, bench/netkit.py is found
+_BENCH = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH] + [str(_BENCH)]
 
 import numpy as np  # noqa: E402
 import pydicom  # noqa: E402
+from netkit import free_port, listening, tcp_env  # noqa: E402
 from sqlalchemy import select  # noqa: E402
 
 from storage.models import Delivery, Job, Result, Series  # noqa: E402
@@ -253,27 +255,6 @@ def cached_bundle(kind: str, preset_name: str, device: str | None) -> Path:
 
 # --------------------------------------------------------------------------- the PACS
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "TCP_NODELAY": "1"}
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _listening(port: int) -> bool:
-    """Is something listening on ``port``? (/proc, so as not to open an association)"""
-    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with contextlib.suppress(OSError), open(name) as fh:
-            for line in fh.readlines()[1:]:
-                f = line.split()
-                if f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:
-                    return True
-    return False
-
-
 @dataclass
 class Arrival:
     t: float
@@ -304,9 +285,9 @@ class Pacs:
         with open(self.console, "ab") as fh:
             self.proc = subprocess.Popen(["storescp", "-aet", PACS_AET, "-od", str(self.out),
                                           "--exec-on-reception", cmd, str(self.port)],
-                                         env=_env(), stdout=fh, stderr=subprocess.STDOUT)
+                                         env=tcp_env(), stdout=fh, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
-        while not _listening(self.port):
+        while not listening(self.port):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"storescp did not start; see {self.console}")
             time.sleep(0.02)
@@ -352,7 +333,7 @@ def storescu(study: Study, port: int, log: Path) -> tuple[float, float]:
            str(port), str(study.folder)]
     with open(log, "ab") as fh:
         t = time.perf_counter()
-        rc = subprocess.run(cmd, env=_env(), stdout=fh, stderr=subprocess.STDOUT).returncode
+        rc = subprocess.run(cmd, env=tcp_env(), stdout=fh, stderr=subprocess.STDOUT).returncode
         secs, end = time.perf_counter() - t, time.time()
     if rc != 0:
         raise RuntimeError(f"storescu exited with {rc}; see {log}")

@@ -9,7 +9,7 @@ import subprocess
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import pytest
@@ -37,6 +37,25 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def echo_ok(port: int, called_ae: str = "TRIAGE") -> bool:
+    """Does the node on ``port`` answer C-ECHO?"""
+    from triage.dispatch import c_echo
+
+    return c_echo("127.0.0.1", port, called_ae, calling_ae="PROBE", timeout=5) is None
+
+
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 30) -> None:
+    """Terminate ``proc``, and kill it if it does not exit in ``timeout`` seconds."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
 
 
 def wait_for(check: Callable[[], T | None], timeout: float, what: str, interval: float = 0.2) -> T:

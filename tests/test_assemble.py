@@ -12,7 +12,7 @@ import math
 import os
 import random
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,6 @@ from sqlalchemy import func, select
 
 from storage.blobs import BlobStore
 from storage.db import Database
-from storage.migrate import upgrade
 from storage.models import AuditEvent, Instance, Job, Series, Study
 from triage.assemble import Geometry, check_geometry, complete_series, finish_quiet, on_release
 from triage.config import Settings, default_rules, load_settings
@@ -45,13 +44,9 @@ def settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Settings:
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Iterator[Database]:
-    database = Database(f"sqlite:///{tmp_path}/t.db")
-    upgrade(database)
-    try:
-        yield database
-    finally:
-        database.dispose()
+def db(sqlite_db: Database) -> Database:
+    """Assembly is tested on SQLite (the storage tests cover PostgreSQL)."""
+    return sqlite_db
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from nodekit import cxr_studies, free_port, require_tool, storescu, wait_for
+from nodekit import cxr_studies, free_port, require_tool, stop_process, storescu, wait_for
 from sqlalchemy import select
 
 from flows.bundle import Bundle
@@ -68,12 +68,7 @@ def _worker(s: Settings, cxr: Bundle, log_path: Path) -> Iterator[subprocess.Pop
         try:
             yield proc
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+            stop_process(proc)
 
 
 def _job(db: Database) -> Job | None:
@@ -168,12 +163,7 @@ def _redis_server(port: int, log_path: Path) -> Iterator[redis.Redis]:
             yield client
         finally:
             client.close()
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+            stop_process(proc, timeout=10)
 
 
 def test_unreachable_broker_keeps_the_job_queued_until_redis_returns(

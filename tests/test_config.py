@@ -10,9 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from nodekit import free_port, wait_for
-from pynetdicom import AE
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from nodekit import echo_ok, free_port, wait_for
 from typer.testing import CliRunner
 
 from triage.cli import app
@@ -87,17 +85,6 @@ def test_cli_db_upgrade_and_current(tmp_path: Path) -> None:
     assert res.exit_code == 2 and "receive.port (TRIAGE_RECEIVE__PORT)" in res.output
 
 
-def _echo(port: int) -> bool:
-    ae = AE(ae_title="PROBE")
-    ae.add_requested_context(Verification)
-    assoc = ae.associate("127.0.0.1", port, ae_title="NODE1")
-    if not assoc.is_established:
-        return False
-    ok = int(assoc.send_c_echo().Status) == 0
-    assoc.release()
-    return ok
-
-
 def test_triage_serve_runs_and_stops_on_sigterm(tmp_path: Path) -> None:
     port = free_port()
     cfg = tmp_path / "node.toml"
@@ -107,14 +94,14 @@ def test_triage_serve_runs_and_stops_on_sigterm(tmp_path: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "triage.cli", "serve", "--config", str(cfg)],
                             stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
     try:
-        wait_for(lambda: _echo(port), 60, "triage serve to answer C-ECHO", interval=0.5)
+        wait_for(lambda: echo_ok(port, "NODE1"), 60, "triage serve to answer C-ECHO", interval=0.5)
         assert (tmp_path / "data" / "scp.pid").is_file() and (tmp_path / "data" / "triage.db").is_file()
         t = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
         assert time.monotonic() - t < 30
         assert not (tmp_path / "data" / "scp.pid").exists()
-        assert not _echo(port)
+        assert not echo_ok(port, "NODE1")
     finally:
         if proc.poll() is None:
             proc.kill()

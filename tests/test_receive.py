@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from nodekit import chest_ct_patch_bundle, free_port, storescu, wait_for
+from nodekit import chest_ct_patch_bundle, echo_ok, free_port, storescu, wait_for
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, _config
@@ -255,7 +255,7 @@ def test_sigkill_mid_push_loses_no_acknowledged_instance(tmp_path: Path, ct_bund
             blob = s.blob_root / rows[u].blob
             assert hashlib.sha256(blob.read_bytes()).hexdigest() == rows[u].sha256
         # the re-push (dcmtk) completes and the series is analysed once
-        wait_for(lambda: _echo(port), 30, "the restarted SCP to answer")
+        wait_for(lambda: echo_ok(port), 30, "the restarted SCP to answer")
         storescu(port, [tmp_path / "series"])
         res = wait_for(lambda: _one_result(db), 120, "the series' Result")
         with db.sessions() as ss:
@@ -270,17 +270,6 @@ def test_sigkill_mid_push_loses_no_acknowledged_instance(tmp_path: Path, ct_bund
             assert ss.scalar(select(func.count()).select_from(Result)) == 1
     finally:
         node.stop()
-
-
-def _echo(port: int) -> bool:
-    ae = AE(ae_title="PROBE")
-    ae.add_requested_context(Verification)
-    assoc = ae.associate("127.0.0.1", port, ae_title="TRIAGE")
-    if not assoc.is_established:
-        return False
-    ok = int(assoc.send_c_echo().Status) == 0
-    assoc.release()
-    return ok
 
 
 def _one_result(db: Database) -> Result | None:

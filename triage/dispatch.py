@@ -37,7 +37,7 @@ from storage.db import Database
 from storage.models import AuditEvent, Delivery, Result, utcnow
 from triage.config import Destination, DispatchSettings
 
-__all__ = ["Sender", "backoff_seconds", "plan_deliveries"]
+__all__ = ["Sender", "backoff_seconds", "c_echo", "plan_deliveries"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,27 @@ def backoff_seconds(attempts: int, cfg: DispatchSettings, rng: random.Random | N
     base = min(cfg.backoff_max_seconds, cfg.backoff_initial_seconds * 2 ** max(attempts - 1, 0))
     j = (rng or random).uniform(-cfg.jitter, cfg.jitter)
     return max(0.1, base * (1 + j))
+
+
+def c_echo(host: str, port: int, called_ae: str, *, calling_ae: str = "TRIAGE", timeout: float = 5.0,
+           tls_args: tuple[ssl.SSLContext, str] | None = None) -> str | None:
+    """C-ECHO a DICOM node: None when it answers with success, else why not (for logs and probes)."""
+    ae = AE(ae_title=calling_ae)
+    ae.add_requested_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
+    try:
+        assoc = ae.associate(host, port, ae_title=called_ae, tls_args=tls_args)
+    except OSError as exc:
+        return str(exc)
+    if not assoc.is_established:
+        return ("association rejected or aborted" if assoc.is_rejected or assoc.is_aborted
+                else "no association (connection refused or timed out)")
+    try:
+        st = assoc.send_c_echo()
+        code = st.get("Status") if st else None
+        return None if code == 0 else f"C-ECHO status {code if code is not None else 'none'}"
+    finally:
+        assoc.release()
 
 
 def plan_deliveries(session: Session, result: Result, outputs: Sequence[dict[str, Any]],
@@ -104,20 +125,8 @@ class Sender:
 
     def echo(self, dest: Destination) -> str | None:
         """None when ``dest`` answers C-ECHO, else why not."""
-        ae = self._ae([Verification])
-        try:
-            assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=_tls(dest))
-        except OSError as exc:
-            return str(exc)
-        if not assoc.is_established:
-            return "association rejected or aborted" if assoc.is_rejected or assoc.is_aborted \
-                else "no association (connection refused or timed out)"
-        try:
-            st = assoc.send_c_echo()
-            code = st.get("Status") if st else None
-            return None if code == 0 else f"C-ECHO status {code if code is not None else 'none'}"
-        finally:
-            assoc.release()
+        return c_echo(dest.host, dest.port, dest.ae_title, calling_ae=self.cfg.calling_ae_title,
+                      timeout=self.cfg.timeout_seconds, tls_args=_tls(dest))
 
     def echo_all(self) -> dict[str, str | None]:
         out = {}

@@ -77,7 +77,9 @@ def report_result(ctx: NodeContext, result_id: int) -> str:
             select(Instance.blob).where(Instance.series_id == r.series_id, Instance.current.is_(True),
                                         Instance.is_image.is_(True))))
     try:
-        source = [pydicom.dcmread(ctx.blobs.path(k)) for k in keys]
+        # pixel data only for key images: the SR and SEGs need the headers alone
+        with_pixels = ctx.settings.dispatch.key_images
+        source = [pydicom.dcmread(ctx.blobs.path(k), stop_before_pixels=not with_pixels) for k in keys]
         values = None
         if r.map_blob:
             values = np.load(io.BytesIO(ctx.blobs.get(r.map_blob)), allow_pickle=False).astype(np.float32)

@@ -26,7 +26,7 @@ from storage.blobs import BlobStore
 from storage.db import Database
 from storage.models import AuditEvent, Delivery, Job, Result, Series, Study, User
 from triage.config import Settings
-from triage.dispatch import Sender
+from triage.dispatch import Sender, c_echo
 from triage.rank import PRIORITY_NAMES, worklist
 from triage.web.metrics import registry
 from triage.web.pages import LoginRequired, login_redirect, pages_router
@@ -235,19 +235,7 @@ def readiness(settings: Settings, db: Database, blobs: BlobStore) -> dict[str, s
 
 
 def _scp_check(settings: Settings) -> str:
-    from pynetdicom import AE
-    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-
     r = settings.receive
-    ae = AE(ae_title="TRIAGE-PROBE")
-    ae.add_requested_context(Verification)
-    ae.acse_timeout = ae.network_timeout = ae.connection_timeout = 3
     host = "127.0.0.1" if r.host in ("0.0.0.0", "::", "") else r.host
-    assoc = ae.associate(host, r.port, ae_title=r.ae_title)
-    if not assoc.is_established:
-        return f"no C-ECHO answer from {r.ae_title} on port {r.port}"
-    try:
-        st = assoc.send_c_echo()
-        return "ok" if st and st.get("Status") == 0 else "C-ECHO failed"
-    finally:
-        assoc.release()
+    why = c_echo(host, r.port, r.ae_title, calling_ae="TRIAGE-PROBE", timeout=3)
+    return "ok" if why is None else f"no C-ECHO answer from {r.ae_title} on port {r.port} ({why})"

@@ -26,7 +26,7 @@ from sqlalchemy import delete, select
 
 from storage.blobs import BlobStore
 from storage.db import Database
-from storage.models import AuditEvent, Delivery, Result, Series, Study, User, WebSession, utcnow
+from storage.models import AuditEvent, Delivery, Instance, Result, Series, Study, User, WebSession, utcnow
 from triage.dispatch import Sender
 from triage.rank import PRIORITY_NAMES, worklist
 from triage.web.security import verify_password
@@ -249,11 +249,12 @@ def _overlay_png(db: Database, blobs: BlobStore, result_id: int) -> bytes:
     if values.ndim == 3:
         filled = np.where(np.isfinite(values), values, -np.inf)
         k = int(np.unravel_index(np.argmax(filled), filled.shape)[0])
-    by_uid = {}
-    for key in keys:
-        ds = pydicom.dcmread(blobs.path(key), stop_before_pixels=True)
-        by_uid[str(ds.SOPInstanceUID)] = key
-    src = pydicom.dcmread(blobs.path(by_uid[order[k]] if order and order[k] in by_uid else keys[0]))
+    key = keys[0]
+    if order and k < len(order):  # the blob of the map's slice k, by one indexed look-up
+        with db.sessions() as s:
+            key = s.scalar(select(Instance.blob).where(Instance.sop_instance_uid == order[k],
+                                                       Instance.blob.in_(keys))) or key
+    src = pydicom.dcmread(blobs.path(key))
     norm, _, _ = normalise_map(values)
     rgb = render(apply_modality_lut(src.pixel_array, src), norm if norm.ndim == 2 else norm[k], kind,
                  str(src.get("PhotometricInterpretation", "")) == "MONOCHROME1")
