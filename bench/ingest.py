@@ -57,12 +57,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-# bench/ goes last: bench/flows.py must not shadow the flows package, bench/netkit.py is found
+# The repository first (bench/flows.py must not shadow the flows package), bench/ last (netkit)
 _BENCH = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH] + [str(_BENCH)]
+sys.path[:] = [str(_BENCH.parent), *(p for p in sys.path if Path(p or ".").resolve() != _BENCH), str(_BENCH)]
 
 import numpy as np  # noqa: E402
-from netkit import free_port, listening, tcp_env  # noqa: E402
+from netkit import free_port, listening, run_storescu, tcp_env  # noqa: E402
 from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid  # noqa: E402
 from pynetdicom.transport import ThreadedAssociationServer  # noqa: E402
@@ -191,14 +191,7 @@ def _cpu_s(pid: int) -> float:
 
 def storescu(folder: Path, port: int, aec: str, log: Path) -> tuple[float, float]:
     """Send every file in ``folder``; returns (seconds, wall-clock time at its end)."""
-    cmd = ["storescu", "-aec", aec, "+sd", "127.0.0.1", str(port), str(folder)]
-    with open(log, "ab") as fh:
-        t = time.perf_counter()
-        rc = subprocess.run(cmd, env=tcp_env(), stdout=fh, stderr=subprocess.STDOUT).returncode
-        secs, end = time.perf_counter() - t, time.time()
-    if rc != 0:
-        raise RuntimeError(f"storescu exited with {rc}; see {log}")
-    return secs, end
+    return run_storescu(["-aec", aec, "+sd", "127.0.0.1", str(port), str(folder)], log)
 
 
 def _read_all(folder: Path) -> int:

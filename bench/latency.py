@@ -71,13 +71,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# bench/ goes last: bench/flows.py must not shadow the flows package, bench/netkit.py is found
+# The repository first (bench/flows.py must not shadow the flows package), bench/ last (netkit)
 _BENCH = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH] + [str(_BENCH)]
+sys.path[:] = [str(_BENCH.parent), *(p for p in sys.path if Path(p or ".").resolve() != _BENCH), str(_BENCH)]
 
 import numpy as np  # noqa: E402
 import pydicom  # noqa: E402
-from netkit import free_port, listening, tcp_env  # noqa: E402
+from netkit import free_port, listening, run_storescu, tcp_env  # noqa: E402
 from sqlalchemy import select  # noqa: E402
 
 from storage.models import Delivery, Job, Result, Series  # noqa: E402
@@ -329,15 +329,8 @@ class Pacs:
 
 def storescu(study: Study, port: int, log: Path) -> tuple[float, float]:
     """Send the study's files in one association; returns (seconds, wall-clock time at the exit)."""
-    cmd = ["storescu", "-aet", "BENCH", "-aec", "TRIAGE", "+sd", "+r", "+sp", "*.dcm", "127.0.0.1",
-           str(port), str(study.folder)]
-    with open(log, "ab") as fh:
-        t = time.perf_counter()
-        rc = subprocess.run(cmd, env=tcp_env(), stdout=fh, stderr=subprocess.STDOUT).returncode
-        secs, end = time.perf_counter() - t, time.time()
-    if rc != 0:
-        raise RuntimeError(f"storescu exited with {rc}; see {log}")
-    return secs, end
+    return run_storescu(["-aet", "BENCH", "-aec", "TRIAGE", "+sd", "+r", "+sp", "*.dcm", "127.0.0.1",
+                         str(port), str(study.folder)], log)
 
 
 @dataclass

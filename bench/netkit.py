@@ -5,8 +5,11 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import subprocess
+import time
+from pathlib import Path
 
-__all__ = ["free_port", "listening", "tcp_env"]
+__all__ = ["free_port", "listening", "run_storescu", "tcp_env"]
 
 
 def tcp_env() -> dict[str, str]:
@@ -29,3 +32,15 @@ def listening(port: int) -> bool:
                 if f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:
                     return True
     return False
+
+
+def run_storescu(args: list[str], log: Path) -> tuple[float, float]:
+    """Run dcmtk's ``storescu args...`` (TCP_NODELAY on); returns (seconds, wall-clock time at its exit)."""
+    with open(log, "ab") as fh:
+        t = time.perf_counter()
+        rc = subprocess.run(["storescu", *args], env=tcp_env(), stdout=fh,
+                            stderr=subprocess.STDOUT).returncode
+        secs, end = time.perf_counter() - t, time.time()
+    if rc != 0:
+        raise RuntimeError(f"storescu exited with {rc}; see {log}")
+    return secs, end
