@@ -12,6 +12,8 @@ State machines (strings, so that both SQLite and PostgreSQL store them the same 
   lease expires goes back to ``queued`` (its worker died) until ``max_attempts``; a queued
   job becomes ``superseded`` when its series is reopened before it ran.
 * ``Delivery.state``: ``pending`` -> ``sent`` | ``dead`` (used by the dispatch stage).
+* ``Notification.state``: ``pending`` -> ``sent`` | ``dead`` | ``cancelled`` (webhooks and
+  HL7 messages for urgent results).
 """
 
 from __future__ import annotations
@@ -223,6 +225,46 @@ class Delivery(Base):
     delivered_at: Mapped[dt.datetime | None]
 
 
+class Notification(Base):
+    """One message about a result to one configured receiver (webhook or HL7 v2 over MLLP).
+
+    Created in the same transaction that records the result's report, so a result at or
+    above the configured priority is never left unannounced; sent with retries like a
+    :class:`Delivery`."""
+
+    __tablename__ = "notification"
+    __table_args__ = (UniqueConstraint("result_id", "channel", "target"),
+                      Index("ix_notification_state_next", "state", "next_attempt_at"))
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    result_id: Mapped[int] = mapped_column(ForeignKey("result.id"), index=True)
+    channel: Mapped[str] = mapped_column(String(16))  # "webhook" | "hl7"
+    target: Mapped[str] = mapped_column(String(64))  # the receiver's name in the configuration
+    message_id: Mapped[str] = mapped_column(String(64))  # idempotency key the receiver sees
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    lease_until: Mapped[dt.datetime | None]
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    sent_at: Mapped[dt.datetime | None]
+
+
+class WorkerBeat(Base):
+    """A worker's heartbeat: the dashboard lists workers and when each was last seen."""
+
+    __tablename__ = "worker_beat"
+
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)  # e.g. "celery@gpu1:4711"
+    kind: Mapped[str] = mapped_column(String(16))  # "local" | "celery" | "node"
+    host: Mapped[str] = mapped_column(String(128))
+    pid: Mapped[int]
+    started_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    last_seen: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)
+    jobs_done: Mapped[int] = mapped_column(default=0)
+    bundles: Mapped[dict[str, Any]] = mapped_column(default=dict)  # kind -> "name version", loaded
+
+
 class NodeInfo(Base):
     """Facts about this installation, e.g. ``installation_id`` (random, set by migration 0003):
     it enters every output UID, so two nodes (or a reinstalled one) never reuse each other's."""
@@ -292,5 +334,5 @@ class AuditEvent(Base):
     detail: Mapped[dict[str, Any]] = mapped_column(default=dict)
 
 
-__all__ = ["ApiToken", "AuditEvent", "Base", "Delivery", "Instance", "Job", "NodeInfo", "Result", "Series",
-           "Study", "User", "WebSession", "utcnow"]
+__all__ = ["ApiToken", "AuditEvent", "Base", "Delivery", "Instance", "Job", "NodeInfo", "Notification",
+           "Result", "Series", "Study", "User", "WebSession", "WorkerBeat", "utcnow"]
