@@ -59,6 +59,9 @@ class Calibration:
     # Which abnormality score these figures are for (flows.densitymap.ScoreChoice.to_dict);
     # None: the whole-image posterior.
     score: dict[str, Any] | None = None
+    # The labelled validation set's scores ({"labels": [0|1...], "scores": [...]}), kept so
+    # the models page can draw the ROC the threshold was chosen on; None without one.
+    validation: dict[str, list[float]] | None = None
 
     def percentile(self, scores: np.ndarray) -> np.ndarray:
         ref = np.sort(np.asarray(self.reference, dtype=np.float64))
@@ -86,7 +89,9 @@ class Calibration:
             ci = roc_auc_ci(labels, scores, n_boot=500)
             return cls(reference=ref.tolist(), threshold=float(cut.threshold),
                        threshold_method="youden", youden=asdict(cut),
-                       auroc={"auc": ci.auc, "lo": ci.lo, "hi": ci.hi}, score=score)
+                       auroc={"auc": ci.auc, "lo": ci.lo, "hi": ci.hi}, score=score,
+                       validation={"labels": np.asarray(labels, dtype=float).tolist(),
+                                   "scores": np.asarray(scores, dtype=float).tolist()})
         return cls(reference=ref.tolist(), threshold=float(np.percentile(ref, percentile)),
                    threshold_method=f"percentile:{percentile:g}", score=score)
 

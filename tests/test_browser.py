@@ -11,15 +11,18 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from pydicom.uid import generate_uid
+from sqlalchemy import select
 from test_receive import ct_slice
 
+from flows.bundle import Bundle
 from storage.blobs import BlobStore
 from storage.db import Database
-from storage.models import Delivery, Job, Result, Series, Study
+from storage.models import Delivery, Instance, Job, Result, Series, Study, WorkerBeat, utcnow
 from triage.config import load_settings
 from triage.web import WebServer
 from triage.web.api import create_app
@@ -85,14 +88,48 @@ def _seed(db: Database, blobs: BlobStore) -> None:
                            last_error="C-STORE status 0xA700 (disk full)" if prio == 1 else None))
 
 
+def _seed_cxr(db: Database, bundle: Bundle) -> None:
+    """A radiograph scored by the configured bundle (its study page shows the reference plot),
+    a live worker's heartbeat and a few instances for the dashboard."""
+    import datetime as dt
+
+    score = float(np.percentile(bundle.calibration.reference, 97))
+    with db.session() as s:
+        st = Study(study_instance_uid=generate_uid(), accession_number="ACC-CXR", patient_name="ROE^RICHARD",
+                   study_description="CHEST PA",
+                   first_received_at=dt.datetime(2026, 11, 30, 8, 9, tzinfo=dt.UTC))
+        s.add(st)
+        s.flush()
+        se = Series(study_id=st.id, series_instance_uid=generate_uid(), modality="DX", kind="cxr",
+                    state="complete", series_description="PA", instance_count=1,
+                    route_reason="rule 'chest radiograph'")
+        s.add(se)
+        s.flush()
+        job = Job(series_id=se.id, series_version=1, kind="cxr", state="done",
+                  created_at=utcnow() - dt.timedelta(seconds=2), finished_at=utcnow())
+        s.add(job)
+        s.flush()
+        s.add(Result(job_id=job.id, series_id=se.id, version=1, kind="cxr", bundle_name=bundle.name,
+                     bundle_version=bundle.version, bundle_fingerprint="f" * 64, method="two-model posterior",
+                     score=score, percentile=97.0, abnormal=True, priority=2, report_state="ready"))
+        s.add(WorkerBeat(name="celery@gpu1:4711", kind="celery", host="gpu1", pid=4711, jobs_done=3,
+                         bundles={"cxr": f"{bundle.name} {bundle.version}"}))
+        for i in range(7):
+            s.add(Instance(series_id=se.id, sop_instance_uid=f"1.2.9.{i}", sop_class_uid="1.2",
+                           transfer_syntax_uid="1.2.840.10008.1.2.1", blob=f"b{i}", sha256="0" * 64, size=1,
+                           is_image=True, current=i == 0))
+
+
 @pytest.fixture()
-def site(tmp_path: Path, sqlite_db: Database) -> Iterator[str]:
-    s = load_settings(node={"data_dir": str(tmp_path / "d")}, storage={"database_url": sqlite_db.url})
+def site(tmp_path: Path, sqlite_db: Database, tiny_bundle: Bundle) -> Iterator[tuple[str, Database]]:
+    s = load_settings(node={"data_dir": str(tmp_path / "d")}, storage={"database_url": sqlite_db.url},
+                      models={"cxr": str(tiny_bundle.path)})
     _seed(sqlite_db, BlobStore(s.blob_root))
+    _seed_cxr(sqlite_db, tiny_bundle)
     with sqlite_db.session() as ss:
         create_user(ss, "ann", PASSWORD, "admin")
     web = WebServer(create_app(s, sqlite_db), "127.0.0.1", 0).start()
-    yield f"http://127.0.0.1:{web.port}"
+    yield f"http://127.0.0.1:{web.port}", sqlite_db
     web.stop()
 
 
@@ -104,8 +141,11 @@ def _shot(page: object, tmp_path: Path, name: str) -> None:
         shutil.copy(out, DOCS_IMG / f"{name}.png")
 
 
-def test_browser_login_worklist_study_retry_and_refusals(site: str, tmp_path: Path) -> None:
+def test_browser_login_worklist_study_retry_and_refusals(site: tuple[str, Database], tmp_path: Path) -> None:
     from playwright.sync_api import sync_playwright
+
+    site_url, db = site
+    site = site_url  # type: ignore[assignment]
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=_chromium(), args=["--no-sandbox", "--disable-gpu"])
@@ -120,11 +160,17 @@ def test_browser_login_worklist_study_retry_and_refusals(site: str, tmp_path: Pa
             page.click("button[type=submit]")
             page.wait_for_url(f"{site}/worklist")
             rows = page.locator("#worklist tbody tr")
-            assert rows.count() == 2
+            assert rows.count() == 3
             assert "ACC-URGENT" in rows.nth(0).inner_text() and "urgent" in rows.nth(0).inner_text()
-            assert "ACC-ROUTINE" in rows.nth(1).inner_text()
+            assert "ACC-CXR" in rows.nth(1).inner_text() and "ACC-ROUTINE" in rows.nth(2).inner_text()
             _shot(page, tmp_path, "web-worklist")
+            # filters: urgent and abnormal only
+            page.select_option("select[name=priority]", "2")
+            page.click("form.filters button[type=submit]")
+            page.wait_for_load_state()
+            assert page.locator("#worklist tbody tr").count() == 2
             # the study: overlay thumbnail and delivery status; retry the dead letter
+            page.goto(f"{site}/worklist")
             page.click("text=ACC-URGENT")
             page.wait_for_selector("img.overlay")
             assert page.eval_on_selector("img.overlay", "img => img.complete && img.naturalWidth > 0")
@@ -138,5 +184,47 @@ def test_browser_login_worklist_study_retry_and_refusals(site: str, tmp_path: Pa
             # a POST without the CSRF token is refused, even with the session cookie
             r = page.request.post(f"{site}/deliveries/1/cancel", form={"back": "/deliveries"})
             assert r.status == 403
+            _pages_for_admins(page, site_url, db, tmp_path)
         finally:
             browser.close()
+
+
+def _loaded(page: object, selector: str) -> bool:
+    return bool(page.eval_on_selector(selector, "img => img.complete && img.naturalWidth > 0"))  # type: ignore[attr-defined]
+
+
+def _pages_for_admins(page: object, site: str, db: Database, tmp_path: Path) -> None:
+    """The dashboard (and its live refresh), a study's reference plot, models and audit log."""
+    pg: Any = page
+    pg.goto(f"{site}/worklist")
+    pg.click("text=ACC-CXR")
+    pg.wait_for_selector("img.reference")
+    assert _loaded(pg, "img.reference")
+    pg.goto(f"{site}/dashboard")
+    pg.wait_for_selector("#workers tbody tr")
+    assert "celery@gpu1:4711" in pg.inner_text("#workers") and "tiny 1" in pg.inner_text("#workers")
+    assert "verified" in pg.inner_text("#bundles")
+    assert pg.inner_text("#jobs").count("done") == 1 and "p50" in pg.inner_text("#latency")
+    # the dead letter retried above is pending again: backlog 1, no dead letters
+    assert pg.inner_text("#backlog") == "1" and pg.inner_text("#dead").startswith("0 dead letters")
+    before = int(pg.inner_text("#rate"))
+    _shot(pg, tmp_path, "web-dashboard")
+    pg.evaluate("window.__sameDocument = true")  # set on this document: a reload would drop it
+    pg.request.post(f"{site}/deliveries/1/cancel")  # (refused: no CSRF; the figures must not move)
+    with db.session() as s:
+        sid = s.scalar(select(Series.id).where(Series.kind == "cxr"))
+        for i in range(5):
+            s.add(Instance(series_id=sid, sop_instance_uid=f"1.2.8.{i}", sop_class_uid="1.2",
+                           transfer_syntax_uid="1.2.840.10008.1.2.1", blob=f"c{i}", sha256="0" * 64, size=1,
+                           is_image=True, current=False))
+    pg.wait_for_function(f"document.getElementById('rate').textContent === '{before + 5}'", timeout=15000)
+    assert pg.evaluate("window.__sameDocument === true")  # refreshed in place, not reloaded
+    pg.goto(f"{site}/models")
+    pg.wait_for_selector("img.calibration")
+    assert _loaded(pg, "img.calibration") and "youden" in pg.inner_text("section.bundle")
+    _shot(pg, tmp_path, "web-models")
+    pg.goto(f"{site}/audit")
+    text = pg.inner_text("#audit")
+    assert "login" in text and "delivery retried" in text
+    _shot(pg, tmp_path, "web-audit")
+

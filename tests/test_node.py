@@ -23,7 +23,7 @@ from sqlalchemy import select
 
 from flows.bundle import Bundle
 from storage.db import Database
-from storage.models import Job, Result, Series
+from storage.models import Job, Result, Series, WorkerBeat
 from triage.config import Settings, load_settings
 from triage.serve import Node
 
@@ -57,6 +57,18 @@ def _results(db: Database) -> list[tuple[Series, Result]]:
     with db.sessions() as s:
         q = select(Series, Result).join(Result, Result.series_id == Series.id)
         return [(a, b) for a, b in s.execute(q)]
+
+
+def _all_ready(db: Database, n: int) -> bool:
+    with db.sessions() as s:
+        states = list(s.scalars(select(Result.report_state)))
+    return len(states) >= n and all(x == "ready" for x in states)
+
+
+def _beats(db: Database) -> list[WorkerBeat] | None:
+    with db.sessions() as s:
+        rows = list(s.scalars(select(WorkerBeat)))
+    return rows if {"node", "celery"} <= {b.kind for b in rows} else None
 
 
 def _check_results(db: Database, n_cxr: int, failed_bct: bool = False) -> None:
@@ -121,14 +133,19 @@ def test_serve_celery_executor_against_real_redis(tmp_path: Path, studies: dict[
            "TRIAGE_MODELS__CXR": str(tiny_bundle.path), "TRIAGE_MODELS__CHESTCT": str(ct_bundle.path),
            "TRIAGE_CELERY__BROKER_URL": REDIS_URL, "TRIAGE_EXECUTOR__KIND": "celery"}
     log = (tmp_path / "worker.log").open("w")
+    # one worker on both queues: analyses (gpu), then the SR/SEG builds they hand over (io)
     worker = subprocess.Popen([sys.executable, "-m", "triage.cli", "worker", "--concurrency", "1",
-                               "--queues", "gpu"], env=env, stdout=log, stderr=subprocess.STDOUT)
+                               "--queues", "gpu,io"], env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         storescu(s.receive.port, [studies["cxr"], studies["chestct"]])
         _check_results(node.db, 2)
         with node.db.sessions() as ss:
             workers = {j.worker for j in ss.scalars(select(Job))}
         assert all(w and ":celery:" in w for w in workers), workers
+        # built by the io task well before the node's loop would take over stale ones (30 s)
+        wait_for(lambda: _all_ready(node.db, 3), 25, "every result's reports built by the io queue")
+        beats = wait_for(lambda: _beats(node.db), 15, "heartbeats from the node and the worker")
+        assert {"node", "celery"} <= {b.kind for b in beats}
     finally:
         worker.terminate()
         worker.wait(timeout=30)

@@ -5,10 +5,11 @@ Heavy imports (torch, matplotlib) happen inside the commands so ``triage --help`
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -481,14 +482,29 @@ def deliveries_list(config: ConfigOpt = None,
     with db.sessions() as s:
         q = select(Delivery).order_by(Delivery.id.desc()).limit(limit)
         rows = list(s.scalars(q if state is None else q.where(Delivery.state == state)))
-    table = Table(title=f"deliveries ({len(rows)})")
-    for c in ("id", "result", "destination", "object", "state", "attempts", "next try (UTC)", "last error"):
+    _print_outbox(f"deliveries ({len(rows)})", "destination", "object",
+                  [(d.id, d.result_id, d.destination, UID(d.sop_class_uid).name, d.state, d.attempts,
+                    d.next_attempt_at, d.last_error) for d in rows])
+
+
+def _print_outbox(title: str, target: str, what: str,
+                  rows: list[tuple[int, int, str, str, str, int, dt.datetime, str | None]]) -> None:
+    """Deliveries or notifications as a table: (id, result, target, what, state, attempts, next, error)."""
+    table = Table(title=title)
+    for c in ("id", "result", target, what, "state", "attempts", "next try (UTC)", "last error"):
         table.add_column(c)
-    for d in rows:
-        table.add_row(str(d.id), str(d.result_id), d.destination, UID(d.sop_class_uid).name,
-                      d.state, str(d.attempts), d.next_attempt_at.strftime("%Y-%m-%d %H:%M:%S"),
-                      (d.last_error or "")[:60])
+    for i, result, tgt, w, state, attempts, nxt, error in rows:
+        table.add_row(str(i), str(result), tgt, w, state, str(attempts), nxt.strftime("%Y-%m-%d %H:%M:%S"),
+                      (error or "")[:60])
     Console().print(table)
+
+
+def _outbox_action(outbox: Any, ids: list[int], action: str, noun: str) -> None:
+    """``outbox.retry`` or ``outbox.cancel`` (a Sender or a Notifier) for each id, as the CLI."""
+    failed = [i for i in ids if not getattr(outbox, action)(i, actor="cli")]
+    if failed:
+        raise _fail(f"cannot {action} {noun} {failed} (unknown, or already sent)")
+    console.print(f"{action}: {len(ids)} {noun}")
 
 
 def _delivery_action(config: Path | None, ids: list[int], action: str) -> None:
@@ -497,11 +513,8 @@ def _delivery_action(config: Path | None, ids: list[int], action: str) -> None:
     from triage.dispatch import Sender
 
     s = _settings(config)
-    sender = Sender(Database(s.database_url), BlobStore(s.blob_root), s.dispatch)
-    failed = [i for i in ids if not getattr(sender, action)(i, actor="cli")]
-    if failed:
-        raise _fail(f"cannot {action} deliveries {failed} (unknown, or already sent)")
-    console.print(f"{action}: {len(ids)} deliveries")
+    _outbox_action(Sender(Database(s.database_url), BlobStore(s.blob_root), s.dispatch), ids, action,
+                   "deliveries")
 
 
 @deliveries_app.command("retry")
@@ -516,6 +529,53 @@ def deliveries_cancel(ids: Annotated[list[int], typer.Argument(help="delivery id
                       config: ConfigOpt = None) -> None:
     """Give up on pending or dead deliveries."""
     _delivery_action(config, ids, "cancel")
+
+
+notifications_app = typer.Typer(help="Webhook and HL7 notifications of urgent results: list, retry, cancel.",
+                                 no_args_is_help=True)
+app.add_typer(notifications_app, name="notifications")
+
+
+@notifications_app.command("list")
+def notifications_list(config: ConfigOpt = None,
+                       state: Annotated[str | None, typer.Option(
+                           help="pending, sending, sent, dead, cancelled")] = None,
+                       limit: Annotated[int, typer.Option()] = 50) -> None:
+    """Notifications, newest first (dead letters and retries show their last error)."""
+    from sqlalchemy import select
+
+    from storage.db import Database
+    from storage.models import Notification
+
+    db = Database(_settings(config).database_url)
+    with db.sessions() as s:
+        q = select(Notification).order_by(Notification.id.desc()).limit(limit)
+        rows = list(s.scalars(q if state is None else q.where(Notification.state == state)))
+    _print_outbox(f"notifications ({len(rows)})", "receiver", "channel",
+                  [(n.id, n.result_id, n.target, n.channel, n.state, n.attempts, n.next_attempt_at,
+                    n.last_error) for n in rows])
+
+
+def _notification_action(config: Path | None, ids: list[int], action: str) -> None:
+    from storage.db import Database
+    from triage.notify import Notifier
+
+    s = _settings(config)
+    _outbox_action(Notifier(Database(s.database_url), s), ids, action, "notifications")
+
+
+@notifications_app.command("retry")
+def notifications_retry(ids: Annotated[list[int], typer.Argument(help="notification ids")],
+                        config: ConfigOpt = None) -> None:
+    """Send dead (waiting or cancelled) notifications again at the next pass."""
+    _notification_action(config, ids, "retry")
+
+
+@notifications_app.command("cancel")
+def notifications_cancel(ids: Annotated[list[int], typer.Argument(help="notification ids")],
+                         config: ConfigOpt = None) -> None:
+    """Give up on pending or dead notifications."""
+    _notification_action(config, ids, "cancel")
 
 
 @app.command()

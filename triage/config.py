@@ -17,8 +17,17 @@ from contextvars import ContextVar
 from ipaddress import ip_network
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -189,6 +198,88 @@ class DispatchSettings(_Section):
         return _ae_title(v)
 
 
+def _http_url(v: str) -> str:
+    parts = urlsplit(v)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("an http:// or https:// URL with a host is needed")
+    return v
+
+
+_RECEIVER_NAME = r"^[A-Za-z0-9_.-]{1,64}$"
+
+
+class Webhook(_Section):
+    """An HTTP endpoint that gets a signed JSON POST per notified result."""
+
+    name: str = Field(pattern=_RECEIVER_NAME)
+    url: str
+    secret: SecretStr | None = None  # HMAC key of X-Triage-Signature; or secret_file
+    secret_file: Path | None = None  # a file holding the key (surrounding whitespace ignored)
+    timeout_seconds: float = Field(10.0, gt=0)
+    verify_tls: bool = True
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        return _http_url(v)
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> Webhook:
+        if (self.secret is None) == (self.secret_file is None):
+            raise ValueError("give exactly one of secret and secret_file")
+        if self.secret_file is not None:  # read now: a missing file fails at start-up
+            try:
+                key = self.secret_file.read_text().strip()
+            except OSError as exc:
+                raise ValueError(f"cannot read secret_file: {exc.strerror}") from None
+            self.secret = SecretStr(key)
+        if not self.key():
+            raise ValueError("the secret is empty")
+        return self
+
+    def key(self) -> bytes:
+        return self.secret.get_secret_value().encode() if self.secret is not None else b""
+
+
+class Hl7Receiver(_Section):
+    """A RIS (or interface engine) that takes HL7 v2.5.1 ORU^R01 messages over MLLP."""
+
+    name: str = Field(pattern=_RECEIVER_NAME)
+    host: str
+    port: int = Field(ge=1, le=65535)
+    sending_application: str = "TRIAGE"
+    sending_facility: str = ""
+    receiving_application: str = ""
+    receiving_facility: str = ""
+    timeout_seconds: float = Field(30.0, gt=0)  # connecting, and then waiting for the ACK
+
+
+class NotifySettings(_Section):
+    """Webhooks and HL7 messages for results at or above ``min_priority``; retried with
+    dispatch's backoff settings."""
+
+    min_priority: int = Field(2, ge=1, le=4)  # 1 urgent .. 4 routine; 2: urgent and abnormal
+    webhooks: list[Webhook] = []
+    hl7: list[Hl7Receiver] = []
+    include_patient_id: bool = False  # in webhook bodies (HL7 messages always carry it)
+    base_url: str | None = None  # the web page's public address, for study links
+    max_age_seconds: float = Field(24 * 3600.0, gt=0)  # then the notification is a dead letter
+
+    @field_validator("base_url")
+    @classmethod
+    def _base(cls, v: str | None) -> str | None:
+        return None if v is None else _http_url(v)
+
+    @model_validator(mode="after")
+    def _unique(self) -> NotifySettings:
+        names = [w.name for w in self.webhooks] + [h.name for h in self.hl7]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"receiver names must be unique across webhooks and hl7; used twice: "
+                             f"{', '.join(twice)}")
+        return self
+
+
 class WebSettings(_Section):
     enabled: bool = True  # triage serve also serves the web page and API
     host: str = "127.0.0.1"  # behind a TLS reverse proxy in production
@@ -209,6 +300,7 @@ class ExecutorSettings(_Section):
     lease_seconds: float = Field(1800, gt=0)  # a running job not finished by then is re-queued
     max_attempts: int = Field(3, ge=1)
     poll_seconds: float = Field(0.5, gt=0)
+    heartbeat_seconds: float = Field(10.0, gt=0)  # workers' "alive" beat for the dashboard
 
 
 class CelerySettings(_Section):
@@ -236,6 +328,7 @@ class Settings(BaseSettings):
     models: ModelSettings = ModelSettings()
     executor: ExecutorSettings = ExecutorSettings()
     dispatch: DispatchSettings = DispatchSettings()
+    notify: NotifySettings = NotifySettings()
     rank: RankSettings = RankSettings()
     web: WebSettings = WebSettings()
     celery: CelerySettings = CelerySettings()

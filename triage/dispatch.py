@@ -21,9 +21,9 @@ import logging
 import random
 import ssl
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -34,7 +34,7 @@ from sqlalchemy.orm import Session
 
 from storage.blobs import BlobStore
 from storage.db import Database
-from storage.models import AuditEvent, Delivery, Result, utcnow
+from storage.models import AuditEvent, Delivery, Notification, Result, utcnow
 from triage.config import Destination, DispatchSettings
 
 __all__ = ["Sender", "backoff_seconds", "c_echo", "plan_deliveries"]
@@ -182,7 +182,7 @@ class Sender:
             row.attempts += 1
             if out.ok:
                 row.state, row.delivered_at, row.last_error = "sent", now, None
-                s.add(AuditEvent(actor="dispatch", action="delivered", series_id=_series_of(s, row.result_id),
+                s.add(AuditEvent(actor="dispatch", action="delivered", series_id=series_of(s, row.result_id),
                                  detail={"destination": row.destination, "sop_class": row.sop_class_uid,
                                          "attempts": row.attempts}))
             else:
@@ -257,26 +257,42 @@ class Sender:
 
     def retry(self, delivery_id: int, actor: str = "admin") -> bool:
         """A dead (or waiting) delivery is sent again at the next pass, its age counted anew."""
-        now = utcnow()
-        with self.db.session() as s:
-            row = s.get(Delivery, delivery_id)
-            if row is None or row.state not in ("dead", "pending", "cancelled"):
-                return False
-            row.state, row.next_attempt_at, row.created_at = "pending", now, now
-            s.add(AuditEvent(actor=actor, action="delivery retried", series_id=_series_of(s, row.result_id),
-                             detail={"delivery": row.id, "destination": row.destination}))
-        return True
+        return outbox_action(self.db, Delivery, delivery_id, "retry", actor, _delivery_detail)
 
     def cancel(self, delivery_id: int, actor: str = "admin") -> bool:
-        with self.db.session() as s:
-            row = s.get(Delivery, delivery_id)
-            if row is None or row.state not in ("dead", "pending"):
-                return False
+        return outbox_action(self.db, Delivery, delivery_id, "cancel", actor, _delivery_detail)
+
+
+def _delivery_detail(row: Any) -> dict[str, Any]:
+    return {"delivery": row.id, "destination": row.destination}
+
+
+def outbox_action(db: Database, model: type[Delivery] | type[Notification], row_id: int,
+                  action: Literal["retry", "cancel"], actor: str,
+                  detail: Callable[[Any], dict[str, Any]]) -> bool:
+    """Retry or cancel one outbox row (a delivery or a notification), with an audit event.
+
+    Retry: a dead, waiting or cancelled row is due at once and its age counts anew (so the
+    dead-letter limit does not strike again at once). Cancel: a dead or waiting row stops.
+    A row being sent right now is left alone (False).
+    """
+    now = utcnow()
+    with db.session() as s:
+        row = cast(Delivery | Notification | None, s.get(model, row_id))
+        allowed = ("dead", "pending", "cancelled") if action == "retry" else ("dead", "pending")
+        if row is None or row.state not in allowed:
+            return False
+        if action == "retry":
+            row.state, row.next_attempt_at, row.created_at = "pending", now, now
+            if isinstance(row, Notification):
+                row.lease_until = None
+        else:
             row.state = "cancelled"
-            s.add(AuditEvent(actor=actor, action="delivery cancelled", series_id=_series_of(s, row.result_id),
-                             detail={"delivery": row.id, "destination": row.destination}))
-        return True
+        what = "delivery" if model is Delivery else "notification"
+        s.add(AuditEvent(actor=actor, action=f"{what} {'retried' if action == 'retry' else 'cancelled'}",
+                         series_id=series_of(s, row.result_id), detail=detail(row)))
+    return True
 
 
-def _series_of(s: Session, result_id: int) -> int | None:
+def series_of(s: Session, result_id: int) -> int | None:
     return s.scalar(select(Result.series_id).where(Result.id == result_id))

@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session
 from storage.models import AuditEvent, Job, Result, Series, Study
 from triage.config import RankSettings
 
-__all__ = ["PRIORITY_NAMES", "WorklistRow", "accept_priority", "priority", "worklist"]
+__all__ = ["PRIORITY_NAMES", "STATES", "WorklistRow", "accept_priority", "priority", "worklist"]
 
 PRIORITY_NAMES = {1: "urgent", 2: "abnormal", 3: "borderline", 4: "routine"}
 
@@ -74,15 +74,23 @@ class WorklistRow:
         return PRIORITY_NAMES.get(self.priority, "pending") if self.priority else "pending"
 
 
+STATES = ("waiting", "analysing", "analysed", "failed", "ignored")
+
+
 def worklist(session: Session, *, limit: int = 200, min_priority: int | None = None,
-             kind: str | None = None) -> list[WorklistRow]:
+             kind: str | None = None, state: str | None = None, text: str | None = None,
+             since: dt.datetime | None = None) -> list[WorklistRow]:
     """Studies in reading order (see the module docstring), ranked by the database.
 
     One query: each series' level (the most urgent of its results from its floor version on),
     its active and failed jobs, then per study the most urgent level, the highest percentile
     and the kinds; ordered and limited in SQL, so a worklist of 10 000 studies costs one
-    indexed aggregation, not 10 000 Python objects.
+    indexed aggregation, not 10 000 Python objects. Filters: ``state`` (one of
+    :data:`STATES`), ``text`` (accession number or patient ID, exact, or the start of the
+    patient name, case-insensitive), ``since`` (first instance received at or after).
     """
+    if state is not None and state not in STATES:
+        raise ValueError(f"unknown worklist state {state!r}; one of {', '.join(STATES)}")
     lv = (select(Result.series_id.label("sid"), func.min(Result.priority).label("p"),
                  func.max(Result.percentile).label("pct"), func.max(Result.score).label("sc"))
           .join(Series, Series.id == Result.series_id)
@@ -94,10 +102,12 @@ def worklist(session: Session, *, limit: int = 200, min_priority: int | None = N
             .group_by(Job.series_id).subquery())
     prio = func.min(lv.c.p)
     pct = func.max(lv.c.pct)
+    active = func.coalesce(func.sum(jobs.c.active), 0)
+    failed = func.coalesce(func.sum(jobs.c.failed), 0)
+    n_ignored = func.sum(case((Series.state == "ignored", 1), else_=0))
     q = (select(Study, prio, pct, func.max(lv.c.sc), func.count(Series.id),
                 func.aggregate_strings(case((Series.kind != "ignore", Series.kind)), ","),
-                func.coalesce(func.sum(jobs.c.active), 0), func.coalesce(func.sum(jobs.c.failed), 0),
-                func.sum(case((Series.state == "ignored", 1), else_=0)))
+                active, failed, n_ignored)
          .join(Series, Series.study_id == Study.id)
          .outerjoin(lv, lv.c.sid == Series.id)
          .outerjoin(jobs, jobs.c.sid == Series.id)
@@ -108,6 +118,23 @@ def worklist(session: Session, *, limit: int = 200, min_priority: int | None = N
         q = q.having(prio <= min_priority)
     if kind is not None:
         q = q.having(func.sum(case((Series.kind == kind, 1), else_=0)) > 0)
+    if since is not None:
+        q = q.where(Study.first_received_at >= since)
+    if text:
+        t = text.strip()
+        q = q.where((Study.accession_number == t) | (Study.patient_id == t)
+                    | func.lower(Study.patient_name).startswith(t.lower(), autoescape=True))
+    idle = active == 0
+    if state == "analysing":
+        q = q.having(active > 0)
+    elif state == "analysed":
+        q = q.having(idle, prio.is_not(None))
+    elif state == "failed":
+        q = q.having(idle, prio.is_(None), failed > 0)
+    elif state == "ignored":
+        q = q.having(idle, prio.is_(None), failed == 0, n_ignored == func.count(Series.id))
+    elif state == "waiting":
+        q = q.having(idle, prio.is_(None), failed == 0, n_ignored < func.count(Series.id))
     out = []
     for st, p, pc, sc, n, kinds, active, failed, ignored in session.execute(q):
         state = ("analysing" if active else "analysed" if p is not None else "failed" if failed

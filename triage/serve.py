@@ -100,8 +100,12 @@ class Node:
         log.info("SCP process %d listening on port %d", p.pid, self.port)
 
     def start(self) -> Node:
+        from triage.audit import record_configuration
         from worker.tasks import NodeContext
 
+        changes = record_configuration(self.db, self.settings)
+        if changes:
+            log.info("configuration changed since the last start: %s", ", ".join(changes))
         self._start_scp()
         self._parts.append(Assembler(self.db, self.settings).start())
         ctx = NodeContext(self.settings)
@@ -113,9 +117,13 @@ class Node:
             from worker.local import LocalExecutor
 
             self._parts.append(LocalExecutor(ctx).start())
+        from worker.heartbeat import Heartbeat
         from worker.report import DeliveryLoop
 
         self._parts.append(DeliveryLoop(ctx).start())
+        # the serve process analyses itself with the local executor; with Celery it dispatches
+        kind = "local" if self.settings.executor.kind == "local" else "node"
+        self._parts.append(Heartbeat(ctx, kind).start())
         if self.settings.web.enabled:
             from triage.web import WebServer
             from triage.web.api import create_app

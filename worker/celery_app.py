@@ -21,18 +21,20 @@ import threading
 from typing import Any
 
 from celery import Celery, Task
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_process_shutdown
 from sqlalchemy import or_, select, update
 
 from storage.models import Job, utcnow
 from triage.config import Settings, load_settings
+from worker.heartbeat import Heartbeat
 from worker.tasks import NodeContext, requeue_expired, requeue_orphans, run_job, worker_name
 
-__all__ = ["ANALYSE", "Dispatcher", "make_app"]
+__all__ = ["ANALYSE", "REPORT", "Dispatcher", "make_app"]
 
 log = logging.getLogger(__name__)
 
 ANALYSE = "triage.analyse"
+REPORT = "triage.report"
 _ctx: NodeContext | None = None
 _ctx_lock = threading.Lock()
 
@@ -42,15 +44,41 @@ def context() -> NodeContext:
     global _ctx
     with _ctx_lock:
         if _ctx is None:
-            _ctx = NodeContext(load_settings())
+            _ctx = NodeContext(load_settings(), report=_report_on_io)
         return _ctx
+
+
+def _report_on_io(ctx: NodeContext, result_id: int) -> None:
+    """Hand the SR/SEG build to an ``io`` worker; build here if the broker will not take it.
+
+    Either way nothing is lost: the result stays ``pending`` until built, and the node's
+    delivery loop builds any result left pending (an io worker that died, a lost message).
+    """
+    try:
+        app.send_task(REPORT, args=[result_id], queue="io")
+    except Exception as exc:
+        log.warning("cannot publish the report of result %d (%s); building it here", result_id,
+                    type(exc).__name__)
+        from worker.report import report_result
+
+        report_result(ctx, result_id)
+
+
+_beat: Heartbeat | None = None
 
 
 @worker_process_init.connect
 def _fresh_context(**_: Any) -> None:
     # A forked child must not reuse the parent's database connections (or anything else).
-    global _ctx
+    global _ctx, _beat
     _ctx = None
+    _beat = Heartbeat(context(), "celery").start()
+
+
+@worker_process_shutdown.connect
+def _last_beat(**_: Any) -> None:
+    if _beat is not None:
+        _beat.stop()
 
 
 def make_app(settings: Settings) -> Celery:
@@ -61,7 +89,7 @@ def make_app(settings: Settings) -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         task_default_queue="io",
-        task_routes={ANALYSE: {"queue": "gpu"}},
+        task_routes={ANALYSE: {"queue": "gpu"}, REPORT: {"queue": "io"}},
         broker_transport_options={"visibility_timeout": c.visibility_timeout},
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=3,
@@ -79,6 +107,13 @@ def make_app(settings: Settings) -> Celery:
         ctx = context()
         tid = str(self.request.id)
         return run_job(ctx, int(job_id), worker_name(f"celery:{tid}"), takeover=f"celery:{tid}")
+
+    @app.task(name=REPORT)
+    def report(result_id: int) -> str:
+        """Build a result's SR/SEG (queue ``io``); a no-op when already built."""
+        from worker.report import report_result
+
+        return report_result(context(), int(result_id))
 
     return app
 

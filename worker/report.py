@@ -3,9 +3,11 @@
 A Result is written first (``report_state = "pending"``); its reports are built outside any
 database transaction (highdicom takes a while on a CT and must not hold SQLite's write
 lock), stored as blobs, and then one transaction marks the result ``ready`` and creates
-its Delivery rows. A worker that dies in between leaves the result pending, and
-:class:`DeliveryLoop` builds it later: the output UIDs depend only on the result id and
-version, so a rebuild makes the same objects.
+its Delivery rows and, for a result at or above ``notify.min_priority``, its Notification
+rows (a result whose reports failed is still notified: its score and priority stand). A
+worker that dies in between leaves the result pending, and :class:`DeliveryLoop` builds it
+later: the output UIDs depend only on the result id and version, so a rebuild makes the
+same objects.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from sqlalchemy import select
 
 from storage.models import AuditEvent, Instance, NodeInfo, Result, utcnow
 from triage.dispatch import Sender, plan_deliveries
+from triage.notify import Notifier, plan_notifications
 from worker.tasks import NodeContext
 
 __all__ = ["DeliveryLoop", "report_result"]
@@ -30,8 +33,8 @@ __all__ = ["DeliveryLoop", "report_result"]
 log = logging.getLogger(__name__)
 
 WAKE = threading.Event()
-"""Set when a result's deliveries were queued in this process: the loop sends at once
-instead of at its next poll (other processes' results wait for the poll)."""
+"""Set when a result's deliveries or notifications were queued in this process: the loop
+sends at once instead of at its next poll (other processes' results wait for the poll)."""
 
 
 def software_version() -> str:
@@ -65,7 +68,8 @@ def _predecessor(ctx: NodeContext, r: Result) -> tuple[str, str, str] | None:
 
 
 def report_result(ctx: NodeContext, result_id: int) -> str:
-    """Build and store the result's SR/SEG and queue their deliveries; ``ready`` or ``failed``."""
+    """Build and store the result's SR/SEG, queue their deliveries and its notifications;
+    ``ready`` or ``failed``."""
     from triage.report import ReportInput, build_reports
 
     with ctx.db.sessions() as s:
@@ -108,8 +112,12 @@ def report_result(ctx: NodeContext, result_id: int) -> str:
         log.exception("reports for result %d failed", result_id)
         with ctx.db.session() as s:
             row = s.get(Result, result_id)
-            if row is not None and row.report_state == "pending":
-                row.report_state, row.report_error = "failed", f"{type(exc).__name__}: {exc}"[:2000]
+            if row is None or row.report_state != "pending":
+                return "failed"
+            row.report_state, row.report_error = "failed", f"{type(exc).__name__}: {exc}"[:2000]
+            m = plan_notifications(s, row, ctx.settings.notify)
+        if m:
+            WAKE.set()
         return "failed"
     with ctx.db.session() as s:
         row = s.get(Result, result_id, with_for_update=True)
@@ -117,20 +125,22 @@ def report_result(ctx: NodeContext, result_id: int) -> str:
             return "skipped"
         row.report_state, row.outputs, row.report_error = "ready", outputs, None
         n = plan_deliveries(s, row, outputs, ctx.settings.dispatch)
+        m = plan_notifications(s, row, ctx.settings.notify)
         s.add(AuditEvent(actor="reporter", action="reports built", series_id=row.series_id,
                          detail={"result": row.id, "objects": [o["what"] for o in outputs],
-                                 "deliveries": n, "notes": objects.notes}))
-    if n:
+                                 "deliveries": n, "notifications": m, "notes": objects.notes}))
+    if n or m:
         WAKE.set()
     return "ready"
 
 
 class DeliveryLoop:
-    """A thread: builds reports left pending, sends due deliveries."""
+    """A thread: builds reports left pending, sends due deliveries and notifications."""
 
     def __init__(self, ctx: NodeContext, *, stale_seconds: float = 30.0) -> None:
         self.ctx = ctx
         self.sender = Sender(ctx.db, ctx.blobs, ctx.settings.dispatch)
+        self.notifier = Notifier(ctx.db, ctx.settings)
         self.stale = dt.timedelta(seconds=stale_seconds)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="delivery", daemon=True)
@@ -163,3 +173,7 @@ class DeliveryLoop:
                 self.sender.run_once()
             except Exception:
                 log.exception("delivery pass failed")
+            try:  # (its own try: a failing delivery pass must not hold back notifications)
+                self.notifier.send_due()
+            except Exception as exc:  # no traceback: it could quote a patient identifier
+                log.error("notification pass failed: %s", type(exc).__name__)

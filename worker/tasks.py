@@ -16,7 +16,7 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
@@ -32,10 +32,26 @@ from storage.models import AuditEvent, Instance, Job, Result, Series, utcnow
 from triage.analyze import Analysis, AnalysisError, Models, analyse_series
 from triage.config import Settings
 
-__all__ = ["NodeContext", "claim", "claim_next", "requeue_expired", "requeue_orphans", "run_job",
-           "worker_name"]
+__all__ = ["NodeContext", "claim", "claim_next", "count_job", "jobs_done", "requeue_expired",
+           "requeue_orphans", "run_job", "worker_name"]
 
 log = logging.getLogger(__name__)
+
+
+_done = 0
+_done_lock = threading.Lock()
+
+
+def count_job() -> None:
+    """One more job finished in this process (done or failed; the heartbeat reports it)."""
+    global _done
+    with _done_lock:
+        _done += 1
+
+
+def jobs_done() -> int:
+    with _done_lock:
+        return _done
 
 
 def worker_name(tag: str = "") -> str:
@@ -44,9 +60,14 @@ def worker_name(tag: str = "") -> str:
 
 @dataclass
 class NodeContext:
-    """Per-process handles: database, blob store, models (each created on first use)."""
+    """Per-process handles: database, blob store, models (each created on first use).
+
+    ``report``: what happens to a fresh result; by default its SR/SEG are built here, at once.
+    A Celery GPU worker hands that to the ``io`` queue instead, so the GPU is free sooner.
+    """
 
     settings: Settings
+    report: Callable[[NodeContext, int], object] | None = None
 
     @cached_property
     def db(self) -> Database:
@@ -256,6 +277,7 @@ def run_job(ctx: NodeContext, job_id: int, worker: str, *, claimed: bool = False
     except AnalysisError as exc:
         log.warning("job %d (%s) failed: %s", job_id, job.kind, exc)
         _finish(ctx, job, worker, "failed", str(exc), None, None)
+        count_job()
         return "failed"
     except Exception as exc:  # a bug or a resource problem: retry, with the reason kept
         log.exception("job %d (%s) crashed", job_id, job.kind)
@@ -272,7 +294,11 @@ def run_job(ctx: NodeContext, job_id: int, worker: str, *, claimed: bool = False
         return "skipped"
     log.info("job %d (%s) done: score %.3f, priority %d", job_id, job.kind, analysis.score,
              analysis.priority)
-    from worker.report import report_result  # (imports highdicom; after the analysis)
+    if ctx.report is not None:
+        ctx.report(ctx, rid)
+    else:
+        from worker.report import report_result  # (imports highdicom; after the analysis)
 
-    report_result(ctx, rid)
+        report_result(ctx, rid)
+    count_job()
     return "done"

@@ -24,10 +24,14 @@ from sqlalchemy.orm import Session
 
 from storage.blobs import BlobStore
 from storage.db import Database
-from storage.models import AuditEvent, Delivery, Job, Result, Series, Study, User
+from storage.models import AuditEvent, Delivery, Job, Notification, Result, Series, Study, User
+from triage.audit import audit_events
+from triage.bundles import configured_bundles
 from triage.config import Settings
 from triage.dispatch import Sender, c_echo
-from triage.rank import PRIORITY_NAMES, worklist
+from triage.notify import Notifier
+from triage.rank import PRIORITY_NAMES, STATES, worklist
+from triage.status import node_status
 from triage.web.metrics import registry
 from triage.web.pages import LoginRequired, login_redirect, pages_router
 from triage.web.security import token_user
@@ -80,13 +84,27 @@ class DeliveryItem(BaseModel):
     delivered_at: dt.datetime | None
 
 
+class NotificationItem(BaseModel):
+    id: int
+    result_id: int
+    channel: str
+    target: str
+    message_id: str
+    state: str
+    attempts: int
+    last_error: str | None
+    created_at: dt.datetime
+    next_attempt_at: dt.datetime
+    sent_at: dt.datetime | None
+
+
 def create_app(settings: Settings, db: Database | None = None) -> FastAPI:
     db = db or Database(settings.database_url)
     blobs = BlobStore(settings.blob_root, fsync=settings.storage.fsync)
     app = FastAPI(title="triage node", version="1", openapi_url="/api/openapi.json", docs_url="/api/docs",
                   redoc_url=None)
     app.state.db, app.state.settings = db, settings
-    metrics = registry(db, blobs)
+    metrics = registry(db, blobs, settings.executor.heartbeat_seconds)
 
     def session() -> Iterator[Session]:
         with db.sessions() as s:
@@ -125,13 +143,40 @@ def create_app(settings: Settings, db: Database | None = None) -> FastAPI:
         response.status_code = 200 if ok else 503
         return {"status": "ok" if ok else "failing", "checks": checks}
 
+    @api.get("/status")
+    def get_status(_: Viewer, s: DB) -> dict[str, Any]:
+        """The dashboard's figures: arrivals per minute, assembling series, jobs by state,
+        latency p50/p95, delivery backlog, disk, worker heartbeats and bundles."""
+        return node_status(s, settings, blobs)
+
+    @api.get("/models")
+    def get_models(_: Viewer) -> list[dict[str, Any]]:
+        """The configured bundles, each verified against its manifest's hashes."""
+        return [b.summary() for b in configured_bundles(settings)]
+
+    @api.get("/audit")
+    def get_audit(_: Admin, s: DB, actor: str | None = None, action: str | None = None,
+                  before: int | None = None,
+                  limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[dict[str, Any]]:
+        """Audit events, newest first; page with ``before`` = the last id seen."""
+        return [{"id": e.id, "at": e.at, "actor": e.actor, "action": e.action, "series_id": e.series_id,
+                 "detail": e.detail}
+                for e in audit_events(s, actor=actor, action=action, before=before, limit=limit)]
+
     @api.get("/worklist", response_model=list[WorklistItem])
     def get_worklist(_: Viewer, s: DB, limit: Annotated[int, Query(ge=1, le=1000)] = 200,
                      kind: str | None = None,
-                     min_priority: Annotated[int | None, Query(ge=1, le=4)] = None) -> list[WorklistItem]:
+                     min_priority: Annotated[int | None, Query(ge=1, le=4)] = None,
+                     state: Annotated[str | None, Query(pattern="^(" + "|".join(STATES) + ")$")] = None,
+                     q: Annotated[str | None, Query(description="accession number or patient ID (exact), "
+                                                                "or the start of the patient name")] = None,
+                     since: dt.datetime | None = None) -> list[WorklistItem]:
+        if since is not None and since.tzinfo is None:
+            since = since.replace(tzinfo=dt.UTC)
         return [WorklistItem(**{k: getattr(r, k) for k in WorklistItem.model_fields if k != "priority_name"},
                              priority_name=r.priority_name)
-                for r in worklist(s, limit=limit, kind=kind, min_priority=min_priority)]
+                for r in worklist(s, limit=limit, kind=kind, min_priority=min_priority, state=state,
+                                  text=q, since=since)]
 
     @api.get("/studies/{study_uid}")
     def get_study(study_uid: str, _: Viewer, s: DB) -> dict[str, Any]:
@@ -198,8 +243,29 @@ def create_app(settings: Settings, db: Database | None = None) -> FastAPI:
             raise HTTPException(409, "this delivery cannot be cancelled (unknown, sending or sent)")
         return {"id": delivery_id, "state": "cancelled"}
 
+    notifier = Notifier(db, settings)
+
+    @api.get("/notifications", response_model=list[NotificationItem])
+    def get_notifications(_: Viewer, s: DB, state: str | None = None,
+                          limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[NotificationItem]:
+        q = select(Notification).order_by(Notification.id.desc()).limit(limit)
+        rows = s.scalars(q if state is None else q.where(Notification.state == state))
+        return [NotificationItem.model_validate(n, from_attributes=True) for n in rows]
+
+    @api.post("/notifications/{notification_id}/retry")
+    def retry_notification(notification_id: int, who: Admin) -> dict[str, Any]:
+        if not notifier.retry(notification_id, actor=who.username):
+            raise HTTPException(409, "this notification cannot be retried (unknown, sending or sent)")
+        return {"id": notification_id, "state": "pending"}
+
+    @api.post("/notifications/{notification_id}/cancel")
+    def cancel_notification(notification_id: int, who: Admin) -> dict[str, Any]:
+        if not notifier.cancel(notification_id, actor=who.username):
+            raise HTTPException(409, "this notification cannot be cancelled (unknown, sending or sent)")
+        return {"id": notification_id, "state": "cancelled"}
+
     app.include_router(api)
-    app.include_router(pages_router(db, blobs, sender))
+    app.include_router(pages_router(settings, db, blobs, sender, notifier))
     app.add_exception_handler(LoginRequired, login_redirect)
 
     @app.get("/metrics", include_in_schema=False)

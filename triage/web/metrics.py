@@ -9,6 +9,7 @@ histograms. No patient identifier or UID is ever a label.
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -19,7 +20,7 @@ from sqlalchemy import func, select
 
 from storage.blobs import BlobStore
 from storage.db import Database
-from storage.models import Delivery, Instance, Job, Result, Series
+from storage.models import Delivery, Instance, Job, Notification, Result, Series, WorkerBeat, utcnow
 
 __all__ = ["NodeCollector", "registry"]
 
@@ -42,9 +43,10 @@ def _histogram(name: str, doc: str, values: Sequence[float], labels: dict[str, s
 
 
 class NodeCollector(Collector):
-    def __init__(self, db: Database, blobs: BlobStore | None = None) -> None:
+    def __init__(self, db: Database, blobs: BlobStore | None = None, heartbeat_seconds: float = 10.0) -> None:
         self.db = db
         self.blobs = blobs
+        self.heartbeat_seconds = heartbeat_seconds
 
     def collect(self) -> Iterator[Any]:
         with self.db.sessions() as s:
@@ -71,6 +73,21 @@ class NodeCollector(Collector):
                                             .group_by(Delivery.state, Delivery.destination)):
                 g.add_metric([state, dest], n)
             yield g
+            g = GaugeMetricFamily("triage_notifications", "Webhook and HL7 notifications by state",
+                                  labels=["state", "channel", "target"])
+            for state, channel, target, n in s.execute(
+                    select(Notification.state, Notification.channel, Notification.target, func.count())
+                    .group_by(Notification.state, Notification.channel, Notification.target)):
+                g.add_metric([state, channel, target], n)
+            yield g
+            g = GaugeMetricFamily("triage_workers", "Workers by kind, heartbeat recent (alive) or not",
+                                  labels=["kind", "alive"])
+            silent = utcnow() - dt.timedelta(seconds=3 * self.heartbeat_seconds)
+            for kind, alive, n in s.execute(
+                    select(WorkerBeat.kind, WorkerBeat.last_seen >= silent, func.count())
+                    .group_by(WorkerBeat.kind, WorkerBeat.last_seen >= silent)):
+                g.add_metric([kind, "true" if alive else "false"], n)
+            yield g
             jobs = s.execute(select(Job.kind, Job.created_at, Job.finished_at).where(Job.state == "done")
                              .order_by(Job.id.desc()).limit(_RECENT)).all()
             by_kind: dict[str, list[float]] = {}
@@ -92,7 +109,8 @@ class NodeCollector(Collector):
                                     value=u.used_fraction)
 
 
-def registry(db: Database, blobs: BlobStore | None = None) -> CollectorRegistry:
+def registry(db: Database, blobs: BlobStore | None = None,
+             heartbeat_seconds: float = 10.0) -> CollectorRegistry:
     reg = CollectorRegistry(auto_describe=False)
-    reg.register(NodeCollector(db, blobs))
+    reg.register(NodeCollector(db, blobs, heartbeat_seconds))
     return reg

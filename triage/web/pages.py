@@ -1,4 +1,5 @@
-"""Server-rendered pages (Jinja2; no CDN, no front-end build): login and the worklist so far.
+"""Server-rendered pages (Jinja2; no CDN, no front-end build): login, the dashboard, the
+worklist and study pages, deliveries, models and the audit log.
 
 Sessions live in the database (:class:`storage.models.WebSession`): the cookie carries 256
 random bits, the table their SHA-256, so logging out or disabling a user ends the session
@@ -20,15 +21,32 @@ from typing import Annotated, Any
 from urllib.parse import quote
 
 from fastapi import APIRouter, Form, HTTPException, Request
-from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from sqlalchemy import delete, select
 
 from storage.blobs import BlobStore
 from storage.db import Database
-from storage.models import AuditEvent, Delivery, Instance, Result, Series, Study, User, WebSession, utcnow
+from storage.models import (
+    AuditEvent,
+    Delivery,
+    Instance,
+    Notification,
+    Result,
+    Series,
+    Study,
+    User,
+    WebSession,
+    utcnow,
+)
+from triage.audit import audit_events
+from triage.bundles import configured_bundles, find_bundle
+from triage.config import Settings
 from triage.dispatch import Sender
-from triage.rank import PRIORITY_NAMES, worklist
+from triage.notify import Notifier
+from triage.rank import PRIORITY_NAMES, STATES, worklist
+from triage.status import node_status
+from triage.web.charts import calibration_png, reference_png
 from triage.web.security import verify_password
 
 __all__ = ["SESSION_COOKIE", "LoginRequired", "login_redirect", "pages_router"]
@@ -38,6 +56,8 @@ LOGIN_COOKIE = "triage_login"
 SESSION_HOURS = 12
 MAX_FAILURES = 5
 LOCK_MINUTES = 15
+DASHBOARD_REFRESH_SECONDS = 5
+AUDIT_PAGE = 100
 templates = Jinja2Templates(directory=str(Path(__file__).with_name("templates")))
 
 
@@ -58,7 +78,8 @@ class LoginRequired(Exception):  # noqa: N818 (a redirect, not an error)
     """Not logged in: the page redirects to the login form."""
 
 
-def pages_router(db: Database, blobs: BlobStore, sender: Sender) -> APIRouter:
+def pages_router(settings: Settings, db: Database, blobs: BlobStore, sender: Sender,
+                 notifier: Notifier) -> APIRouter:
     r = APIRouter(include_in_schema=False)
 
     def current(request: Request) -> tuple[User, WebSession]:
@@ -81,9 +102,55 @@ def pages_router(db: Database, blobs: BlobStore, sender: Sender) -> APIRouter:
         if not token or not hmac.compare_digest(token, ws.csrf_token):
             raise HTTPException(403, "missing or wrong CSRF token")
 
+    def require_admin(user: User) -> None:
+        if user.role != "admin":
+            raise HTTPException(403, "this needs the admin role")
+
     @r.get("/")
     def root() -> RedirectResponse:
         return RedirectResponse("/worklist", status_code=303)
+
+    @r.get("/dashboard")
+    def dashboard(request: Request) -> HTMLResponse:
+        user, ws = current(request)
+        with db.sessions() as s:
+            st = node_status(s, settings, blobs)
+        return page(request, "dashboard.html", st=st, user=user, csrf=ws.csrf_token,
+                    refresh=DASHBOARD_REFRESH_SECONDS)
+
+    @r.get("/dashboard.json")
+    def dashboard_json(request: Request) -> JSONResponse:
+        """The dashboard's figures for its own polling (the session cookie, not a token)."""
+        current(request)
+        with db.sessions() as s:
+            return JSONResponse(node_status(s, settings, blobs), headers={"Cache-Control": "no-store"})
+
+    @r.get("/models")
+    def models_page(request: Request) -> HTMLResponse:
+        user, ws = current(request)
+        return page(request, "models.html", bundles=configured_bundles(settings), user=user,
+                    csrf=ws.csrf_token)
+
+    @r.get("/models/{role}/calibration.png")
+    def calibration_plot(request: Request, role: str) -> Response:
+        current(request)
+        b = next((b for b in configured_bundles(settings) if b.role == role and b.ok), None)
+        if b is None or not b.calibration.get("reference"):
+            raise HTTPException(404, "no usable bundle with a calibration for this role")
+        png = calibration_png(b.calibration, f"{b.name} {b.version}: score distributions")
+        return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=60"})
+
+    @r.get("/audit")
+    def audit_page(request: Request, actor: str | None = None, action: str | None = None,
+                   before: int | None = None) -> HTMLResponse:
+        user, ws = current(request)
+        require_admin(user)
+        with db.sessions() as s:
+            rows = audit_events(s, actor=actor, action=action, before=before, limit=AUDIT_PAGE)
+            actions = list(s.scalars(select(AuditEvent.action).distinct().order_by(AuditEvent.action)))
+        nxt = rows[-1].id if len(rows) == AUDIT_PAGE else None
+        return page(request, "audit.html", rows=rows, actions=actions, actor=actor or "", action=action or "",
+                    next_before=nxt, user=user, csrf=ws.csrf_token)
 
     @r.get("/login")
     def login_form(request: Request, next: str = "/worklist") -> HTMLResponse:
@@ -148,11 +215,23 @@ def pages_router(db: Database, blobs: BlobStore, sender: Sender) -> APIRouter:
         return resp
 
     @r.get("/worklist")
-    def worklist_page(request: Request, kind: str | None = None) -> HTMLResponse:
+    def worklist_page(request: Request, kind: str = "", priority: str = "", state: str = "", q: str = "",
+                      since: str = "") -> HTMLResponse:
         user, ws = current(request)
+        try:
+            min_p = int(priority) if priority else None
+            start = dt.datetime.fromisoformat(since).replace(tzinfo=dt.UTC) if since else None
+            if state and state not in STATES:
+                raise ValueError(state)
+        except ValueError as exc:
+            raise HTTPException(422, "bad worklist filter (priority 1-4, a known state, since "
+                                     "as YYYY-MM-DD)") from exc
         with db.sessions() as s:
-            rows = worklist(s, limit=500, kind=kind)
-        return page(request, "worklist.html", rows=rows, user=user, csrf=ws.csrf_token)
+            rows = worklist(s, limit=500, kind=kind or None, min_priority=min_p, state=state or None,
+                            text=q or None, since=start)
+        filters = {"kind": kind, "priority": priority, "state": state, "q": q, "since": since}
+        return page(request, "worklist.html", rows=rows, user=user, csrf=ws.csrf_token, f=filters,
+                    kinds=("cxr", "bct", "chestct"), states=STATES, priority_names=PRIORITY_NAMES)
 
     @r.get("/studies/{study_uid}")
     def study_page(request: Request, study_uid: str) -> HTMLResponse:
@@ -173,9 +252,17 @@ def pages_router(db: Database, blobs: BlobStore, sender: Sender) -> APIRouter:
                          "last_error": d.last_error, "what": _object_name(what.get(d.sop_instance_uid, ""))}
                         for d in s.scalars(select(Delivery).where(Delivery.result_id == res.id)
                                            .order_by(Delivery.id))]
+                    for n in s.scalars(select(Notification).where(Notification.result_id == res.id)
+                                       .order_by(Notification.id)):
+                        deliveries[res.id].append(
+                            {"id": None, "destination": n.target, "state": n.state, "attempts": n.attempts,
+                             "last_error": n.last_error, "what": "webhook" if n.channel == "webhook"
+                             else "HL7 ORU^R01"})
                 events = list(s.scalars(select(AuditEvent).where(AuditEvent.series_id == se.id)
                                         .order_by(AuditEvent.at)))
-                series.append({"row": se, "results": results, "deliveries": deliveries, "events": events})
+                series.append({"row": se, "results": results, "deliveries": deliveries, "events": events,
+                               "reference": {x.id: find_bundle(settings, x.bundle_name, x.bundle_version)
+                                             is not None for x in results}})
         return page(request, "study.html", study=st, series=series, user=user, csrf=ws.csrf_token,
                     priority_names=PRIORITY_NAMES)
 
@@ -185,22 +272,51 @@ def pages_router(db: Database, blobs: BlobStore, sender: Sender) -> APIRouter:
         png = _overlay_png(db, blobs, result_id)
         return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
+    @r.get("/results/{result_id}/reference.png")
+    def reference_plot(request: Request, result_id: int) -> Response:
+        current(request)
+        with db.sessions() as s:
+            res = s.get(Result, result_id)
+            if res is None:
+                raise HTTPException(404, "no such result")
+            b = find_bundle(settings, res.bundle_name, res.bundle_version)
+            if b is None or not b.calibration.get("reference"):
+                raise HTTPException(404, "the bundle that scored this result is no longer configured")
+            png = reference_png(b.calibration["reference"], res.score, b.calibration.get("threshold"),
+                                res.percentile)
+        return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+
     @r.get("/deliveries")
     def deliveries_page(request: Request) -> HTMLResponse:
         user, ws = current(request)
         with db.sessions() as s:
             rows = list(s.scalars(select(Delivery).where(Delivery.state.in_(("pending", "sending", "dead")))
                                   .order_by(Delivery.id.desc()).limit(500)))
-        return page(request, "deliveries.html", rows=rows, user=user, csrf=ws.csrf_token)
+            notes = list(s.scalars(select(Notification)
+                                   .where(Notification.state.in_(("pending", "sending", "dead")))
+                                   .order_by(Notification.id.desc()).limit(500)))
+        return page(request, "deliveries.html", rows=rows, notifications=notes, user=user, csrf=ws.csrf_token)
 
-    def _admin_action(request: Request, delivery_id: int, csrf: str, back: str, action: str) -> Response:
+    def _admin_action(request: Request, row_id: int, csrf: str, back: str, action: str,
+                      outbox: Sender | Notifier = sender) -> Response:
         user, ws = current(request)
         check_csrf(ws, csrf)
-        if user.role != "admin":
-            raise HTTPException(403, "this needs the admin role")
-        if not getattr(sender, action)(delivery_id, actor=user.username):
-            raise HTTPException(409, f"this delivery cannot be {action}d now")
+        require_admin(user)
+        if not getattr(outbox, action)(row_id, actor=user.username):
+            what = "delivery" if outbox is sender else "notification"
+            done = {"retry": "retried", "cancel": "cancelled"}[action]
+            raise HTTPException(409, f"this {what} cannot be {done} now")
         return RedirectResponse(_safe_next(back) if back else "/deliveries", status_code=303)
+
+    @r.post("/notifications/{notification_id}/retry")
+    def retry_notification(request: Request, notification_id: int, csrf: Annotated[str, Form()] = "",
+                           back: Annotated[str, Form()] = "") -> Response:
+        return _admin_action(request, notification_id, csrf, back, "retry", notifier)
+
+    @r.post("/notifications/{notification_id}/cancel")
+    def cancel_notification(request: Request, notification_id: int, csrf: Annotated[str, Form()] = "",
+                            back: Annotated[str, Form()] = "") -> Response:
+        return _admin_action(request, notification_id, csrf, back, "cancel", notifier)
 
     @r.post("/deliveries/{delivery_id}/retry")
     def retry(request: Request, delivery_id: int, csrf: Annotated[str, Form()] = "",

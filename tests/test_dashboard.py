@@ -1,0 +1,279 @@
+"""The dashboard, models and audit pages, worklist filters, the reference plot, heartbeats."""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import shutil
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+from sqlalchemy import select, update
+from test_pages import _login
+from test_rank import T0, _study
+
+from flows.bundle import Bundle
+from storage.db import Database
+from storage.models import AuditEvent, Instance, Job, Result, Series, Study, User, WorkerBeat, utcnow
+from triage.config import Settings, load_settings
+from triage.rank import worklist
+from triage.status import instance_rate, node_status
+from triage.web.api import create_app
+from triage.web.security import create_token, create_user
+from worker.heartbeat import Heartbeat
+from worker.tasks import NodeContext
+
+PASSWORD = "correct horse battery"
+
+
+@pytest.fixture()
+def settings(tmp_path: Path, sqlite_db: Database, tiny_bundle: Bundle) -> Settings:
+    bundle = tmp_path / "tiny"
+    shutil.copytree(tiny_bundle.path, bundle)  # a copy: one test corrupts it
+    return load_settings(node={"data_dir": str(tmp_path / "d")}, storage={"database_url": sqlite_db.url},
+                         models={"cxr": str(bundle)})
+
+
+@pytest.fixture()
+def client(settings: Settings, sqlite_db: Database) -> TestClient:
+    with sqlite_db.session() as s:
+        for name, role in (("ann", "admin"), ("vic", "viewer")):
+            create_token(s, create_user(s, name, PASSWORD, role), "t")
+    return TestClient(create_app(settings, sqlite_db), follow_redirects=False)
+
+
+def _png(data: bytes) -> tuple[int, int]:
+    im = Image.open(io.BytesIO(data))
+    assert im.format == "PNG"
+    return im.size
+
+
+def _as(c: TestClient, user: str) -> None:
+    form = c.get("/login")
+    import re
+
+    token = re.search(r'name="csrf" value="([^"]+)"', form.text)
+    assert token
+    r = c.post("/login", data={"username": user, "password": PASSWORD, "csrf": token.group(1)})
+    assert r.status_code == 303
+
+
+def _instances(db: Database, series_id: int, ages_s: list[float], now: dt.datetime) -> None:
+    with db.session() as s:
+        for i, age in enumerate(ages_s):
+            s.add(Instance(series_id=series_id, sop_instance_uid=f"9.{series_id}.{i}", sop_class_uid="1.2",
+                           transfer_syntax_uid="1.2.840.10008.1.2.1", blob=f"b{series_id}.{i}",
+                           sha256="0" * 64, size=1, is_image=True,
+                           received_at=now - dt.timedelta(seconds=age)))
+
+
+def test_status_figures(settings: Settings, sqlite_db: Database) -> None:
+    from storage.blobs import BlobStore
+
+    now = dt.datetime(2026, 11, 30, 12, 0, 30, tzinfo=dt.UTC)
+    sid = _study(sqlite_db, "A", 0, [(2, 97.0, 5.0)])
+    # this minute: 3; the minute before: 2; 20 minutes ago: outside the window
+    _instances(sqlite_db, sid, [1, 5, 20, 40, 70, 1200], now)
+    with sqlite_db.session() as s:
+        s.execute(update(Job).values(created_at=now - dt.timedelta(seconds=10), finished_at=now))
+        s.add(Series(study_id=s.scalar(select(Study.id)), series_instance_uid="1.9", state="receiving"))
+        for name, age in (("w1", 5), ("w2", 300)):
+            s.add(WorkerBeat(name=name, kind="celery", host="gpu", pid=7,
+                             last_seen=now - dt.timedelta(seconds=age)))
+    with sqlite_db.sessions() as s:
+        rate = instance_rate(s, now)
+        st = node_status(s, settings, BlobStore(settings.blob_root), now=now)
+    assert len(rate) == 15 and rate[-1] == 3 and rate[-2] == 2 and sum(rate) == 5
+    assert st["assembling"] == 1 and st["jobs"] == {"done": 1}
+    assert st["latency"]["cxr"] == {"n": 1, "p50": 10.0, "p95": 10.0}
+    assert [(w["name"], w["alive"]) for w in st["workers"]] == [("w1", True), ("w2", False)]
+    assert st["bundles"][0]["name"] == "tiny" and st["bundles"][0]["ok"]
+    assert 0 < st["disk"]["used_fraction"] < 1 and st["delivery_backlog"] == 0
+
+
+def test_heartbeat_rows(settings: Settings, sqlite_db: Database) -> None:
+    ctx = NodeContext(settings)
+    ctx.__dict__["db"] = sqlite_db
+    hb = Heartbeat(ctx, "local", name="local@test")
+    hb.beat()
+    with sqlite_db.sessions() as s:
+        first = s.get(WorkerBeat, "local@test")
+        assert first is not None and first.kind == "local" and first.bundles == {}
+    ctx.models.get("cxr")  # a loaded bundle is reported by the next beat
+    hb.beat()
+    with sqlite_db.sessions() as s:
+        row = s.get(WorkerBeat, "local@test")
+        assert row is not None and row.bundles == {"cxr": "tiny 1"} and row.last_seen >= first.last_seen
+    hb.stop()  # a clean stop removes the row
+    with sqlite_db.sessions() as s:
+        assert s.get(WorkerBeat, "local@test") is None
+
+
+def test_dashboard_page_and_its_json(client: TestClient, sqlite_db: Database) -> None:
+    assert client.get("/dashboard").status_code == 303
+    assert client.get("/dashboard.json").status_code == 303
+    _as(client, "vic")
+    page = client.get("/dashboard")
+    assert page.status_code == 200 and 'id="workers"' in page.text and '"bundles"' in page.text
+    j = client.get("/dashboard.json")
+    assert j.status_code == 200 and j.headers["cache-control"] == "no-store"
+    assert {"instances_per_minute", "assembling", "jobs", "latency", "delivery_backlog", "dead_letters",
+            "disk", "workers", "bundles"} <= set(j.json())
+
+
+def test_models_page_shows_calibration(client: TestClient, settings: Settings) -> None:
+    _as(client, "vic")
+    page = client.get("/models")
+    assert page.status_code == 200 and "tiny 1" in page.text and "verified" in page.text
+    assert "Validation AUROC" in page.text and "youden" in page.text
+    w, h = _png(client.get("/models/cxr/calibration.png").content)
+    assert w > h > 100  # ROC and histograms side by side
+    assert client.get("/models/bct/calibration.png").status_code == 404
+    # a modified weight file is shown, not hidden
+    assert settings.models.cxr is not None
+    (Path(settings.models.cxr) / "m1.pt").write_bytes(b"tampered")
+    import os
+
+    os.utime(Path(settings.models.cxr) / "manifest.json")  # (the check is cached per manifest mtime)
+    page = client.get("/models")
+    assert "unusable" in page.text and "m1.pt is corrupted" in page.text
+
+
+def test_audit_page_is_for_admins(client: TestClient, sqlite_db: Database) -> None:
+    _as(client, "vic")
+    assert client.get("/audit").status_code == 403
+    client.cookies.clear()
+    _as(client, "ann")
+    with sqlite_db.session() as s:
+        for i in range(120):
+            s.add(AuditEvent(actor="scp", action="association refused", detail={"n": i}))
+    page = client.get("/audit")
+    assert page.status_code == 200 and page.text.count("association refused") >= 100
+    assert "older events" in page.text
+    only = client.get("/audit", params={"actor": "ann", "action": "login"})
+    assert "association refused</td>" not in only.text and ">login</td>" in only.text
+
+
+def test_worklist_filters(client: TestClient, sqlite_db: Database) -> None:
+    _study(sqlite_db, "ROUTINE", 0, [(4, 30.0, 1.0)])
+    _study(sqlite_db, "URGENT", 5, [(1, 99.9, 9.0)])
+    _study(sqlite_db, "CT", 10, [(2, 97.0, 5.0)], kind="chestct")
+    sid = _study(sqlite_db, "RUNNING", 15, [])
+    with sqlite_db.session() as s:
+        s.add(Job(series_id=sid, series_version=1, kind="cxr", state="running"))
+        s.execute(update(Study).where(Study.accession_number == "CT").values(patient_name="O'BRIEN^PAT",
+                                                                            patient_id="PID-7"))
+    with sqlite_db.sessions() as s:
+        def acc(**kw: object) -> list[str | None]:
+            return [r.accession_number for r in worklist(s, **kw)]  # type: ignore[arg-type]
+
+        assert acc(min_priority=2) == ["URGENT", "CT"]
+        assert acc(kind="chestct") == ["CT"]
+        assert acc(state="analysing") == ["RUNNING"]
+        assert acc(state="analysed") == ["URGENT", "CT", "ROUTINE"]
+        assert acc(text="o'b") == ["CT"] and acc(text="PID-7") == ["CT"] and acc(text="%") == []
+        assert acc(since=T0 + dt.timedelta(minutes=7)) == ["CT", "RUNNING"]
+        with pytest.raises(ValueError, match="unknown worklist state"):
+            worklist(s, state="done")
+    _login(client)
+    page = client.get("/worklist", params={"priority": "1"})
+    assert "URGENT" in page.text and "ROUTINE" not in page.text
+    assert client.get("/worklist", params={"since": "yesterday"}).status_code == 422
+
+
+def test_reference_plot_on_the_study_page(client: TestClient, sqlite_db: Database) -> None:
+    _study(sqlite_db, "TINY", 0, [(2, 97.0, 1.5)])
+    with sqlite_db.session() as s:
+        s.execute(update(Result).values(bundle_name="tiny", bundle_version="1"))
+        rid = s.scalar(select(Result.id))
+    assert rid is not None
+    _study(sqlite_db, "OLD", 5, [(4, 30.0, 0.1)])  # scored by bundle "b", not configured
+    _as(client, "vic")
+    page = client.get("/studies/1.2.3.0")
+    assert f'src="/results/{rid}/reference.png"' in page.text
+    _png(client.get(f"/results/{rid}/reference.png").content)
+    assert "reference.png" not in client.get("/studies/1.2.3.5").text
+    assert client.get(f"/results/{rid + 1}/reference.png").status_code == 404
+
+
+def test_api_status_models_audit(client: TestClient, sqlite_db: Database) -> None:
+    with sqlite_db.session() as s:
+        users = {u.username: u for u in s.scalars(select(User))}
+        viewer = create_token(s, users["vic"], "monitor")
+        admin = create_token(s, users["ann"], "ops")
+    h = {"Authorization": f"Bearer {viewer}"}
+    assert client.get("/api/status").status_code == 401
+    assert client.get("/api/status", headers=h).json()["bundles"][0]["name"] == "tiny"
+    assert client.get("/api/models", headers=h).json()[0]["threshold_method"] == "youden"
+    assert client.get("/api/audit", headers=h).status_code == 403
+    with sqlite_db.session() as s:
+        s.add(AuditEvent(actor="ann", action="delivery retried", detail={}, at=utcnow()))
+    ev = client.get("/api/audit", headers={"Authorization": f"Bearer {admin}"},
+                    params={"action": "delivery retried"}).json()
+    assert [e["actor"] for e in ev] == ["ann"]
+    assert client.get("/api/worklist", headers=h, params={"state": "nonsense"}).status_code == 422
+
+
+def test_configuration_changes_are_audited_without_secrets(tmp_path: Path, sqlite_db: Database) -> None:
+    from triage.audit import record_configuration
+
+    node = {"data_dir": str(tmp_path / "d")}
+    first = load_settings(node=node, celery={"broker_url": "redis://:hunter2@127.0.0.1:6379/0"})
+    assert record_configuration(sqlite_db, first) == {}
+    assert record_configuration(sqlite_db, first) == {}  # unchanged: nothing new
+    changed = load_settings(node=node, rank={"urgent_percentile": 98.0},
+                            celery={"broker_url": "redis://:swordfish@127.0.0.1:6379/0"})
+    changes = record_configuration(sqlite_db, changed)
+    assert changes["rank.urgent_percentile"] == {"from": 99.0, "to": 98.0}
+    assert set(changes) == {"rank.urgent_percentile"}  # (a changed secret alone is not visible)
+    with sqlite_db.sessions() as s:
+        events = list(s.scalars(select(AuditEvent).where(AuditEvent.action.like("configuration%"))))
+    assert [e.action for e in events] == ["configuration recorded", "configuration changed"]
+    dumped = repr([e.detail for e in events])
+    assert "hunter2" not in dumped and "swordfish" not in dumped and "(hidden)" in dumped
+
+
+def test_notifications_api_page_and_metrics(client: TestClient, sqlite_db: Database) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from storage.models import Notification
+
+    _study(sqlite_db, "URGENT", 0, [(1, 99.9, 9.0)])
+    with sqlite_db.session() as s:
+        rid = s.scalar(select(Result.id))
+        assert rid is not None
+        n = Notification(result_id=rid, channel="hl7", target="ris", message_id="m1", state="dead",
+                         attempts=4, last_error="no ACK within 10 s")
+        s.add(n)
+        s.flush()
+        nid = n.id
+        users = {u.username: u for u in s.scalars(select(User))}
+        viewer, admin = create_token(s, users["vic"], "v"), create_token(s, users["ann"], "a")
+    rows = client.get("/api/notifications", headers={"Authorization": f"Bearer {viewer}"}).json()
+    assert [(r["id"], r["state"], r["target"]) for r in rows] == [(nid, "dead", "ris")]
+    assert client.post(f"/api/notifications/{nid}/retry",
+                       headers={"Authorization": f"Bearer {viewer}"}).status_code == 403
+    fams = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
+    assert [(x.labels, x.value) for x in fams["triage_notifications"].samples] == [
+        ({"state": "dead", "channel": "hl7", "target": "ris"}, 1.0)]
+    # the deliveries page lists it; an admin retries it there (with the CSRF token)
+    _as(client, "ann")
+    page = client.get("/deliveries")
+    assert f'data-notification="{nid}"' in page.text and "no ACK within 10 s" in page.text
+    import re
+
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page.text)
+    assert csrf
+    assert client.post(f"/notifications/{nid}/retry", data={}).status_code == 403
+    assert client.post(f"/notifications/{nid}/retry", data={"csrf": csrf.group(1)}).status_code == 303
+    with sqlite_db.sessions() as s:
+        assert s.get(Notification, nid).state == "pending"  # type: ignore[union-attr]
+    r = client.post(f"/api/notifications/{nid}/cancel", headers={"Authorization": f"Bearer {admin}"})
+    assert r.json() == {"id": nid, "state": "cancelled"}
+    assert client.post(f"/api/notifications/{nid}/cancel",
+                       headers={"Authorization": f"Bearer {admin}"}).status_code == 409
+    with sqlite_db.sessions() as s:
+        acts = [e.action for e in s.scalars(select(AuditEvent).order_by(AuditEvent.id))]
+    assert "notification retried" in acts and "notification cancelled" in acts
