@@ -113,3 +113,19 @@ def test_triage_serve_runs_and_stops_on_sigterm(tmp_path: Path) -> None:
         log.close()
     text = (tmp_path / "serve.log").read_text()
     assert "triage node up" in text and "SCP process" in text
+
+
+def test_configuration_reference_is_current() -> None:
+    """docs/configuration.md is generated from triage/config.py; regenerate it after a change:
+    `python -m triage.configdoc > docs/configuration.md`."""
+    from triage.configdoc import reference
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
+    text = doc.read_text()
+    assert text == reference(), ("docs/configuration.md is out of date; regenerate it with "
+                                 "`python -m triage.configdoc > docs/configuration.md`")
+    # every setting is there, with its environment variable
+    for name in ("receive.max_pdu", "notify.webhooks", "executor.heartbeat_seconds",
+                 "rank.urgent_percentile"):
+        env = "TRIAGE_" + name.upper().replace(".", "__")
+        assert f"`{name}`" in text and f"`{env}`" in text

@@ -57,7 +57,7 @@ class _Section(BaseModel):
 
 class NodeSettings(_Section):
     data_dir: Path = Path("triage-data")  # database and blobs live here unless set below
-    name: str = "triage-node"
+    name: str = "triage-node"  # shown on the pages and in notifications
 
 
 class StorageSettings(_Section):
@@ -68,25 +68,25 @@ class StorageSettings(_Section):
 
 
 class TLSSettings(_Section):
-    certificate: Path
-    key: Path
+    certificate: Path  # PEM certificate (chain) of this side
+    key: Path  # PEM private key of the certificate
     client_ca: Path | None = None  # when set, clients must present a certificate it signed
 
 
 class ReceiveSettings(_Section):
-    ae_title: str = "TRIAGE"
-    host: str = "0.0.0.0"
+    ae_title: str = "TRIAGE"  # the node's AE title (the PACS sends to it)
+    host: str = "0.0.0.0"  # listening address
     port: int = Field(11112, ge=0, le=65535)  # 0: any free port (tests)
     allowed_calling_aes: list[str] = []  # empty: any
     allowed_networks: list[str] = []  # CIDR, e.g. "10.1.0.0/16"; empty: any
-    require_called_ae: bool = True
-    max_associations: int = Field(16, ge=1)
-    acse_timeout: float = Field(30, gt=0)
-    dimse_timeout: float = Field(60, gt=0)
-    network_timeout: float = Field(60, gt=0)
+    require_called_ae: bool = True  # refuse associations addressed to another AE title
+    max_associations: int = Field(16, ge=1)  # concurrent associations; more are rejected (transient)
+    acse_timeout: float = Field(30, gt=0)  # seconds for association negotiation
+    dimse_timeout: float = Field(60, gt=0)  # seconds for a DIMSE message
+    network_timeout: float = Field(60, gt=0)  # seconds of network silence before an association is aborted
     max_pdu: int = Field(0, ge=0)  # 0: unlimited, the fastest for large images
     max_side: int = Field(16384, ge=64)  # Rows/Columns above this are refused before decoding
-    max_frames: int = Field(4096, ge=1)
+    max_frames: int = Field(4096, ge=1)  # NumberOfFrames above this is refused before decoding
     tls: TLSSettings | None = None
 
     @field_validator("ae_title")
@@ -110,14 +110,15 @@ class ReceiveSettings(_Section):
 class AssembleSettings(_Section):
     quiet_seconds: float = Field(5.0, gt=0)  # a series is complete after this long without a new instance
     early_finish: bool = True  # ... or at association release when it is geometrically complete
-    poll_seconds: float = Field(0.5, gt=0)
+    poll_seconds: float = Field(0.5, gt=0)  # how often the assembler looks for quiet series
     spacing_tolerance: float = Field(0.05, ge=0, lt=1)  # relative slice-gap deviation still uniform
 
 
 class RouteRule(_Section):
     """One routing rule; the first rule whose every given condition holds decides."""
 
-    name: str
+    name: str  # shown as the routing reason
+    # the model kind a matching series goes to (ignore: none)
     kind: Literal["cxr", "bct", "chestct", "ignore"]
     modalities: list[str] = []  # e.g. ["CT"]; empty: any
     sop_classes: list[str] = []  # SOP Class UIDs; empty: any
@@ -126,9 +127,9 @@ class RouteRule(_Section):
     image_types: list[str] = []  # any of these values in ImageType matches (e.g. LOCALIZER)
     view_positions: list[str] = []  # CXR: PA, AP
     axial: bool | None = None  # slices perpendicular to the feet-head axis (within 10 degrees)
-    min_slice_mm: float | None = None
-    max_slice_mm: float | None = None
-    min_slices: int | None = None
+    min_slice_mm: float | None = None  # slice thickness bounds (CT)
+    max_slice_mm: float | None = None  # slice thickness bounds (CT)
+    min_slices: int | None = None  # fewer slices: not this rule
 
 
 def default_rules() -> list[RouteRule]:
@@ -156,8 +157,8 @@ class RouteSettings(_Section):
 class ModelSettings(_Section):
     """Bundle directories per kind; a kind without a bundle is routed but fails with a reason."""
 
-    cxr: Path | None = None
-    bct: Path | None = None
+    cxr: Path | None = None  # bundle for chest radiographs
+    bct: Path | None = None  # bundle for head CT (whole-volume posterior)
     chestct: Path | None = None  # a patch bundle (CT-3DFlow map) or a whole-volume bundle
     bct_patch: Path | None = None  # optional patch bundle for head CT maps
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1"
@@ -166,10 +167,10 @@ class ModelSettings(_Section):
 class Destination(_Section):
     """A DICOM node the results are sent to (C-STORE SCU)."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    ae_title: str
-    host: str
-    port: int = Field(ge=1, le=65535)
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")  # used in logs, pages and the API
+    ae_title: str  # the destination's AE title
+    host: str  # host name or address
+    port: int = Field(ge=1, le=65535)  # DICOM port
     min_priority: int | None = Field(None, ge=1, le=4)  # only results at or above (1 = urgent); None: all
     tls: TLSSettings | None = None  # client side: certificate/key of the node, client_ca = CA to trust
 
@@ -183,12 +184,12 @@ class DispatchSettings(_Section):
     """Where SR/SEG go and how failed deliveries are retried."""
 
     destinations: list[Destination] = []  # none: results stay on the node (web page, API)
-    calling_ae_title: str = "TRIAGE"
-    backoff_initial_seconds: float = Field(5.0, gt=0)
-    backoff_max_seconds: float = Field(600.0, gt=0)
+    calling_ae_title: str = "TRIAGE"  # the node's AE title when it sends
+    backoff_initial_seconds: float = Field(5.0, gt=0)  # first retry delay, doubled per attempt
+    backoff_max_seconds: float = Field(600.0, gt=0)  # longest retry delay
     jitter: float = Field(0.2, ge=0, le=1)  # +- this fraction of each delay, so retries spread out
     max_age_seconds: float = Field(7 * 24 * 3600.0, gt=0)  # then the delivery is a dead letter
-    poll_seconds: float = Field(1.0, gt=0)
+    poll_seconds: float = Field(1.0, gt=0)  # how often due deliveries are looked for
     timeout_seconds: float = Field(30.0, gt=0)  # association and DIMSE timeouts
     key_images: bool = False  # also Secondary Capture heat-map images, for viewers without SEG
 
@@ -211,12 +212,12 @@ _RECEIVER_NAME = r"^[A-Za-z0-9_.-]{1,64}$"
 class Webhook(_Section):
     """An HTTP endpoint that gets a signed JSON POST per notified result."""
 
-    name: str = Field(pattern=_RECEIVER_NAME)
-    url: str
+    name: str = Field(pattern=_RECEIVER_NAME)  # unique among receivers
+    url: str  # http(s) URL the JSON is POSTed to
     secret: SecretStr | None = None  # HMAC key of X-Triage-Signature; or secret_file
     secret_file: Path | None = None  # a file holding the key (surrounding whitespace ignored)
-    timeout_seconds: float = Field(10.0, gt=0)
-    verify_tls: bool = True
+    timeout_seconds: float = Field(10.0, gt=0)  # per request
+    verify_tls: bool = True  # check the server certificate (https)
 
     @field_validator("url")
     @classmethod
@@ -244,13 +245,13 @@ class Webhook(_Section):
 class Hl7Receiver(_Section):
     """A RIS (or interface engine) that takes HL7 v2.5.1 ORU^R01 messages over MLLP."""
 
-    name: str = Field(pattern=_RECEIVER_NAME)
-    host: str
-    port: int = Field(ge=1, le=65535)
-    sending_application: str = "TRIAGE"
-    sending_facility: str = ""
-    receiving_application: str = ""
-    receiving_facility: str = ""
+    name: str = Field(pattern=_RECEIVER_NAME)  # unique among receivers
+    host: str  # the RIS's MLLP listener
+    port: int = Field(ge=1, le=65535)  # its port
+    sending_application: str = "TRIAGE"  # MSH-3
+    sending_facility: str = ""  # MSH-4
+    receiving_application: str = ""  # MSH-5
+    receiving_facility: str = ""  # MSH-6
     timeout_seconds: float = Field(30.0, gt=0)  # connecting, and then waiting for the ACK
 
 
@@ -283,7 +284,7 @@ class NotifySettings(_Section):
 class WebSettings(_Section):
     enabled: bool = True  # triage serve also serves the web page and API
     host: str = "127.0.0.1"  # behind a TLS reverse proxy in production
-    port: int = Field(8080, ge=0, le=65535)
+    port: int = Field(8080, ge=0, le=65535)  # 0: any free port (tests)
 
 
 class RankSettings(_Section):
@@ -295,16 +296,16 @@ class RankSettings(_Section):
 
 
 class ExecutorSettings(_Section):
-    kind: Literal["local", "celery"] = "local"
+    kind: Literal["local", "celery"] = "local"  # local: threads in triage serve; celery: workers via Redis
     threads: int = Field(1, ge=1)  # local executor: concurrent analyses in the serve process
     lease_seconds: float = Field(1800, gt=0)  # a running job not finished by then is re-queued
-    max_attempts: int = Field(3, ge=1)
-    poll_seconds: float = Field(0.5, gt=0)
+    max_attempts: int = Field(3, ge=1)  # a crashing job is retried up to this often
+    poll_seconds: float = Field(0.5, gt=0)  # how often queued jobs are looked for
     heartbeat_seconds: float = Field(10.0, gt=0)  # workers' "alive" beat for the dashboard
 
 
 class CelerySettings(_Section):
-    broker_url: str = "redis://127.0.0.1:6379/0"
+    broker_url: str = "redis://127.0.0.1:6379/0"  # Redis only (redis:// or rediss://); a password goes here
     visibility_timeout: int = Field(7200, gt=0)  # > the longest analysis, or Redis redelivers it
     republish_seconds: float = Field(600, gt=0)  # dispatcher re-publishes queued jobs after this
 
