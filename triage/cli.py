@@ -635,11 +635,43 @@ def user_token(username: Annotated[str, typer.Argument()],
 
 
 @app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="working folder: studies, node data, PACS, report")] = Path(
+        "runs/demo"),
+    cxr: Annotated[int, typer.Option(help="chest radiograph studies")] = 8,
+    bct: Annotated[int, typer.Option(help="head CT studies")] = 4,
+    chestct: Annotated[int, typer.Option(help="chest CT studies")] = 4,
+    models: Annotated[Path | None, typer.Option(help="bundle folder with cxr/, bct/, chestct/ "
+                                                     "(default: the demo bundles in models/)")] = None,
+    pacs: Annotated[str, typer.Option(help="auto (Orthanc when installed), orthanc, or scp "
+                                           "(an in-process storage SCP)")] = "auto",
+    web_port: Annotated[int, typer.Option(help="status page port (0: any free port)")] = 8080,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for every result")] = 240.0,
+    keep_running: Annotated[bool, typer.Option(help="keep the node and its status page up "
+                                                    "afterwards (Ctrl-C stops)")] = False,
+) -> None:
+    """The whole product on synthetic studies: PACS stand-in -> node -> ranked worklist,
+    SR/SEG back in the PACS, an HTML report with overlays. Demo models, not for clinical use."""
+    from triage.demo import DEFAULT_MODELS, DemoOptions, run_demo
+
+    if pacs not in ("auto", "orthanc", "scp"):
+        raise _fail("--pacs must be auto, orthanc or scp")
+    opts = DemoOptions(out=out, counts={"cxr": cxr, "bct": bct, "chestct": chestct},
+                       models=models or DEFAULT_MODELS, pacs=pacs, web_port=web_port, timeout=timeout,
+                       keep_running=keep_running)
+    try:
+        run_demo(opts, Console())
+    except (FileNotFoundError, TimeoutError, ConnectionError, RuntimeError) as exc:
+        raise _fail(str(exc)) from exc
+
+
+@app.command()
 def worker(config: ConfigOpt = None,
            queues: Annotated[str, typer.Option(help="comma-separated Celery queues")] = "gpu",
            concurrency: Annotated[int, typer.Option(help="worker processes")] = 1,
            loglevel: Annotated[str, typer.Option()] = "INFO") -> None:
-    """Run a Celery worker (Redis broker from celery.broker_url) for analyses (queue gpu)."""
+    """Run a Celery worker (Redis broker from celery.broker_url): queue gpu runs analyses,
+    queue io builds the SR/SEG the GPU workers hand over."""
     import os
 
     if config is not None:

@@ -6,8 +6,13 @@ import io
 from typing import Any
 
 import numpy as np
+from sqlalchemy import select
 
-__all__ = ["calibration_png", "reference_png"]
+from storage.blobs import BlobStore
+from storage.db import Database
+from storage.models import Instance, Result
+
+__all__ = ["calibration_png", "overlay_png", "reference_png"]
 
 _FG, _REF, _NORMAL, _ABN, _CASE = "#1d2125", "#8fa7c2", "#3b8a3e", "#b3001b", "#e0601a"
 
@@ -89,3 +94,44 @@ def calibration_png(cal: dict[str, Any], title: str = "") -> bytes:
     hist.tick_params(labelsize=7)
     hist.legend(fontsize=7, frameon=False)
     return _png(fig)
+
+
+def overlay_png(db: Database, blobs: BlobStore, result_id: int) -> bytes:
+    """A thumbnail of the result's map over the middle (or most abnormal) source image."""
+    import pydicom
+    from matplotlib.figure import Figure
+    from pydicom.pixels import apply_modality_lut
+
+    from triage.report.sc import render
+    from triage.report.seg import normalise_map
+
+    with db.sessions() as s:
+        res = s.get(Result, result_id)
+        if res is None or not res.map_blob:
+            raise LookupError("no map for this result")
+        keys = list((res.details or {}).get("instance_blobs") or [])
+        order = list((res.details or {}).get("slice_order") or [])
+        kind = res.kind
+        values = np.load(io.BytesIO(blobs.get(res.map_blob)), allow_pickle=False).astype(np.float32)
+    if not keys:
+        raise LookupError("the analysed instances are not recorded")
+    k = 0
+    if values.ndim == 3:
+        filled = np.where(np.isfinite(values), values, -np.inf)
+        k = int(np.unravel_index(np.argmax(filled), filled.shape)[0])
+    key = keys[0]
+    if order and k < len(order):  # the blob of the map's slice k, by one indexed look-up
+        with db.sessions() as s:
+            key = s.scalar(select(Instance.blob).where(Instance.sop_instance_uid == order[k],
+                                                       Instance.blob.in_(keys))) or key
+    src = pydicom.dcmread(blobs.path(key))
+    norm, _, _ = normalise_map(values)
+    rgb = render(apply_modality_lut(src.pixel_array, src), norm if norm.ndim == 2 else norm[k], kind,
+                 str(src.get("PhotometricInterpretation", "")) == "MONOCHROME1")
+    fig = Figure(figsize=(3, 3 * rgb.shape[0] / rgb.shape[1]), dpi=100)
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.imshow(rgb)
+    ax.axis("off")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()

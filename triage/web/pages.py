@@ -30,7 +30,6 @@ from storage.db import Database
 from storage.models import (
     AuditEvent,
     Delivery,
-    Instance,
     Notification,
     Result,
     Series,
@@ -46,7 +45,7 @@ from triage.dispatch import Sender
 from triage.notify import Notifier
 from triage.rank import PRIORITY_NAMES, STATES, worklist
 from triage.status import node_status
-from triage.web.charts import calibration_png, reference_png
+from triage.web.charts import calibration_png, overlay_png, reference_png
 from triage.web.security import verify_password
 
 __all__ = ["SESSION_COOKIE", "LoginRequired", "login_redirect", "pages_router"]
@@ -269,7 +268,10 @@ def pages_router(settings: Settings, db: Database, blobs: BlobStore, sender: Sen
     @r.get("/results/{result_id}/overlay.png")
     def overlay(request: Request, result_id: int) -> Response:
         current(request)
-        png = _overlay_png(db, blobs, result_id)
+        try:
+            png = overlay_png(db, blobs, result_id)
+        except LookupError as exc:
+            raise HTTPException(404, str(exc)) from exc
         return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
     @r.get("/results/{result_id}/reference.png")
@@ -337,50 +339,6 @@ def _object_name(what: str) -> str:
     if what.startswith("seg"):
         return "SEG"
     return "key image" if what.startswith("sc") else what
-
-
-def _overlay_png(db: Database, blobs: BlobStore, result_id: int) -> bytes:
-    """A thumbnail of the result's map over the middle (or most abnormal) source image."""
-    import io
-
-    import numpy as np
-    import pydicom
-    from matplotlib.figure import Figure
-    from pydicom.pixels import apply_modality_lut
-
-    from triage.report.sc import render
-    from triage.report.seg import normalise_map
-
-    with db.sessions() as s:
-        res = s.get(Result, result_id)
-        if res is None or not res.map_blob:
-            raise HTTPException(404, "no map for this result")
-        keys = list((res.details or {}).get("instance_blobs") or [])
-        order = list((res.details or {}).get("slice_order") or [])
-        kind = res.kind
-        values = np.load(io.BytesIO(blobs.get(res.map_blob)), allow_pickle=False).astype(np.float32)
-    if not keys:
-        raise HTTPException(404, "the analysed instances are not recorded")
-    k = 0
-    if values.ndim == 3:
-        filled = np.where(np.isfinite(values), values, -np.inf)
-        k = int(np.unravel_index(np.argmax(filled), filled.shape)[0])
-    key = keys[0]
-    if order and k < len(order):  # the blob of the map's slice k, by one indexed look-up
-        with db.sessions() as s:
-            key = s.scalar(select(Instance.blob).where(Instance.sop_instance_uid == order[k],
-                                                       Instance.blob.in_(keys))) or key
-    src = pydicom.dcmread(blobs.path(key))
-    norm, _, _ = normalise_map(values)
-    rgb = render(apply_modality_lut(src.pixel_array, src), norm if norm.ndim == 2 else norm[k], kind,
-                 str(src.get("PhotometricInterpretation", "")) == "MONOCHROME1")
-    fig = Figure(figsize=(3, 3 * rgb.shape[0] / rgb.shape[1]), dpi=100)
-    ax = fig.add_axes((0, 0, 1, 1))
-    ax.imshow(rgb)
-    ax.axis("off")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
 
 
 def login_redirect(request: Request, exc: Exception) -> RedirectResponse:

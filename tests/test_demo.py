@@ -1,0 +1,56 @@
+"""`triage demo` end to end with small bundles: studies over DICOM, results back in the PACS."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+from test_node import ct_bundle  # noqa: F401 (fixture)
+
+from flows.bundle import Bundle
+from triage.demo import DemoOptions, concordance, run_demo
+
+
+def _models(tmp_path: Path, **bundles: Bundle) -> Path:
+    d = tmp_path / "models"
+    d.mkdir()
+    for kind, b in bundles.items():
+        (d / kind).symlink_to(b.path)
+    return d
+
+
+@pytest.mark.parametrize("pacs", ["scp", "orthanc"])
+def test_demo_end_to_end(tmp_path: Path, tiny_bundle: Bundle, ct_bundle: Bundle, pacs: str) -> None:  # noqa: F811
+    if pacs == "orthanc":
+        from nodekit import require_tool
+
+        require_tool("Orthanc", "orthanc")
+    counts = {"cxr": 4, "chestct": 2} if pacs == "scp" else {"cxr": 2}
+    console = Console(record=True, width=120)
+    out = run_demo(DemoOptions(out=tmp_path / "demo", counts=counts, pacs=pacs, web_port=0, timeout=180,
+                               models=_models(tmp_path, cxr=tiny_bundle, chestct=ct_bundle)), console)
+    n = sum(counts.values())
+    assert out.pacs == pacs and len(out.rows) == n and [r["rank"] for r in out.rows] == list(range(1, n + 1))
+    assert {r["kind"] for r in out.rows} == set(counts) and all(r["state"] == "analysed" for r in out.rows)
+    # every series' SR and SEG reached the PACS stand-in
+    assert out.outputs.get("SR", 0) == n and out.outputs.get("SEG", 0) >= n
+    html = out.report.read_text()
+    assert html.count('alt="overlay"') == n and "not for clinical use" in html
+    text = console.export_text()
+    assert "worklist in reading order" in text and "abnormal read before normal" in text
+    # (a kind whose few studies are all normal or all abnormal has no pairs to order)
+    assert "all" in out.concordance and set(out.concordance) <= {*counts, "all"}
+
+
+def test_concordance_is_the_auroc_of_the_reading_order() -> None:
+    rows = [{"rank": 1, "kind": "cxr", "label": 1}, {"rank": 2, "kind": "cxr", "label": 0},
+            {"rank": 3, "kind": "cxr", "label": 1}, {"rank": 4, "kind": "bct", "label": 0},
+            {"rank": 5, "kind": "bct", "label": 1}]
+    c = concordance(rows)
+    assert c["cxr"] == 0.5 and c["bct"] == 0.0 and c["all"] == pytest.approx(3 / 6)
+
+
+def test_demo_without_bundles_says_how_to_get_them(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="train-demo-models"):
+        run_demo(DemoOptions(out=tmp_path / "d", models=tmp_path / "none", web_port=0), Console())
