@@ -11,7 +11,8 @@ State machines (strings, so that both SQLite and PostgreSQL store them the same 
 * ``Job.state``: ``queued`` -> ``running`` -> ``done`` | ``failed``; a running job whose
   lease expires goes back to ``queued`` (its worker died) until ``max_attempts``; a queued
   job becomes ``superseded`` when its series is reopened before it ran.
-* ``Delivery.state``: ``pending`` -> ``sent`` | ``dead`` (used by the dispatch stage).
+* ``Delivery.state``: ``pending`` -> ``sending`` -> ``sent``, or back to ``pending`` with
+  a backoff, or ``dead`` after ``dispatch.max_age_seconds``; an admin may ``cancel`` (``cancelled``).
 * ``Notification.state``: ``pending`` -> ``sent`` | ``dead`` | ``cancelled`` (webhooks and
   HL7 messages for urgent results).
 """

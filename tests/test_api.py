@@ -72,7 +72,7 @@ def test_health_and_readiness(client: TestClient, node: tuple[Settings, Database
     assert r.status_code == 200 and r.json()["checks"] == {"database": "ok", "disk": "ok", "scp": "ok"}
     node[2].stop()  # the SCP goes away: not ready, and the reason says so
     r = client.get("/api/health/ready")
-    assert r.status_code == 503 and "no C-ECHO answer" in r.json()["checks"]["scp"]
+    assert r.status_code == 503 and "nothing listens on port" in r.json()["checks"]["scp"]
 
 
 @pytest.mark.parametrize("path", ["/api/worklist", "/api/studies/1.2.3", "/api/jobs", "/api/deliveries"])

@@ -57,7 +57,12 @@ def test_compose_shape(compose: dict[str, Any]) -> None:
     assert "--requirepass" in redis
     gpu = services["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
+    # CUDA torch where the GPU is used (a CPU wheel there would fail every job)
+    assert "cu" in services["worker-gpu"]["build"]["args"]["TORCH_INDEX"]
+    assert services["worker-gpu"]["environment"]["TRIAGE_MODELS__DEVICE"] == "cuda"
     for name, svc in _ours(compose).items():
+        # whoever builds reports (node, io workers) plans deliveries: all must know the PACS
+        assert "TRIAGE_DISPATCH__DESTINATIONS" in svc["environment"], name
         assert svc.get("user") and not str(svc["user"]).startswith("0"), f"{name} must not run as root"
         assert ".env" in svc.get("env_file", []), name
     for name in ("postgres", "redis", "node", "worker-gpu", "worker-io", "flower"):

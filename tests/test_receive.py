@@ -182,6 +182,34 @@ def test_network_allow_list_closes_other_clients(tmp_path: Path) -> None:
     try:
         assoc = _assoc(node.port)
         assert not assoc.is_established  # type: ignore[attr-defined]
+        # readiness still sees the SCP: it answers (by refusing), which is what the probe asks
+        from triage.web.api import _scp_check
+
+        ready = s.model_copy(update={"receive": s.receive.model_copy(update={"port": node.port})})
+        assert _scp_check(ready) == "ok"
+    finally:
+        node.stop()
+    assert "nothing" in _scp_check(ready) or "no C-ECHO answer" in _scp_check(ready)
+
+
+def test_deflated_syntaxes_are_never_accepted(tmp_path: Path) -> None:
+    """A few MB of deflated zeros inflate to gigabytes before any size check: no Deflate of any
+    kind is accepted, JPIP's referenced-deflate syntaxes included (pydicom does not flag them)."""
+    s = load_settings(node={"data_dir": str(tmp_path / "d")}, receive={"port": 0})
+    db = Database(s.database_url)
+    upgrade(db)
+    node = StorageSCP(s, db)
+    deflated = {"1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.4.95", "1.2.840.10008.1.2.4.205"}
+    accepted = {str(t) for cx in node.ae.supported_contexts for t in cx.transfer_syntax}
+    assert "1.2.840.10008.1.2.1" in accepted and not accepted & deflated
+    node.start()
+    try:  # a sender proposing only Deflate gets no usable presentation context
+        ae = AE(ae_title="DEFLATER")
+        ae.add_requested_context(CTImageStorage, ["1.2.840.10008.1.2.1.99"])
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="TRIAGE")
+        assert not assoc.is_established or not assoc.accepted_contexts
+        if assoc.is_established:
+            assoc.release()
     finally:
         node.stop()
 

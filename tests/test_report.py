@@ -555,3 +555,19 @@ def test_output_uids_differ_between_installations() -> None:
     a = output_uid(1, 1, "sr", "a" * 32)
     assert a == output_uid(1, 1, "sr", "a" * 32) != output_uid(1, 1, "sr", "b" * 32)
     assert output_uid(1, 1, "sr", "a" * 32) != output_uid(1, 1, "sr")
+
+
+def test_key_image_orientation_from_image_orientation() -> None:
+    from pydicom.dataset import Dataset
+
+    from triage.report.sc import _orientation
+
+    def ds(iop: list[float]) -> Dataset:
+        d = Dataset()
+        d.ImageOrientationPatient = iop
+        return d
+
+    assert _orientation(ds([1, 0, 0, 0, 1, 0])) == ("L", "P")  # axial
+    assert _orientation(ds([1, 0, 0, 0, 0, -1])) == ("L", "F")  # coronal
+    assert _orientation(ds([0, 1, 0, 0, 0, -1])) == ("P", "F")  # sagittal
+    assert _orientation(Dataset()) is None

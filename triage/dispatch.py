@@ -51,6 +51,9 @@ def backoff_seconds(attempts: int, cfg: DispatchSettings, rng: random.Random | N
     return max(0.1, base * (1 + j))
 
 
+REJECTED = "association rejected or aborted"
+
+
 def c_echo(host: str, port: int, called_ae: str, *, calling_ae: str = "TRIAGE", timeout: float = 5.0,
            tls_args: tuple[ssl.SSLContext, str] | None = None) -> str | None:
     """C-ECHO a DICOM node: None when it answers with success, else why not (for logs and probes)."""
@@ -62,7 +65,7 @@ def c_echo(host: str, port: int, called_ae: str, *, calling_ae: str = "TRIAGE", 
     except OSError as exc:
         return str(exc)
     if not assoc.is_established:
-        return ("association rejected or aborted" if assoc.is_rejected or assoc.is_aborted
+        return (REJECTED if assoc.is_rejected or assoc.is_aborted
                 else "no association (connection refused or timed out)")
     try:
         st = assoc.send_c_echo()

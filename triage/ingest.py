@@ -1,7 +1,7 @@
 """Received bytes -> a checked header -> a durable blob -> index rows.
 
 This is the part of C-STORE handling that does not depend on the network library, so it
-is tested directly and reused by anything that imports instances (``triage import``).
+is tested directly and reused by anything that stores instances (the SCP, tests, benchmarks).
 The bytes are stored exactly as received; the header is parsed only to check and index.
 
 Statuses (PS3.4 Annex B.2.3; ``0xC0xx`` codes are this node's "cannot understand"

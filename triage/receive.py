@@ -34,6 +34,10 @@ from triage.assemble import on_release
 from triage.config import ReceiveSettings, Settings
 from triage.ingest import OUT_OF_RESOURCES, Ingest
 
+# JPIP Referenced Deflate and JPIP HTJ2K Referenced Deflate: deflated too, but pydicom's
+# is_deflated does not flag them
+JPIP_DEFLATE = ("1.2.840.10008.1.2.4.95", "1.2.840.10008.1.2.4.205")
+
 __all__ = ["StorageSCP"]
 
 log = logging.getLogger(__name__)
@@ -51,7 +55,8 @@ class _Server(ThreadedAssociationServer):
             addr = ip_address(client_address[0])
         except (ValueError, IndexError, TypeError):
             return False
-        if any(addr in net for net in self.allowed):
+        mapped = getattr(addr, "ipv4_mapped", None)  # an IPv4 peer on a dual-stack socket
+        if any(addr in net or (mapped is not None and mapped in net) for net in self.allowed):
             return True
         log.warning("connection from %s refused: not in receive.allowed_networks", client_address[0])
         return False
@@ -105,7 +110,7 @@ class StorageSCP:
         # Every storage SOP class with every transfer syntax pynetdicom knows, compressed
         # too, except Deflate: a few MB of deflated zeros inflate to gigabytes before any
         # size could be checked (a sender that proposes it also proposes an uncompressed one).
-        syntaxes = [t for t in ALL_TRANSFER_SYNTAXES if not UID(t).is_deflated]
+        syntaxes = [t for t in ALL_TRANSFER_SYNTAXES if not UID(t).is_deflated and t not in JPIP_DEFLATE]
         for cx in AllStoragePresentationContexts:
             assert cx.abstract_syntax is not None
             ae.add_supported_context(cx.abstract_syntax, syntaxes)

@@ -42,6 +42,7 @@ def prepare_database(settings: Settings, *, migrate: bool = True) -> Database:
 def _configure_logging(level: int) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(processName)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("highdicom").setLevel(logging.WARNING)  # its INFO lines name source UIDs
 
 
 def run_scp(settings: Settings, level: int = logging.INFO, ready: Any = None) -> None:

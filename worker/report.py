@@ -137,7 +137,9 @@ def report_result(ctx: NodeContext, result_id: int) -> str:
 class DeliveryLoop:
     """A thread: builds reports left pending, sends due deliveries and notifications."""
 
-    def __init__(self, ctx: NodeContext, *, stale_seconds: float = 30.0) -> None:
+    def __init__(self, ctx: NodeContext, *, stale_seconds: float | None = None) -> None:
+        if stale_seconds is None:  # with Celery an io worker builds them; only take over the lost ones
+            stale_seconds = 600.0 if ctx.settings.executor.kind == "celery" else 30.0
         self.ctx = ctx
         self.sender = Sender(ctx.db, ctx.blobs, ctx.settings.dispatch)
         self.notifier = Notifier(ctx.db, ctx.settings)

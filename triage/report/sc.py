@@ -77,7 +77,7 @@ def build_key_images(ordered_sources: Sequence[Dataset], values: np.ndarray, *, 
         overlay = norm if norm.ndim == 2 else norm[k]
         rgb = render(pixels, overlay, kind, str(src.get("PhotometricInterpretation", "")) == "MONOCHROME1")
         po = src.get("PatientOrientation")
-        orientation = (str(po[0]), str(po[1])) if po is not None and len(po) == 2 else None
+        orientation = (str(po[0]), str(po[1])) if po is not None and len(po) == 2 else _orientation(src)
         sc = hd.sc.SCImage.from_ref_dataset(
             ref_dataset=src, pixel_array=rgb, photometric_interpretation="RGB", bits_allocated=8,
             coordinate_system="PATIENT", series_instance_uid=series_uid, series_number=SERIES_NUMBER,
@@ -94,3 +94,17 @@ def build_key_images(ordered_sources: Sequence[Dataset], values: np.ndarray, *, 
         sc.SourceImageSequence = [ref]
         out.append(sc)
     return out
+
+
+def _orientation(src: Dataset) -> tuple[str, str] | None:
+    """Patient Orientation (row, column directions) from Image Orientation (Patient), LPS:
+    the dominant axis of each direction cosine (an axial CT slice: ``L\\P``)."""
+    iop = src.get("ImageOrientationPatient")
+    if iop is None or len(iop) != 6:
+        return None
+    letters = (("R", "L"), ("A", "P"), ("F", "H"))
+    out = []
+    for v in (iop[:3], iop[3:]):
+        axis = int(np.argmax(np.abs(np.asarray(v, dtype=float))))
+        out.append(letters[axis][int(float(v[axis]) > 0)])
+    return out[0], out[1]

@@ -1,7 +1,7 @@
 """The JSON API (FastAPI; OpenAPI at ``/api/openapi.json``) and ``/metrics``.
 
-Machine clients authenticate with ``Authorization: Bearer <token>`` (``triage token
-create``); roles: ``viewer`` reads, ``admin`` also acts (retry or cancel a delivery).
+Machine clients authenticate with ``Authorization: Bearer <token>`` (``triage user
+token``); roles: ``viewer`` reads, ``admin`` also acts (retry or cancel a delivery).
 Patient identifiers appear in responses to authenticated clients only and never in logs.
 ``/api/health`` (liveness) and ``/api/health/ready`` (database, broker when Celery is
 configured, disk below the high-water mark, the SCP answering C-ECHO) and ``/metrics`` need
@@ -12,6 +12,7 @@ no token: probes and Prometheus scrape them, and they carry no patient data.
 # inside create_app from the live annotations.
 
 import datetime as dt
+import socket
 from collections.abc import Iterator
 from typing import Annotated, Any
 
@@ -28,7 +29,7 @@ from storage.models import AuditEvent, Delivery, Job, Notification, Result, Seri
 from triage.audit import audit_events
 from triage.bundles import configured_bundles
 from triage.config import Settings
-from triage.dispatch import Sender, c_echo
+from triage.dispatch import REJECTED, Sender, c_echo
 from triage.notify import Notifier
 from triage.rank import PRIORITY_NAMES, STATES, worklist
 from triage.status import node_status
@@ -301,7 +302,18 @@ def readiness(settings: Settings, db: Database, blobs: BlobStore) -> dict[str, s
 
 
 def _scp_check(settings: Settings) -> str:
+    """The SCP answers: the port accepts a connection, and then a C-ECHO succeeds or the SCP
+    refuses the probe's association (allow-lists, association limit: it is listening and
+    deciding). With TLS the probe, which has no client certificate, stops at the connection."""
     r = settings.receive
     host = "127.0.0.1" if r.host in ("0.0.0.0", "::", "") else r.host
+    try:
+        socket.create_connection((host, r.port), timeout=3).close()
+    except OSError as exc:
+        return f"nothing listens on port {r.port} ({exc})"
+    if r.tls is not None:
+        return "ok"
     why = c_echo(host, r.port, r.ae_title, calling_ae="TRIAGE-PROBE", timeout=3)
-    return "ok" if why is None else f"no C-ECHO answer from {r.ae_title} on port {r.port} ({why})"
+    if why is None or why == REJECTED:
+        return "ok"
+    return f"no C-ECHO answer from {r.ae_title} on port {r.port} ({why})"
