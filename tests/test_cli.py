@@ -21,10 +21,34 @@ def _ok(args: list[str]) -> str:
 
 def test_help_lists_commands() -> None:
     out = _ok(["--help"])
-    for cmd in ("synth", "train", "evaluate", "sample", "presets"):
+    for cmd in ("synth", "train", "evaluate", "sample", "presets", "demo", "serve", "worker"):
         assert cmd in out
-    for cmd in ("synth", "train", "evaluate", "sample"):
-        assert "Usage" in _ok([cmd, "--help"])
+
+
+def test_every_subcommand_explains_itself() -> None:
+    """`triage X --help` works for every command and sub-command, each with a description and
+    a help text for every option."""
+    import typer
+
+    def walk(cmd: object, path: list[str]) -> list[tuple[list[str], object]]:
+        subs = getattr(cmd, "commands", None)
+        if subs is None:
+            return [(path, cmd)]
+        out = [(path, cmd)]
+        for name, sub in subs.items():
+            out += walk(sub, [*path, name])
+        return out
+
+    commands = walk(typer.main.get_command(app), [])
+    assert len(commands) > 20
+    for path, cmd in commands:
+        text = _ok([*path, "--help"])
+        assert "Usage" in text
+        assert (getattr(cmd, "help", None) or "").strip(), f"`triage {' '.join(path)}` has no description"
+        for p in getattr(cmd, "params", []):
+            if getattr(p, "param_type_name", "") == "option" and p.name not in ("help",):
+                assert (getattr(p, "help", None) or "").strip() or p.name in ("config", "verbose"), \
+                    f"`triage {' '.join(path)}` option --{p.name} has no help"
 
 
 def test_synth_train_evaluate_sample(tmp_path: Path) -> None:

@@ -152,7 +152,7 @@ def train(
     epochs: Annotated[int | None, typer.Option(help="override the preset's epochs")] = None,
     finetune_epochs: Annotated[int | None, typer.Option(help="override fine-tuning epochs")] = None,
     batch_size: Annotated[int | None, typer.Option(help="override the preset's batch size")] = None,
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Annotated[int, typer.Option(help="random seed (initialisation, order, dequantisation)")] = 0,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 (default: auto)")] = None,
     resume: Annotated[bool, typer.Option(help="continue from out/checkpoint.pt (single model)")] = False,
 ) -> None:
@@ -312,7 +312,7 @@ def sample(
     model: Annotated[str, typer.Option(help="m0 (normal) or m1 (mixture)")] = "m0",
     n: Annotated[int, typer.Option(help="number of samples")] = 16,
     temperature: Annotated[float, typer.Option(help="prior temperature (0.6-0.8 looks best)")] = 0.7,
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Annotated[int, typer.Option(help="random seed of the draw")] = 0,
 ) -> None:
     """Draw fictional images from a bundle's model (like Shibata et al.'s Fig. 15)."""
     import torch
@@ -352,6 +352,7 @@ def presets() -> None:
 
 # --------------------------------------------------------------------------- the node
 
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="log at DEBUG level")]
 ConfigOpt = Annotated[Path | None, typer.Option(
     "--config", "-c",
     help="TOML configuration file (default: $TRIAGE_CONFIG); TRIAGE_* variables override it")]
@@ -406,7 +407,7 @@ def _log_level(verbose: bool) -> int:
 
 @app.command()
 def serve(config: ConfigOpt = None,
-          verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+          verbose: VerboseOpt = False) -> None:
     """Run the node: storage SCP (own process), series assembly, routing and the executor."""
     from triage.serve import Node, _configure_logging, stop_on_signals
 
@@ -422,7 +423,7 @@ def serve(config: ConfigOpt = None,
 
 @app.command()
 def receive(config: ConfigOpt = None,
-            verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+            verbose: VerboseOpt = False) -> None:
     """Run only the storage SCP (for set-ups that run each part as its own service)."""
     from triage.serve import prepare_database, run_scp
 
@@ -470,7 +471,7 @@ app.add_typer(deliveries_app, name="deliveries")
 def deliveries_list(config: ConfigOpt = None,
                     state: Annotated[str | None, typer.Option(
                         help="pending, sending, sent, dead, cancelled")] = None,
-                    limit: Annotated[int, typer.Option()] = 50) -> None:
+                    limit: Annotated[int, typer.Option(help="rows, newest first")] = 50) -> None:
     """Deliveries, newest first (dead letters and retries show their last error)."""
     from pydicom.uid import UID
     from sqlalchemy import select
@@ -540,7 +541,7 @@ app.add_typer(notifications_app, name="notifications")
 def notifications_list(config: ConfigOpt = None,
                        state: Annotated[str | None, typer.Option(
                            help="pending, sending, sent, dead, cancelled")] = None,
-                       limit: Annotated[int, typer.Option()] = 50) -> None:
+                       limit: Annotated[int, typer.Option(help="rows, newest first")] = 50) -> None:
     """Notifications, newest first (dead letters and retries show their last error)."""
     from sqlalchemy import select
 
@@ -669,7 +670,7 @@ def demo(
 def worker(config: ConfigOpt = None,
            queues: Annotated[str, typer.Option(help="comma-separated Celery queues")] = "gpu",
            concurrency: Annotated[int, typer.Option(help="worker processes")] = 1,
-           loglevel: Annotated[str, typer.Option()] = "INFO") -> None:
+           loglevel: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR")] = "INFO") -> None:
     """Run a Celery worker (Redis broker from celery.broker_url): queue gpu runs analyses,
     queue io builds the SR/SEG the GPU workers hand over."""
     import os
