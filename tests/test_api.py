@@ -75,7 +75,8 @@ def test_health_and_readiness(client: TestClient, node: tuple[Settings, Database
     assert r.status_code == 503 and "nothing listens on port" in r.json()["checks"]["scp"]
 
 
-@pytest.mark.parametrize("path", ["/api/worklist", "/api/studies/1.2.3", "/api/jobs", "/api/deliveries"])
+@pytest.mark.parametrize("path", ["/api/worklist", "/api/studies/1.2.3", "/api/jobs", "/api/deliveries",
+                                  "/api/status", "/api/models", "/api/notifications"])
 def test_reading_needs_a_valid_token(client: TestClient, tokens: dict[str, str], path: str) -> None:
     assert client.get(path).status_code == 401
     assert client.get(path, headers=_h("trg_not-a-token")).status_code == 401
@@ -170,4 +171,7 @@ def test_metrics_parse(client: TestClient, node: tuple[Settings, Database, Stora
 def test_openapi_lists_every_endpoint(client: TestClient) -> None:
     paths = set(client.get("/api/openapi.json").json()["paths"])
     assert {"/api/worklist", "/api/studies/{study_uid}", "/api/jobs", "/api/deliveries",
-            "/api/deliveries/{delivery_id}/retry", "/api/health", "/api/health/ready"} <= paths
+            "/api/deliveries/{delivery_id}/retry", "/api/deliveries/{delivery_id}/cancel", "/api/health",
+            "/api/health/ready", "/api/status", "/api/models", "/api/audit", "/api/notifications",
+            "/api/notifications/{notification_id}/retry",
+            "/api/notifications/{notification_id}/cancel"} <= paths
