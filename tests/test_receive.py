@@ -26,6 +26,7 @@ from storage.db import Database
 from storage.migrate import upgrade
 from storage.models import Instance, Job, Result, Series
 from triage.config import Settings, load_settings
+from triage.identity import IMPLEMENTATION_CLASS_UID
 from triage.receive import StorageSCP
 from triage.serve import Node
 
@@ -210,6 +211,13 @@ def test_deflated_syntaxes_are_never_accepted(tmp_path: Path) -> None:
         assert not assoc.is_established or not assoc.accepted_contexts
         if assoc.is_established:
             assoc.release()
+        # the node names itself, not the network library, in the association
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="TRIAGE")
+        assert assoc.is_established
+        assert assoc.acceptor.implementation_class_uid == IMPLEMENTATION_CLASS_UID
+        assert assoc.acceptor.implementation_version_name == "TRIAGE_NODE_1"
+        assoc.release()
     finally:
         node.stop()
 

@@ -36,6 +36,7 @@ from storage.blobs import BlobStore
 from storage.db import Database
 from storage.models import AuditEvent, Delivery, Notification, Result, utcnow
 from triage.config import Destination, DispatchSettings
+from triage.identity import node_ae
 
 __all__ = ["Sender", "backoff_seconds", "c_echo", "plan_deliveries"]
 
@@ -57,7 +58,7 @@ REJECTED = "association rejected or aborted"
 def c_echo(host: str, port: int, called_ae: str, *, calling_ae: str = "TRIAGE", timeout: float = 5.0,
            tls_args: tuple[ssl.SSLContext, str] | None = None) -> str | None:
     """C-ECHO a DICOM node: None when it answers with success, else why not (for logs and probes)."""
-    ae = AE(ae_title=calling_ae)
+    ae = node_ae(ae_title=calling_ae)
     ae.add_requested_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
     try:
@@ -118,7 +119,7 @@ class Sender:
         self.rng = random.Random()
 
     def _ae(self, contexts: Sequence[str]) -> AE:
-        ae = AE(ae_title=self.cfg.calling_ae_title)
+        ae = node_ae(ae_title=self.cfg.calling_ae_title)
         for sop in contexts:
             ae.add_requested_context(sop, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         t = self.cfg.timeout_seconds

@@ -40,6 +40,7 @@ from sqlalchemy.exc import DataError, IntegrityError, OperationalError, SQLAlche
 from storage.blobs import BlobStore
 from storage.db import Database
 from storage.models import AuditEvent, Instance, Job, Series, Study, utcnow
+from triage.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
 
 __all__ = ["Header", "Ingest", "Refused", "StoreOutcome", "parse_header"]
 
@@ -299,8 +300,6 @@ def parse_header(data: bytes, *, negotiated_sop_class: str | None = None, max_si
                   expected_count=_int(ds, "ImagesInAcquisition"), study=study, attributes=attributes)
 
 
-IMPLEMENTATION_CLASS_UID = "2.25.146604656537092428881302855852267684218"  # uuid5(URL, the project)
-IMPLEMENTATION_VERSION = "TRIAGE_NODE_1"
 
 
 def _meta_element(elem: int, vr: bytes, value: bytes) -> bytes:

@@ -24,7 +24,7 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -32,6 +32,7 @@ from storage.blobs import BlobStore
 from storage.db import Database
 from triage.assemble import on_release
 from triage.config import ReceiveSettings, Settings
+from triage.identity import node_ae
 from triage.ingest import OUT_OF_RESOURCES, Ingest
 
 # JPIP Referenced Deflate and JPIP HTJ2K Referenced Deflate: deflated too, but pydicom's
@@ -106,7 +107,7 @@ class StorageSCP:
         self.blobs = blobs or BlobStore(settings.blob_root, fsync=settings.storage.fsync)
         self.ingest = Ingest(self.db, self.blobs, high_water=settings.storage.high_water,
                              max_side=cfg.max_side, max_frames=cfg.max_frames)
-        ae = AE(ae_title=cfg.ae_title)
+        ae = node_ae(ae_title=cfg.ae_title)
         # Every storage SOP class with every transfer syntax pynetdicom knows, compressed
         # too, except Deflate: a few MB of deflated zeros inflate to gigabytes before any
         # size could be checked (a sender that proposes it also proposes an uncompressed one).
