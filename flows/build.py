@@ -54,6 +54,22 @@ class BuildOptions:
     max_seconds_per_model: float | None = None
     map_scores: bool = True  # with a validation set, consider map-based scores too
     max_reference_maps: int = 400  # mixture images whose maps form the per-position reference
+    # Mixture images kept out of training to form the reference distribution (percentiles):
+    # M1 fits its own training images better than new ones, so scores of training images
+    # would place every new case too low. 0 disables (the reference is then the training set).
+    reference_holdout: float = 0.1
+    min_reference: int = 10
+
+
+def split_reference(mixture: np.ndarray, fraction: float, minimum: int, seed: int
+                    ) -> tuple[np.ndarray, np.ndarray | None]:
+    """(training part, held-out reference part or None) of the mixture set, seeded."""
+    n = len(mixture)
+    k = max(minimum, round(fraction * n)) if fraction > 0 else 0
+    if k == 0 or n - k < max(minimum, k):  # too small to spare a reference: use the training set
+        return mixture, None
+    order = np.random.default_rng(seed + 7919).permutation(n)
+    return mixture[np.sort(order[k:])], mixture[np.sort(order[:k])]
 
 
 def build_bundle(out: str | Path, *, preset: Preset, normal: np.ndarray, mixture: np.ndarray,
@@ -71,6 +87,10 @@ def build_bundle(out: str | Path, *, preset: Preset, normal: np.ndarray, mixture
     if opts.strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {opts.strategy!r}; use one of {', '.join(STRATEGIES)}")
     out = Path(out)
+    mixture, held = split_reference(mixture, opts.reference_holdout, opts.min_reference, opts.seed)
+    reference = held if held is not None else mixture
+    if held is not None:
+        log(f"{len(held)} mixture images held out of training for the reference distribution")
     scratch = TrainOptions.from_preset(preset, epochs=opts.epochs, batch_size=opts.batch_size,
                                        seed=opts.seed, augment_shift=opts.augment_shift,
                                        max_seconds=opts.max_seconds_per_model)
@@ -127,8 +147,8 @@ def build_bundle(out: str | Path, *, preset: Preset, normal: np.ndarray, mixture
         vimg, val_labels = validation
         if opts.map_scores and len(np.unique(val_labels)) == 2:
             rng = np.random.default_rng(opts.seed)
-            sub = mixture[np.sort(rng.choice(len(mixture), min(len(mixture),
-                                                               opts.max_reference_maps), replace=False))]
+            sub = reference[np.sort(rng.choice(len(reference), min(len(reference),
+                                                                   opts.max_reference_maps), replace=False))]
             v0, v1 = log_p_maps(m0, vimg, n_bits), log_p_maps(m1, vimg, n_bits)
             choice, map_ref = choose_score(v0, v1, val_labels, log_p_maps(m0, sub, n_bits),
                                            log_p_maps(m1, sub, n_bits))
@@ -140,7 +160,7 @@ def build_bundle(out: str | Path, *, preset: Preset, normal: np.ndarray, mixture
                           if choice.map is not None else (v1 - v0).reshape(len(v0), -1).sum(1))
         else:
             val_scores = two_model_scores(m0, m1, vimg, n_bits, choice, map_ref)[2]
-    ref = two_model_scores(m0, m1, mixture, n_bits, choice, map_ref)[2]
+    ref = two_model_scores(m0, m1, reference, n_bits, choice, map_ref)[2]
     cal = Calibration.from_scores(ref, labels=val_labels, scores=val_scores,
                                   percentile=opts.threshold_percentile, choice=choice)
     training: dict[str, Any] = {
@@ -148,6 +168,8 @@ def build_bundle(out: str | Path, *, preset: Preset, normal: np.ndarray, mixture
         "seed": opts.seed,
         "normal": fingerprint(normal),
         "mixture": fingerprint(mixture),
+        "reference": {"source": "held-out mixture" if held is not None else "training mixture",
+                      **fingerprint(reference)},
         **metrics,
     }
     save_bundle(out, m0=m0, m1=m1, preset=preset.name,

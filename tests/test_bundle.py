@@ -178,3 +178,20 @@ def test_add_extra_records_a_verified_file(tiny_bundle: Bundle, tmp_path: Path) 
     for bad in ("../x", "m0.pt", "manifest.json", ".hidden"):
         with pytest.raises(BundleError, match="bad extra"):
             add_extra(p, bad, b"")
+
+
+def test_reference_is_held_out_of_training(tiny_bundle: Bundle) -> None:
+    """M1 fits its own training images better than new ones: scores of training images as
+    the reference would rank every new case too low. The reference is held-out mixture."""
+    from flows.build import split_reference
+
+    x = np.arange(100, dtype=np.float32).reshape(100, 1)
+    train, held = split_reference(x, 0.1, 10, seed=0)
+    assert held is not None and len(held) == 10 and len(train) == 90
+    assert not set(train[:, 0]) & set(held[:, 0])  # disjoint
+    assert np.array_equal(split_reference(x, 0.1, 10, seed=0)[1], held)  # seeded
+    assert split_reference(x[:15], 0.1, 10, seed=0)[1] is None  # too small to spare 10
+    assert split_reference(x, 0.0, 10, seed=0)[1] is None
+    ref = tiny_bundle.manifest["training"]["reference"]
+    assert ref["source"] == "held-out mixture" and ref["n"] == len(tiny_bundle.calibration.reference)
+    assert tiny_bundle.manifest["training"]["mixture"]["n"] + ref["n"] == 64
