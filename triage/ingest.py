@@ -236,6 +236,23 @@ def _at_pixels(tag: Any, vr: str | None, length: int) -> bool:
     return int(tag) in (0x7FE00010, 0x7FE00008, 0x7FE00009)
 
 
+class _CutShort(Exception):  # noqa: N818
+    pass
+
+
+class _Strict(io.BytesIO):
+    """pydicom ends a data set quietly where fewer than 8 bytes remain for the next element
+    header: a data set cut inside a tag would pass as a complete, shorter one. Element and
+    item headers (and short values) are read at most 12 bytes at a time; a short read of
+    those is a truncation. (Longer values cut short are caught by ``_check_complete``.)"""
+
+    def read(self, n: int | None = -1, /) -> bytes:
+        out = super().read(n)
+        if n is not None and 0 < len(out) < n <= 12:
+            raise _CutShort
+        return out
+
+
 def parse_header(data: bytes, *, negotiated_sop_class: str | None = None, max_side: int = 16384,
                  max_frames: int = 4096, dataset_start: int | None = None,
                  transfer_syntax: str | None = None, affected_sop_instance: str | None = None) -> Header:
@@ -246,7 +263,7 @@ def parse_header(data: bytes, *, negotiated_sop_class: str | None = None, max_si
     ``dataset_start`` and ``transfer_syntax`` (the receive path knows both) skip parsing the
     file meta again.
     """
-    fp = io.BytesIO(data)
+    fp = _Strict(data)
     ts = UID(transfer_syntax) if transfer_syntax else None
     try:
         if dataset_start is not None and ts is not None and ts.is_transfer_syntax and not ts.is_deflated:
@@ -256,8 +273,14 @@ def parse_header(data: bytes, *, negotiated_sop_class: str | None = None, max_si
         else:
             ds = pydicom.dcmread(fp, force=False, stop_before_pixels=True)
             ts = UID(str(ds.file_meta.get("TransferSyntaxUID", "")))
+    except _CutShort:
+        raise Refused(CANNOT_PARSE, "the data set is truncated (it ends inside an element)") from None
     except Exception as exc:
         raise Refused(CANNOT_PARSE, f"cannot parse the data set ({type(exc).__name__})") from exc
+    if len(ds) and ts.is_transfer_syntax and ds.original_encoding[0] not in (None, ts.is_implicit_VR):
+        # pydicom quietly switches to the VR encoding it finds; the stored file would claim another
+        vr = "implicit" if ts.is_implicit_VR else "explicit"
+        raise Refused(CANNOT_PARSE, f"the data set is not encoded in {vr} VR as its transfer syntax says")
     header_end = fp.tell()
     _check_complete(ds, data)
     sop_class = _check_uid(ds, "SOPClassUID")

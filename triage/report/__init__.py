@@ -48,6 +48,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -171,6 +172,14 @@ def _header(ds: Dataset) -> Dataset:
     for name in _TYPE2:
         if name not in out:
             setattr(out, name, None)
+    # Text is decoded with the source's character set (pydicom falls back to the default
+    # repertoire for an unknown or broken one) and the outputs are written in UTF-8: highdicom
+    # would otherwise copy the source's Specific Character Set and refuse, e.g., 'ISO_IR 999'
+    # or the standard '\ISO 2022 IR 87' with its empty first value.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an unknown character set: pydicom says so, we go on
+        out.decode()
+    out.SpecificCharacterSet = "ISO_IR 192"
     return out
 
 
