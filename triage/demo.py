@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -83,30 +84,36 @@ def _bundles(models: Path) -> dict[str, Path]:
 
 
 def make_studies(out: Path, counts: dict[str, int], seed: int) -> list[Case]:
-    """Phantom studies as DICOM, half abnormal per kind, with the truth from labels.csv."""
+    """Phantom studies as DICOM, half of each kind with a finding (exactly: ``n // 2``), with
+    the truth from labels.csv, in a shuffled order (arrival order breaks ties in the
+    worklist, so it must not follow the truth)."""
     from flows.phantoms import make_cxr, make_headct
     from flows.phantoms.chestct import make_chestct
     from triage.phantom_dicom import write_dicom_studies
 
     cases: list[Case] = []
     for i, (kind, n) in enumerate(sorted(counts.items())):
-        if n <= 0:
-            continue
-        s = seed + 17 * i
-        if kind == "cxr":
-            ps: Any = make_cxr(n, size=64, abnormal_fraction=0.5, seed=s)
-        elif kind == "bct":
-            ps = make_headct(n, shape=(16, 64, 64), abnormal_fraction=0.5, seed=s)
-        else:
-            # 3 mm slices (routed as chest CT: <= 3 mm), the field of view of the 4 mm training set
-            ps = make_chestct(n, shape=(86, 96, 128), spacing_mm=3.0, abnormal_fraction=0.5, seed=s)
-        labels = write_dicom_studies(ps, out / kind, seed=s)
-        with labels.open(newline="", encoding="utf-8") as fh:
-            for row in csv.DictReader(fh):
-                cases.append(Case(kind=kind, files=sorted((out / kind / row["case"]).glob("*.dcm")),
-                                  study_uid=row["study_instance_uid"], series_uid=row["series_instance_uid"],
-                                  label=int(row["label"]), finding=row["finding"] or "normal"))
-    return cases
+        for part, (m, fraction) in enumerate(((n - n // 2, 0.0), (n // 2, 1.0))):
+            if m <= 0:
+                continue
+            s = seed + 17 * i + part
+            if kind == "cxr":
+                ps: Any = make_cxr(m, size=64, abnormal_fraction=fraction, seed=s)
+            elif kind == "bct":
+                ps = make_headct(m, shape=(16, 64, 64), abnormal_fraction=fraction, seed=s)
+            else:
+                # 3 mm slices (routed as chest CT: <= 3 mm), the field of view of the 4 mm training set
+                ps = make_chestct(m, shape=(86, 96, 128), spacing_mm=3.0, abnormal_fraction=fraction, seed=s)
+            folder = out / f"{kind}-{'abnormal' if fraction else 'normal'}"
+            labels = write_dicom_studies(ps, folder, seed=s)
+            with labels.open(newline="", encoding="utf-8") as fh:
+                for row in csv.DictReader(fh):
+                    cases.append(Case(kind=kind, files=sorted((folder / row["case"]).glob("*.dcm")),
+                                      study_uid=row["study_instance_uid"],
+                                      series_uid=row["series_instance_uid"], label=int(row["label"]),
+                                      finding=row["finding"] or "normal"))
+    order = np.random.default_rng(seed).permutation(len(cases))
+    return [cases[int(k)] for k in order]
 
 
 def _progress(db: Any, series_uids: list[str]) -> tuple[int, int, int]:
