@@ -172,7 +172,8 @@ def _write_report(out: Path, outcome_rows: list[dict[str, Any]], conc: dict[str,
             f"<td><span class=\"p{r['priority'] or 0}\">{html.escape(r['priority_name'])}</span></td>"
             f"<td>{pct}</td><td>{html.escape(r['kind'])}</td>"
             f"<td>{'<b>' + html.escape(r['finding']) + '</b>' if r['label'] else 'normal'}</td>"
-            f"<td>{html.escape(r['accession'] or '')}</td><td>{''.join(pics)}</td></tr>")
+            f"<td>{html.escape(r['accession'] or '')}</td>"
+            f"<td><div class=\"pics\">{''.join(pics)}</div></td></tr>")
     summary = ", ".join(f"{k} {100 * v:.0f}%" for k, v in conc.items())
     page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>triage demo report</title>
 <style>body{{font-family:system-ui,sans-serif;margin:1.5rem;color:#1d2125}}table{{border-collapse:collapse}}
@@ -180,7 +181,8 @@ td,th{{padding:.3rem .6rem;border-bottom:1px solid #ddd;vertical-align:middle;te
 tr.abn td:nth-child(5){{color:#b3001b}}
 span{{padding:.1rem .4rem;border-radius:.5rem;color:#fff;font-size:.85rem}}
 .p1{{background:#b3001b}}.p2{{background:#e0601a}}.p3{{background:#c9a100}}.p4{{background:#3b8a3e}}
-.p0{{background:#888}} .warn{{background:#fff3cd;padding:.6rem;border-radius:.3rem}}</style></head><body>
+.p0{{background:#888}} .warn{{background:#fff3cd;padding:.6rem;border-radius:.3rem}}
+.pics{{display:flex;gap:.5rem;align-items:center}}</style></head><body>
 <h1>triage demo: the worklist in reading order</h1>
 <p class="warn"><b>Demo models trained on synthetic phantoms: not for clinical use.</b></p>
 <p>Generated {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC. An abnormal study is read before a normal one in
