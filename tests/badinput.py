@@ -34,16 +34,14 @@ import socket
 import tempfile
 import uuid
 import zlib
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pydicom
-from pydicom import config as dicom_config
+from dicomgen import lenient_values as lenient
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.filebase import DicomBytesIO
@@ -170,18 +168,6 @@ class Delivered:
 
 
 # --------------------------------------------------------------------------- encoding
-
-
-@contextmanager
-def lenient() -> Iterator[None]:
-    """Let pydicom read and write values that are invalid for their VR (on purpose here)."""
-    s = dicom_config.settings
-    old = (s.reading_validation_mode, s.writing_validation_mode)
-    s.reading_validation_mode = s.writing_validation_mode = dicom_config.IGNORE
-    try:
-        yield
-    finally:
-        s.reading_validation_mode, s.writing_validation_mode = old
 
 
 def _meta(data: bytes) -> Dataset:
