@@ -292,6 +292,17 @@ class Outcome:
     error: str | None = None
     permanent: bool = False  # a retry cannot help: dead letter at once
     retry_after: float | None = None  # the receiver asked for this delay
+    # What may go into a log line or an audit event: the error without any text the receiver
+    # wrote (a RIS may quote any patient's identifiers, which scrubbing by this message's
+    # patient cannot catch). ``error`` (scrubbed) is kept for the admin pages only.
+    summary: str | None = None
+
+    @property
+    def loggable(self) -> str:
+        return self.summary or self.error or "failed"
+
+
+_ACK_CODES = ("AA", "AE", "AR", "CA", "CE", "CR")
 
 
 def _excerpt(text: str, n: int = 200) -> str:
@@ -312,10 +323,11 @@ def post_webhook(wh: Webhook, body: bytes, mid: str, f: Facts) -> Outcome:
     error = f"HTTP {code}: {f.scrub(_excerpt(resp.text))}".rstrip(": ")
     if code >= 500 or code in _RETRY_STATUS:
         after = resp.headers.get("Retry-After", "")
-        return Outcome(False, error, retry_after=float(after) if after.isdigit() else None)
+        return Outcome(False, error, retry_after=float(after) if after.isdigit() else None,
+                       summary=f"HTTP {code}")
     if 300 <= code < 400:
         error += " (redirects are not followed: fix the webhook URL)"
-    return Outcome(False, error, permanent=True)
+    return Outcome(False, error, permanent=True, summary=f"HTTP {code}")
 
 
 def mllp_exchange(host: str, port: int, message: bytes, timeout: float) -> bytes:
@@ -352,15 +364,18 @@ def send_hl7(rcv: Hl7Receiver, message: str, control_id: str, f: Facts) -> Outco
         code, ref = str(msa[1]), str(msa[2])
         text = str(msa[3]) if len(msa) > 3 else ""
     except (KeyError, IndexError, ValueError):
-        return Outcome(False, f"unreadable ACK: {f.scrub(_excerpt(reply.decode('latin-1'), 80))}")
+        return Outcome(False, f"unreadable ACK: {f.scrub(_excerpt(reply.decode('latin-1'), 80))}",
+                       summary="unreadable ACK")
     if ref != control_id:
-        return Outcome(False, f"ACK for another message (MSA-2 {f.scrub(ref)[:20]!r})")
+        return Outcome(False, f"ACK for another message (MSA-2 {f.scrub(ref)[:20]!r})",
+                       summary="ACK for another message")
     if code in ("AA", "CA"):
         return Outcome(True)
     error = f"ACK {code}" + (f": {f.scrub(_excerpt(text))}" if text else "")
+    summary = f"ACK {code[:2]!r}" if code not in _ACK_CODES else f"ACK {code}"
     if code in ("AR", "CR"):
-        return Outcome(False, error, permanent=True)
-    return Outcome(False, error if code in ("AE", "CE") else f"unknown ACK code: {error}")
+        return Outcome(False, error, permanent=True, summary=summary)
+    return Outcome(False, error if code in ("AE", "CE") else f"unknown ACK code: {error}", summary=summary)
 
 
 class Notifier:
@@ -442,16 +457,16 @@ class Notifier:
                 row.state, row.next_attempt_at = "dead", now
                 s.add(AuditEvent(actor="notify", action="notification refused",
                                  series_id=series_of(s, row.result_id),
-                                 detail={**detail, "error": row.last_error}))
+                                 detail={**detail, "error": out.loggable}))
                 log.error("notification %d (%s %s) refused: %s; dead letter", row.id, row.channel,
-                          row.target, row.last_error)
+                          row.target, out.loggable)
                 return
             delay = backoff_seconds(row.attempts, self.retry_cfg, self.rng)
             if out.retry_after is not None:
                 delay = max(delay, min(out.retry_after, self.retry_cfg.backoff_max_seconds))
             row.state, row.next_attempt_at = "pending", now + dt.timedelta(seconds=delay)
             log.warning("notification %d (%s %s) failed (attempt %d): %s; next try in %.0f s", row.id,
-                        row.channel, row.target, row.attempts, row.last_error, delay)
+                        row.channel, row.target, row.attempts, out.loggable, delay)
 
     # ------------------------------------------------------------------ sending
 
