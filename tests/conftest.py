@@ -64,6 +64,8 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "postgres: runs against PostgreSQL (the PostgreSQL half of `db`)")
+    config.addinivalue_line("markers", "faults: fault injection (a process killed, a peer down, a full "
+                            "disk): part of the test command; `-m faults` runs only them")
 
 
 def _libpq(url: URL) -> str:

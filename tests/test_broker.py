@@ -105,6 +105,7 @@ def _wait_result(db: Database, log_path: Path, timeout: float = 60) -> Result:
         raise AssertionError(f"{exc}; job: {_describe(_job(db))}\nworker log:\n{tail}") from None
 
 
+@pytest.mark.faults
 def test_flushed_broker_loses_no_job(tmp_path: Path, cxr_study: Path, tiny_bundle: Bundle) -> None:
     broker = _redis_or_fail(REDIS_URL)
     broker.flushdb()
@@ -166,6 +167,7 @@ def _redis_server(port: int, log_path: Path) -> Iterator[redis.Redis]:
             stop_process(proc, timeout=10)
 
 
+@pytest.mark.faults
 def test_unreachable_broker_keeps_the_job_queued_until_redis_returns(
         tmp_path: Path, cxr_study: Path, tiny_bundle: Bundle, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="worker.celery_app")

@@ -151,3 +151,68 @@ def test_serve_celery_executor_against_real_redis(tmp_path: Path, studies: dict[
         worker.wait(timeout=30)
         node.stop()
         log.close()
+
+
+@pytest.mark.faults
+def test_celery_worker_killed_mid_analysis_completes_once(tmp_path: Path, studies: dict[str, Path],
+                                                          tiny_bundle: Bundle, ct_bundle: Bundle) -> None:
+    """SIGKILL the Celery worker while it analyses: the job's lease expires, the dispatcher
+    re-publishes it, a new worker completes it once, and exactly one SR reaches the PACS."""
+    import json
+    import signal
+
+    from triage.standin import StoreSCP
+
+    _redis_or_fail()
+    redis.Redis.from_url(REDIS_URL).flushdb()
+    pacs = StoreSCP(tmp_path / "pacs").start()
+    dest = [{"name": "pacs", "ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.port}]
+    s = _settings(tmp_path, tiny_bundle, ct_bundle,
+                  executor={"kind": "celery", "poll_seconds": 0.2, "lease_seconds": 4},
+                  celery={"broker_url": REDIS_URL, "republish_seconds": 2},
+                  dispatch={"destinations": dest, "poll_seconds": 0.3})
+    node = Node(s).start()
+    env = {**os.environ, "TRIAGE_NODE__DATA_DIR": str(s.node.data_dir),
+           "TRIAGE_MODELS__CXR": str(tiny_bundle.path), "TRIAGE_MODELS__CHESTCT": str(ct_bundle.path),
+           "TRIAGE_CELERY__BROKER_URL": REDIS_URL, "TRIAGE_EXECUTOR__KIND": "celery",
+           "TRIAGE_EXECUTOR__LEASE_SECONDS": "4", "TRIAGE_DISPATCH__DESTINATIONS": json.dumps(dest)}
+
+    def start_worker(name: str) -> subprocess.Popen[bytes]:
+        log = (tmp_path / f"{name}.log").open("wb")
+        return subprocess.Popen([sys.executable, "-m", "triage.cli", "worker", "--concurrency", "1",
+                                 "--queues", "gpu,io"], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+    first = start_worker("worker1")
+    second = None
+    try:
+        storescu(s.receive.port, [studies["chestct"]])
+
+        def running() -> Job | None:
+            with node.db.sessions() as ss:
+                return ss.scalars(select(Job).where(Job.state == "running")).first()
+        job = wait_for(running, 120, "the analysis to start on the worker", interval=0.05)
+        os.killpg(first.pid, signal.SIGKILL)  # the worker and its pool process, mid-analysis
+        first.wait(timeout=10)
+        with node.db.sessions() as ss:
+            assert ss.get(Job, job.id).state == "running"  # type: ignore[union-attr]  # killed before it finished
+            assert not list(ss.scalars(select(Result)))
+        second = start_worker("worker2")
+        wait_for(lambda: _all_ready(node.db, 1), 120, "the job completed by the second worker")
+        wait_for(lambda: pacs.modality_counts().get("SR"), 60, "the SR at the PACS")
+        import time
+
+        time.sleep(3)  # a duplicate would arrive within a few delivery passes
+        with node.db.sessions() as ss:
+            jobs = list(ss.scalars(select(Job)))
+            results = list(ss.scalars(select(Result)))
+        assert len(jobs) == 1 and jobs[0].state == "done" and jobs[0].attempts == 2
+        assert len(results) == 1
+        assert pacs.modality_counts()["SR"] == 1
+    finally:
+        for w in (first, second):
+            if w is not None and w.poll() is None:
+                os.killpg(w.pid, signal.SIGTERM)
+                w.wait(timeout=30)
+        node.stop()
+        pacs.stop()

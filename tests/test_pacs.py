@@ -118,6 +118,7 @@ def _check_study_page(node: Node, study_uid: str) -> None:
         assert png.status_code == 200 and png.content[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.faults
 def test_pacs_down_then_back_across_a_node_restart(
         tmp_path: Path, pacs: tuple[Orthanc, int], tiny_bundle: Bundle, ct_bundle: Bundle) -> None:
     orthanc, node_port = pacs

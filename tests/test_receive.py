@@ -222,6 +222,7 @@ def test_deflated_syntaxes_are_never_accepted(tmp_path: Path) -> None:
         node.stop()
 
 
+@pytest.mark.faults
 def test_disk_above_high_water_answers_a700_and_loses_nothing(tmp_path: Path) -> None:
     s = load_settings(node={"data_dir": str(tmp_path / "d")}, receive={"port": 0},
                       storage={"high_water": 0.0001})
@@ -247,6 +248,7 @@ def ct_bundle(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
     return chest_ct_patch_bundle(tmp_path_factory.mktemp("ctb") / "tiny-chestct")
 
 
+@pytest.mark.faults
 def test_sigkill_mid_push_loses_no_acknowledged_instance(tmp_path: Path, ct_bundle: Bundle) -> None:
     files = write_series(tmp_path / "series", 300, size=32, spacing=1.0)
     sop = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID: p for p in files}
