@@ -234,15 +234,11 @@ def create_app(settings: Settings, db: Database | None = None) -> FastAPI:
 
     @api.post("/deliveries/{delivery_id}/retry")
     def retry(delivery_id: int, who: Admin) -> dict[str, Any]:
-        if not sender.retry(delivery_id, actor=who.username):
-            raise HTTPException(409, "this delivery cannot be retried (unknown, sending or sent)")
-        return {"id": delivery_id, "state": "pending"}
+        return _outbox_action(sender, "delivery", delivery_id, "retry", who)
 
     @api.post("/deliveries/{delivery_id}/cancel")
     def cancel(delivery_id: int, who: Admin) -> dict[str, Any]:
-        if not sender.cancel(delivery_id, actor=who.username):
-            raise HTTPException(409, "this delivery cannot be cancelled (unknown, sending or sent)")
-        return {"id": delivery_id, "state": "cancelled"}
+        return _outbox_action(sender, "delivery", delivery_id, "cancel", who)
 
     notifier = Notifier(db, settings)
 
@@ -255,15 +251,11 @@ def create_app(settings: Settings, db: Database | None = None) -> FastAPI:
 
     @api.post("/notifications/{notification_id}/retry")
     def retry_notification(notification_id: int, who: Admin) -> dict[str, Any]:
-        if not notifier.retry(notification_id, actor=who.username):
-            raise HTTPException(409, "this notification cannot be retried (unknown, sending or sent)")
-        return {"id": notification_id, "state": "pending"}
+        return _outbox_action(notifier, "notification", notification_id, "retry", who)
 
     @api.post("/notifications/{notification_id}/cancel")
     def cancel_notification(notification_id: int, who: Admin) -> dict[str, Any]:
-        if not notifier.cancel(notification_id, actor=who.username):
-            raise HTTPException(409, "this notification cannot be cancelled (unknown, sending or sent)")
-        return {"id": notification_id, "state": "cancelled"}
+        return _outbox_action(notifier, "notification", notification_id, "cancel", who)
 
     app.include_router(api)
     app.include_router(pages_router(settings, db, blobs, sender, notifier))
@@ -274,6 +266,15 @@ def create_app(settings: Settings, db: Database | None = None) -> FastAPI:
         return Response(generate_latest(metrics), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def _outbox_action(outbox: Sender | Notifier, what: str, row_id: int, action: str,
+                   who: User) -> dict[str, Any]:
+    """Retry or cancel a delivery or a notification for an admin; 409 when it cannot be."""
+    if not getattr(outbox, action)(row_id, actor=who.username):
+        done = {"retry": "retried", "cancel": "cancelled"}[action]
+        raise HTTPException(409, f"this {what} cannot be {done} (unknown, sending or sent)")
+    return {"id": row_id, "state": "pending" if action == "retry" else "cancelled"}
 
 
 def readiness(settings: Settings, db: Database, blobs: BlobStore) -> dict[str, str]:
