@@ -92,7 +92,9 @@ def run(tmp_path_factory: pytest.TempPathFactory, tiny_bundle: Bundle, ct_bundle
     tmp = tmp_path_factory.mktemp("badinput")
     settings = load_settings(
         node={"data_dir": str(tmp / "data")}, receive={"port": free_port()},
-        assemble={"quiet_seconds": 1.0, "poll_seconds": 0.1}, executor={"poll_seconds": 0.1},
+        # (4 s: on a loaded 2-core CI runner a gap of over 1 s inside one association happened,
+        # completing a series early and giving it extra versions)
+        assemble={"quiet_seconds": 4.0, "poll_seconds": 0.1}, executor={"poll_seconds": 0.1},
         models={"cxr": str(tiny_bundle.path), "chestct": str(ct_bundle.path)}, web={"enabled": False})
     node = Node(settings, log_level=logging.WARNING).start()
     try:
