@@ -6,12 +6,14 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+import pydicom
 import pytest
 
 from flows.build import BuildOptions
@@ -80,6 +82,49 @@ def storescu(port: int, paths: Sequence[Path], *, aec: str = "TRIAGE", aet: str 
     if check and res.returncode != 0:
         raise AssertionError(f"storescu failed ({res.returncode}): {res.stderr[-2000:]}")
     return res
+
+
+class Pusher(threading.Thread):
+    """Sends files over one pynetdicom association, recording each instance's status.
+
+    ``statuses`` maps SOP Instance UID to the C-STORE status (None: no answer). The thread
+    stops at the first lost association, as a sender whose peer vanished does.
+    """
+
+    def __init__(self, port: int, paths: Sequence[Path], *, aet: str = "PUSHER", aec: str = "TRIAGE") -> None:
+        super().__init__(daemon=True)
+        self.port, self.aet, self.aec = port, aet, aec
+        self.paths = list(paths)
+        self.uids = [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in self.paths]
+        self.statuses: dict[str, int | None] = {}
+
+    @property
+    def acked(self) -> list[str]:
+        return [u for u, st in list(self.statuses.items()) if st == 0]
+
+    def run(self) -> None:
+        from pynetdicom import AE
+        from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+
+        ae = AE(ae_title=self.aet)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+        ae.add_requested_context(CTImageStorage, "1.2.840.10008.1.2.1")
+        assoc = ae.associate("127.0.0.1", self.port, ae_title=self.aec)
+        if not assoc.is_established:
+            return
+        try:
+            for uid, p in zip(self.uids, self.paths, strict=True):
+                try:
+                    st = assoc.send_c_store(p)
+                except Exception:  # the peer vanished mid-message
+                    self.statuses[uid] = None
+                    return
+                self.statuses[uid] = int(st.Status) if st and "Status" in st else None
+                if not assoc.is_established:
+                    return
+        finally:
+            if assoc.is_established:
+                assoc.release()
 
 
 CHEST_SHAPE = (60, 64, 64)  # 2 mm slices: routed as chest CT (<= 3 mm), >= 120 mm field of view

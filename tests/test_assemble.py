@@ -25,7 +25,7 @@ from storage.db import Database
 from storage.models import AuditEvent, Instance, Job, Series, Study
 from triage.assemble import Geometry, check_geometry, complete_series, finish_quiet, on_release
 from triage.config import Settings, default_rules, load_settings
-from triage.ingest import Ingest, StoreOutcome
+from triage.ingest import Ingest, StoreOutcome, dataset_offset, same_dataset
 from triage.route import route
 
 CHESTCT_RULE = "rule 'chest CT, axial, <= 3 mm'"
@@ -321,6 +321,26 @@ def test_identical_resend_is_idempotent(ingest: Ingest, db: Database, settings: 
     assert events(db, "series reopened") == []
     assert on_release(db, "a-resend", settings) == []
     assert len(jobs(db)) == 1
+
+
+def test_resend_of_the_same_data_set_from_another_ae_is_a_duplicate(ingest: Ingest, db: Database,
+                                                                   blobs: BlobStore) -> None:
+    """The stored file's meta names the sender's AE; the same data set from another AE (say
+    a re-push by a different tool after a crash) is no change: no revision, no extra file."""
+    part10 = g.ct_slice("ct1", 3)
+    body = part10[dataset_offset(part10):]
+    kw = {"sop_class": g.CT_IMAGE, "sop_instance": g.uid("ct1", "slice", 3),
+          "transfer_syntax": "1.2.840.10008.1.2.1"}
+    first = ingest.store_dataset(body, calling_ae="MODALITY", association_id="a1", **kw)
+    n_files = len(files_under(blobs.root))
+    again = ingest.store_dataset(body, calling_ae="STORESCU", association_id="a2", **kw)
+    assert (again.status, again.duplicate, again.revision) == (0, True, 1)
+    assert again.instance_id == first.instance_id
+    assert len(files_under(blobs.root)) == n_files and count(db, Instance) == 1
+    changed = g.ct_slice("ct1", 3, pixel_seed=5)
+    other = ingest.store_dataset(changed[dataset_offset(changed):], calling_ae="STORESCU", **kw)
+    assert (other.duplicate, other.revision) == (False, 2)
+    assert dataset_offset(body) == 0 and same_dataset(part10, body) and not same_dataset(part10, changed)
 
 
 def test_re_push_after_an_aborted_association_finishes_early(ingest: Ingest, db: Database,

@@ -6,15 +6,13 @@ import hashlib
 import logging
 import os
 import signal
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import pydicom
 import pytest
-from nodekit import chest_ct_patch_bundle, echo_ok, free_port, storescu, wait_for
+from nodekit import Pusher, chest_ct_patch_bundle, echo_ok, free_port, storescu, wait_for
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, _config
@@ -250,64 +248,66 @@ def ct_bundle(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
 
 @pytest.mark.faults
 def test_sigkill_mid_push_loses_no_acknowledged_instance(tmp_path: Path, ct_bundle: Bundle) -> None:
-    files = write_series(tmp_path / "series", 300, size=32, spacing=1.0)
-    sop = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID: p for p in files}
+    """SIGKILL of the SCP process while 4 senders push 1 000 instances (4 series of 250)."""
+    folders = [tmp_path / f"series{i}" for i in range(4)]
+    pushers_files = [write_series(f, 250, size=32, spacing=1.0) for f in folders]
     port = free_port()
     s = load_settings(node={"data_dir": str(tmp_path / "data")}, receive={"port": port},
-                      # long enough that the partial series never completes on a busy machine;
+                      # long enough that a partial series never completes on a busy machine;
                       # the re-push's release finishes it early (duplicates count as carried)
                       assemble={"quiet_seconds": 120.0, "poll_seconds": 0.2},
                       executor={"poll_seconds": 0.2}, models={"chestct": str(ct_bundle.path)})
     node = Node(s).start()
-    acked: list[str] = []
     try:
-        def push() -> None:
-            ae = AE(ae_title="PUSHER")
-            ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-            assoc = ae.associate("127.0.0.1", port, ae_title="TRIAGE")
-            try:
-                for uid, p in sop.items():
-                    st = assoc.send_c_store(p)
-                    if st and int(st.get("Status", -1)) == 0:
-                        acked.append(uid)
-                    elif not assoc.is_established:
-                        return
-            except Exception:
-                return
-        t = threading.Thread(target=push)
-        t.start()
-        wait_for(lambda: len(acked) >= 100, 60, "100 acknowledged instances", interval=0.01)
+        pushers = [Pusher(port, files, aet=f"PUSHER{i}") for i, files in enumerate(pushers_files)]
+        for p in pushers:
+            p.start()
+
+        def acked() -> list[str]:
+            return [u for p in pushers for u in p.acked]
+
+        wait_for(lambda: len(acked()) >= 300, 60, "300 acknowledged instances", interval=0.01)
         old = int(Path(node.pid_file).read_text())
         os.kill(old, signal.SIGKILL)
-        t.join(timeout=60)
-        assert 100 <= len(acked) < 300, len(acked)
+        for p in pushers:
+            p.join(timeout=60)
+            assert not p.is_alive(), "a sender hangs after the SCP died"
+        sent = acked()
+        assert 300 <= len(sent) < 1000, len(sent)
+        assert all(len(p.acked) < 250 for p in pushers), "a sender finished before the kill"
         # the node restarts its SCP process
         wait_for(lambda: node.pid_file.is_file() and int(node.pid_file.read_text()) != old, 30,
                  "the SCP process to be restarted")
         db = node.db
         with db.sessions() as ss:
             rows = {r.sop_instance_uid: r for r in ss.scalars(select(Instance))}
-        missing = [u for u in acked if u not in rows]
-        assert not missing, f"{len(missing)} acknowledged instance(s) not indexed"
-        for u in acked:
+        missing = [u for u in sent if u not in rows]
+        assert not missing, f"{len(missing)} of {len(sent)} acknowledged instance(s) not indexed"
+        for u in sent:
             blob = s.blob_root / rows[u].blob
             assert hashlib.sha256(blob.read_bytes()).hexdigest() == rows[u].sha256
-        # the re-push (dcmtk) completes and the series is analysed once
+        # the senders re-push (dcmtk, one association each) and every series is analysed once
         wait_for(lambda: echo_ok(port), 30, "the restarted SCP to answer")
-        storescu(port, [tmp_path / "series"])
-        res = wait_for(lambda: _one_result(db), 120, "the series' Result")
-        with db.sessions() as ss:
-            se = ss.scalars(select(Series)).one()
-            jobs = ss.scalars(select(Job)).all()
-            assert se.instance_count == 300 and se.version == 1 and se.kind == "chestct"
-            assert (se.completion_reason or "").startswith("association released")
-            assert [j.state for j in jobs] == ["done"]
-        assert res.kind == "chestct"
+        for f in folders:
+            storescu(port, [f])
+        wait_for(lambda: _count(db, Result) == 4, 180, "the 4 series' results")
         time.sleep(1.0)
         with db.sessions() as ss:
-            assert ss.scalar(select(func.count()).select_from(Result)) == 1
+            series = ss.scalars(select(Series)).all()
+            jobs = ss.scalars(select(Job)).all()
+            assert ss.scalar(select(func.count()).select_from(Instance)) == 1000
+            assert sorted(se.instance_count for se in series) == [250] * 4
+            assert {(se.version, se.kind) for se in series} == {(1, "chestct")}
+            assert all((se.completion_reason or "").startswith("association released") for se in series)
+            assert [j.state for j in jobs] == ["done"] * 4
+        assert _count(db, Result) == 4
     finally:
         node.stop()
+
+
+def _count(db: Database, table: type) -> int:
+    with db.sessions() as s:
+        return int(s.scalar(select(func.count()).select_from(table)) or 0)
 
 
 def _one_result(db: Database) -> Result | None:

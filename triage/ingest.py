@@ -352,12 +352,39 @@ def part10_prefix(sop_class: str, sop_instance: str, transfer_syntax: str, sourc
     return b"\x00" * 128 + b"DICM" + _meta_element(0x0000, b"UL", struct.pack("<I", len(body))) + body
 
 
+_LONG_VRS = frozenset((b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT"))
+
+
+def dataset_offset(data: bytes) -> int:
+    """Where the data set starts in Part 10 bytes: after the preamble, 'DICM' and group 0002.
+
+    Group 0002 is always explicit VR little endian (PS3.10 7.1); bytes without 'DICM' are a
+    bare data set (offset 0).
+    """
+    if data[128:132] != b"DICM":
+        return 0
+    pos = 132
+    while pos + 8 <= len(data) and struct.unpack_from("<H", data, pos)[0] == 0x0002:
+        if data[pos + 4:pos + 6] in _LONG_VRS:
+            pos += 12 + (struct.unpack_from("<I", data, pos + 8)[0] if pos + 12 <= len(data) else 0)
+        else:
+            pos += 8 + struct.unpack_from("<H", data, pos + 6)[0]
+    return min(pos, len(data))
+
+
+def same_dataset(a: bytes, b: bytes) -> bool:
+    """Whether two Part 10 files hold the same data set byte for byte, whatever their file meta
+    says (the sender's AE title, implementation UID...): a re-send from another AE is no change."""
+    return a[dataset_offset(a):] == b[dataset_offset(b):]
+
+
 @dataclass(frozen=True)
 class StoreOutcome:
     status: int
     series_id: int | None = None
     instance_id: int | None = None
     duplicate: bool = False
+    blob: str | None = None  # the stored file a duplicate matched
     revision: int = 1
     reopened: bool = False
     reason: str | None = None
@@ -426,7 +453,10 @@ class Ingest:
         ts = transfer_syntax or ""
         for attempt in range(4):
             try:
-                return self._index(h, key, digest, len(data), ts, calling_ae, peer, association_id)
+                out = self._index(h, key, digest, data, ts, calling_ae, peer, association_id)
+                if out.duplicate and out.blob != key:
+                    self.blobs.delete(key)  # the same data set is already stored under another name
+                return out
             except Refused:
                 self.blobs.delete(key)  # refused while indexing: no row will point at it
                 raise
@@ -443,7 +473,13 @@ class Ingest:
                 raise Refused(OUT_OF_RESOURCES, f"database unavailable ({type(exc).__name__})") from exc
         raise AssertionError("unreachable")
 
-    def _index(self, h: Header, key: str, digest: str, size: int, ts: str, calling_ae: str | None,
+    def _same_as_stored(self, key: str, data: bytes) -> bool:
+        try:
+            return same_dataset(self.blobs.get(key), data)
+        except OSError:
+            return False
+
+    def _index(self, h: Header, key: str, digest: str, data: bytes, ts: str, calling_ae: str | None,
                peer: str | None, association_id: str | None) -> StoreOutcome:
         now = utcnow()
         with self.db.session() as s:
@@ -474,12 +510,13 @@ class Ingest:
                                                     Instance.current.is_(True))).first()
             revision = 1
             if prev is not None:
-                if prev.sha256 == digest:  # an identical re-send: nothing new to store
-                    # ...but this association carried it too, so a re-push of a whole series
-                    # (e.g. after a crash) can still finish early at its release.
+                if prev.sha256 == digest or self._same_as_stored(prev.blob, data):
+                    # an identical re-send (perhaps from another AE): nothing new to store, but
+                    # this association carried it too, so a re-push of a whole series (e.g.
+                    # after a crash) can still finish early at its release.
                     prev.association_id = association_id
                     return StoreOutcome(status=SUCCESS, series_id=prev.series_id, instance_id=prev.id,
-                                        duplicate=True, revision=prev.revision)
+                                        duplicate=True, revision=prev.revision, blob=prev.blob)
                 if prev.series_id != series.id:
                     raise Refused(DOES_NOT_MATCH, "the SOP instance already belongs to another series")
                 prev.current = False
@@ -504,9 +541,9 @@ class Ingest:
             series.last_received_at = now
             inst = Instance(series_id=series.id, sop_instance_uid=h.sop_instance_uid, revision=revision,
                             sop_class_uid=h.sop_class_uid, transfer_syntax_uid=ts[:64], blob=key,
-                            sha256=digest, size=size, is_image=h.is_image, rows=h.rows, columns=h.columns,
-                            frames=h.frames, instance_number=h.instance_number, position=h.position,
-                            orientation=h.orientation, expected_count=h.expected_count,
+                            sha256=digest, size=len(data), is_image=h.is_image, rows=h.rows,
+                            columns=h.columns, frames=h.frames, instance_number=h.instance_number,
+                            position=h.position, orientation=h.orientation, expected_count=h.expected_count,
                             calling_ae=calling_ae, peer_address=peer, association_id=association_id,
                             received_at=now)
             s.add(inst)

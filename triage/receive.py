@@ -27,6 +27,7 @@ from pydicom.uid import UID
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy.exc import SQLAlchemyError
 
 from storage.blobs import BlobStore
 from storage.db import Database
@@ -126,6 +127,7 @@ class StorageSCP:
         self.ae = ae
         self._server: _Server | None = None
         self._assoc_ids: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+        self._stored: set[str] = set()  # associations that stored something: those to check at release
         self._lock = threading.Lock()
         self.handlers: list[Any] = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, self._on_echo),
                          (evt.EVT_ESTABLISHED, self._on_established), (evt.EVT_RELEASED, self._on_released),
@@ -165,12 +167,19 @@ class StorageSCP:
             transfer_syntax=str(event.context.transfer_syntax), calling_ae=str(r.ae_title),
             peer=str(r.address), association_id=self._assoc_id(event.assoc))
         if outcome.status == 0x0000:
+            with self._lock:
+                self._stored.add(self._assoc_ids.get(event.assoc, ""))
             return 0x0000
         return _status(outcome.status, outcome.reason or "refused")
 
     def _forget(self, assoc: Any) -> str | None:
+        """The association's id if it stored anything (an echo-only one needs no check)."""
         with self._lock:
-            return self._assoc_ids.pop(assoc, None)
+            aid = self._assoc_ids.pop(assoc, None)
+            if aid is None or aid not in self._stored:
+                return None
+            self._stored.discard(aid)
+            return aid
 
     def _on_released(self, event: Any) -> None:
         aid = self._forget(event.assoc)
@@ -180,6 +189,9 @@ class StorageSCP:
             done = on_release(self.db, aid, self.settings)
             if done:
                 log.info("association released: %d series complete", len(done))
+        except SQLAlchemyError as exc:  # the database is away: the quiet period completes them
+            log.warning("early-finish check failed (%s); the quiet period will complete the series",
+                        type(exc).__name__)
         except Exception:  # the quiet period completes them instead
             log.exception("early-finish check failed")
 

@@ -16,6 +16,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from typing import Any, cast
 
 import numpy as np
 from sqlalchemy import CursorResult, func, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from storage.blobs import BlobStore
 from storage.db import Database
@@ -216,6 +217,24 @@ def _finish(ctx: NodeContext, job: Job, worker: str, state: str, reason: str | N
     return res.id if res is not None else 0
 
 
+def _finish_durably(ctx: NodeContext, job: Job, worker: str, state: str, reason: str | None,
+                    analysis: Analysis | None = None, map_key: str | None = None) -> int | None:
+    """:func:`_finish`, waiting out a database outage (up to half the lease) instead of
+    leaving the job 'running' until its lease expires and the analysis is redone."""
+    deadline = time.monotonic() + ctx.settings.executor.lease_seconds / 2
+    delay = 0.5
+    while True:
+        try:
+            return _finish(ctx, job, worker, state, reason, analysis, map_key)
+        except OperationalError as exc:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("job %d: cannot record its outcome (%s); retrying in %.0f s", job.id,
+                        type(exc).__name__, delay)
+            time.sleep(delay)
+            delay = min(2 * delay, 30.0)
+
+
 def _save_map(ctx: NodeContext, job: Job, values: np.ndarray) -> str:
     buf = io.BytesIO()
     np.save(buf, values.astype(np.float16 if np.isfinite(values).all() else np.float32), allow_pickle=False)
@@ -276,17 +295,17 @@ def run_job(ctx: NodeContext, job_id: int, worker: str, *, claimed: bool = False
         key = _save_map(ctx, job, analysis.map) if analysis.map is not None else None
     except AnalysisError as exc:
         log.warning("job %d (%s) failed: %s", job_id, job.kind, exc)
-        _finish(ctx, job, worker, "failed", str(exc), None, None)
+        _finish_durably(ctx, job, worker, "failed", str(exc))
         count_job()
         return "failed"
     except Exception as exc:  # a bug or a resource problem: retry, with the reason kept
         log.exception("job %d (%s) crashed", job_id, job.kind)
         reason = f"{type(exc).__name__}: {exc}"
         final = job.attempts >= ctx.settings.executor.max_attempts
-        _finish(ctx, job, worker, "failed" if final else "queued", reason, None, None)
+        _finish_durably(ctx, job, worker, "failed" if final else "queued", reason)
         return "failed" if final else "queued"
     try:
-        rid = _finish(ctx, job, worker, "done", None, analysis, key)
+        rid = _finish_durably(ctx, job, worker, "done", None, analysis, key)
     except IntegrityError:  # a result for this job exists already (a duplicate run finished first)
         rid = None
     if not rid:
