@@ -5,27 +5,33 @@ publishes again every job still queued ``celery.republish_seconds`` after its la
 publication, and a job it could not publish stays queued (``published_at`` NULL) until the
 broker answers. These tests use a real Redis (``redis://127.0.0.1:6379/14`` or
 ``$TRIAGE_TEST_REDIS_URL``) and a real ``triage worker`` subprocess; the second one starts a
-throwaway ``redis-server`` of its own.
+throwaway ``redis-server`` of its own, and the third stops that server half-way through a burst.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
+import pydicom
 import pytest
 import redis
 from nodekit import cxr_studies, free_port, require_tool, stop_process, storescu, wait_for
-from sqlalchemy import select
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation  # type: ignore[attr-defined]
+from sqlalchemy import func, select
 
 from flows.bundle import Bundle
 from storage.db import Database
-from storage.models import Job, Result, Series
+from storage.models import Instance, Job, Result, Series
 from triage.config import Settings, load_settings
 from triage.serve import Node
 
@@ -202,4 +208,159 @@ def test_unreachable_broker_keeps_the_job_queued_until_redis_returns(
             assert dispatcher._thread.is_alive()
         assert len(_results(node.db)) == 1
     finally:
+        node.stop()
+
+
+def _store(port: int, paths: list[Path], aet: str) -> dict[str, int | None]:
+    """C-STORE ``paths`` over one association, as a PACS sends a batch of studies: SOP Instance
+    UID -> the status the node answered (0: acknowledged; None: no answer)."""
+    ae = AE(ae_title=aet)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    ae.add_requested_context(DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", port, ae_title="TRIAGE")
+    assert assoc.is_established, "the node refused the association"
+    statuses: dict[str, int | None] = {}
+    try:
+        for p in paths:
+            ds = pydicom.dcmread(p)
+            st = assoc.send_c_store(ds)
+            statuses[str(ds.SOPInstanceUID)] = int(st.Status) if st and "Status" in st else None
+    finally:
+        assoc.release()
+    return statuses
+
+
+def _jobs(db: Database) -> list[Job]:
+    with db.sessions() as s:
+        return list(s.scalars(select(Job).order_by(Job.id)))
+
+
+def _count(db: Database, model: type[Instance] | type[Series] | type[Result]) -> int:
+    with db.sessions() as s:
+        return int(s.scalar(select(func.count()).select_from(model)) or 0)
+
+
+@pytest.mark.faults
+def test_redis_stopped_during_a_burst_jobs_wait_in_the_database(
+        tmp_path: Path, tiny_bundle: Bundle, caplog: pytest.LogCaptureFixture) -> None:
+    """Redis stops (its process, not a flush) half-way through a burst of 10 CXR studies.
+
+    Counts: acknowledged, indexed, jobs (published or waiting in the database), analysed, done.
+    The worker that was connected before the stop is the same process at the end, never
+    restarted: Celery's consumer retries the broker by itself (``broker_connection_retry``,
+    on by default: 100 tries, waiting 2, 4, 6 ... up to 30 s between them).
+    """
+    caplog.set_level(logging.WARNING, logger="worker.celery_app")
+    started = time.monotonic()
+    files = sorted(cxr_studies(tmp_path / "burst", n=10, seed=11).rglob("*.dcm"))  # 1 instance/study
+    before, during = files[:5], files[5:]
+    port = free_port()
+    s = _settings(tmp_path, tiny_bundle, f"redis://127.0.0.1:{port}/0")
+    worker_log = tmp_path / "worker.log"
+    node = Node(s).start()
+    assert node._scp is not None
+    scp_pid = node._scp.pid
+    threads = {type(p).__name__: p._thread for p in node._parts}
+    first_redis = ExitStack()
+    acked: dict[str, int | None] = {}
+
+    def worker_says() -> str:
+        return worker_log.read_text(errors="replace") if worker_log.exists() else ""
+
+    try:
+        broker = first_redis.enter_context(_redis_server(port, tmp_path / "redis-1.log"))
+        with _worker(s, tiny_bundle, worker_log) as worker:
+            worker_pid = worker.pid
+            wait_for(lambda: " ready." in worker_says(), 60, "the worker to connect to Redis")
+
+            # the first half of the burst (one association): its jobs are published together and
+            # the worker takes them one by one (the first one loads the models)
+            acked.update(_store(s.receive.port, before, "PACS"))
+            wait_for(lambda: broker.llen("gpu") >= 2, 30, "two of the first half's jobs to wait in Redis",
+                     interval=0.01)
+            # Redis stops (SIGTERM, no persistence) with messages in it: they are gone
+            first_redis.close()
+            stopped = time.monotonic()
+            at_stop = _jobs(node.db)
+            # published, but the message is gone with Redis: only the re-publication brings them back
+            lost = [j.id for j in at_stop if j.state == "queued" and j.published_at is not None]
+            assert lost, ("the worker took every message before Redis stopped: "
+                          f"{[_describe(j) for j in at_stop]}")
+            taken = sum(j.state != "queued" for j in at_stop)
+
+            # the second half arrives while Redis is down: received, indexed, assembled, queued
+            acked.update(_store(s.receive.port, during, "PACS"))
+            assert len(acked) == len(files) and all(st == 0 for st in acked.values()), acked
+            wait_for(lambda: len(_jobs(node.db)) == len(files), 30, "a job for every series")
+            n_warn = caplog.text.count("cannot publish job")
+            wait_for(lambda: caplog.text.count("cannot publish job") >= n_warn + 2
+                     and time.monotonic() - stopped > s.celery.republish_seconds + 1, 30,
+                     "the dispatcher to fail twice more, past the re-publish time")
+            waiting = [j for j in _jobs(node.db) if j.id not in {k.id for k in at_stop}]
+            assert len(waiting) == len(during)
+            for j in waiting:  # they wait in the database, never handed to a broker
+                assert j.state == "queued" and j.published_at is None and j.attempts == 0, _describe(j)
+            for j in _jobs(node.db):
+                if j.id in lost:  # nothing can run them until Redis returns
+                    assert j.state == "queued" and j.attempts == 0, _describe(j)
+            with node.db.sessions() as ss:
+                uids = set(ss.scalars(select(Instance.sop_instance_uid)))
+                assert set(acked) <= uids, "an acknowledged instance is not indexed"
+                assert all(se.state == "complete" for se in ss.scalars(select(Series)))
+                analysed_down = {r.series_id for r in ss.scalars(select(Result))}
+            assert not analysed_down & {j.series_id for j in waiting}
+            # nothing died: the node's threads, its SCP process, the worker
+            dead = [name for name, t in threads.items() if not t.is_alive()]
+            assert not dead, f"threads died while Redis was down: {dead}"
+            assert node._scp.is_alive() and node._scp.pid == scp_pid, "the SCP process died"
+            assert worker.poll() is None, f"the worker exited:\n{worker_says()[-3000:]}"
+            wait_for(lambda: "Connection to broker lost" in worker_says(), 15,
+                     "the worker to notice that Redis is gone")
+            down_counts = (len(acked), len(uids), len(lost), len(waiting), len(analysed_down))
+
+            # Redis returns, empty, on the same port: every series is analysed exactly once
+            with _redis_server(port, tmp_path / "redis-2.log") as broker:
+                returned = time.monotonic()
+
+                def all_done() -> bool:
+                    return (sum(j.state == "done" for j in _jobs(node.db)) == len(files)
+                            and _count(node.db, Result) == len(files))
+
+                try:
+                    wait_for(all_done, 60, "every job to be done after Redis returned")
+                except AssertionError as exc:
+                    rows = "\n".join(_describe(j) for j in _jobs(node.db))
+                    raise AssertionError(f"{exc}\njobs:\n{rows}\nworker log:\n{worker_says()[-3000:]}") \
+                        from None
+                recovered = time.monotonic() - returned
+                # the copies the dispatcher re-published are consumed and skipped
+                wait_for(lambda: broker.llen("gpu") == 0 and broker.hlen("unacked") == 0, 15,
+                         "the worker to consume every message")
+                assert worker.poll() is None and worker.pid == worker_pid, "the worker was restarted"
+                # (Celery masks the URL: "Connected to redis://:**@127.0.0.1:PORT/0")
+                connected = re.findall(rf"Connected to redis://\S*127\.0\.0\.1:{port}/", worker_says())
+                assert len(connected) >= 2, f"the worker did not reconnect:\n{worker_says()[-3000:]}"
+        jobs = _jobs(node.db)
+        with node.db.sessions() as ss:
+            results = list(ss.scalars(select(Result)))
+            n_series = _count(node.db, Series)
+        assert len(jobs) == len(files) == n_series
+        assert len({j.series_id for j in jobs}) == n_series, "a series has two jobs"
+        assert all(j.state == "done" and j.attempts == 1 and j.worker and ":celery:" in j.worker
+                   for j in jobs), [_describe(j) for j in jobs]
+        assert len(results) == len(files) and len({r.series_id for r in results}) == len(files), \
+            "a series was analysed twice"
+        assert {r.job_id for r in results} == {j.id for j in jobs}
+        assert all(t.is_alive() for t in threads.values())
+        assert node._scp.is_alive() and node._scp.pid == scp_pid
+        assert "dispatcher pass failed" not in caplog.text
+        print(f"\nburst of {len(files)}: acknowledged {down_counts[0]}, indexed {down_counts[1]}; "
+              f"at the stop {len(at_stop)} jobs ({taken} taken by the worker, {len(lost)} published with "
+              f"the message lost); "
+              f"{down_counts[3]} jobs created while Redis was down, unpublished; analysed while down "
+              f"{down_counts[4]}; after Redis returned: {len(results)} analysed, "
+              f"{sum(j.state == 'done' for j in jobs)} done in {recovered:.1f} s; "
+              f"total {time.monotonic() - started:.1f} s")
+    finally:
+        first_redis.close()
         node.stop()

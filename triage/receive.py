@@ -128,6 +128,7 @@ class StorageSCP:
         self._server: _Server | None = None
         self._assoc_ids: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
         self._stored: set[str] = set()  # associations that stored something: those to check at release
+        self._refused: set[str] = set()  # ...and those that refused something: their senders retry
         self._lock = threading.Lock()
         self.handlers: list[Any] = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, self._on_echo),
                          (evt.EVT_ESTABLISHED, self._on_established), (evt.EVT_RELEASED, self._on_released),
@@ -166,20 +167,28 @@ class StorageSCP:
             data, sop_class=str(event.context.abstract_syntax), sop_instance=sop_instance,
             transfer_syntax=str(event.context.transfer_syntax), calling_ae=str(r.ae_title),
             peer=str(r.address), association_id=self._assoc_id(event.assoc))
+        with self._lock:
+            (self._stored if outcome.status == 0x0000 else self._refused).add(
+                self._assoc_ids.get(event.assoc, ""))
         if outcome.status == 0x0000:
-            with self._lock:
-                self._stored.add(self._assoc_ids.get(event.assoc, ""))
             return 0x0000
         return _status(outcome.status, outcome.reason or "refused")
 
     def _forget(self, assoc: Any) -> str | None:
-        """The association's id if it stored anything (an echo-only one needs no check)."""
+        """The id of an association whose release may finish series early: one that stored
+        something (an echo-only one needs no check) and had nothing refused. After a refusal
+        (a full disk, say) the sender re-sends; what it did get through may be a geometrically
+        complete part of the series, so its series wait for the quiet period or the re-send."""
         with self._lock:
             aid = self._assoc_ids.pop(assoc, None)
-            if aid is None or aid not in self._stored:
+            if aid is None:
                 return None
+            stored, refused = aid in self._stored, aid in self._refused
             self._stored.discard(aid)
-            return aid
+            self._refused.discard(aid)
+        if refused and stored:
+            log.info("association ended after refusals: its series wait for the quiet period")
+        return aid if stored and not refused else None
 
     def _on_released(self, event: Any) -> None:
         aid = self._forget(event.assoc)

@@ -93,6 +93,9 @@ def make_app(settings: Settings) -> Celery:
         broker_transport_options={"visibility_timeout": c.visibility_timeout},
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=3,
+        # A worker outlives any broker outage (Celery's default gives up after 100 tries,
+        # about 45 minutes), reconnecting every 30 s at most.
+        broker_connection_max_retries=None,
         # Publishing gives up quickly: the dispatcher's next pass is the retry.
         task_publish_retry_policy={"max_retries": 1, "interval_start": 0.2, "interval_step": 0.5},
         task_ignore_result=True,
