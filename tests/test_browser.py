@@ -182,11 +182,27 @@ def test_browser_login_worklist_study_retry_and_refusals(site: tuple[str, Databa
             page.goto(f"{site}/deliveries")
             _shot(page, tmp_path, "web-deliveries")
             # a POST without the CSRF token is refused, even with the session cookie
-            r = page.request.post(f"{site}/deliveries/1/cancel", form={"back": "/deliveries"})
-            assert r.status == 403
+            _forged_cancel(page, site, db)
             _pages_for_admins(page, site_url, db, tmp_path)
         finally:
             browser.close()
+
+
+def _forged_cancel(page: object, site: str, db: Database) -> None:
+    """A cancel without the CSRF token (the session cookie goes along) is refused, and the row
+    stays as it was. It aims at the retried delivery: pending, so a cancel would succeed."""
+    def row() -> tuple[object, ...]:
+        with db.sessions() as s:
+            d = s.scalar(select(Delivery).where(Delivery.last_error.is_not(None)))
+            assert d is not None
+            return d.id, d.state, d.attempts, d.next_attempt_at, d.last_error
+
+    pg: Any = page
+    before = row()
+    assert before[1] == "pending"
+    r = pg.request.post(f"{site}/deliveries/{before[0]}/cancel", form={"back": "/deliveries"})
+    assert row() == before  # checked first: a refusal that still changed the row is no refusal
+    assert r.status == 403
 
 
 def _loaded(page: object, selector: str) -> bool:
@@ -210,7 +226,7 @@ def _pages_for_admins(page: object, site: str, db: Database, tmp_path: Path) -> 
     assert pg.inner_text("#assembling") == "0"
     _shot(pg, tmp_path, "web-dashboard")
     pg.evaluate("window.__sameDocument = true")  # set on this document: a reload would drop it
-    pg.request.post(f"{site}/deliveries/1/cancel")  # (refused: no CSRF; the figures must not move)
+    _forged_cancel(pg, site, db)  # (the figures must not move)
     # a series starts arriving: the page shows it by itself (the rate is per rolling minute, so
     # the assembling count, which only grows here, is the stable thing to wait for)
     with db.session() as s:

@@ -220,19 +220,35 @@ def test_configuration_changes_are_audited_without_secrets(tmp_path: Path, sqlit
     from triage.audit import record_configuration
 
     node = {"data_dir": str(tmp_path / "d")}
-    first = load_settings(node=node, celery={"broker_url": "redis://:hunter2@127.0.0.1:6379/0"})
+    # webhook keys: one given inline (a SecretStr), one read from a file (secret_file); the
+    # file's name is distinctive too, as a path that names a secret is hidden by its key's name
+    key_files = [tmp_path / f"hookkey-{n}-PATHMARK.txt" for n in (1, 2)]
+    for f, text in zip(key_files, ("filekey-OKAPI-1", "filekey-OKAPI-2"), strict=True):
+        f.write_text(f"{text}\n")
+
+    def webhooks(n: int) -> dict[str, object]:
+        return {"webhooks": [
+            {"name": "inline", "url": "http://127.0.0.1:9/hook", "secret": f"inlinekey-LYNX-{n}"},
+            {"name": "fromfile", "url": "http://127.0.0.1:9/hook", "secret_file": str(key_files[n - 1])}]}
+
+    first = load_settings(node=node, celery={"broker_url": "redis://:hunter2@127.0.0.1:6379/0"},
+                          notify=webhooks(1))
     assert record_configuration(sqlite_db, first) == {}
     assert record_configuration(sqlite_db, first) == {}  # unchanged: nothing new
     changed = load_settings(node=node, rank={"urgent_percentile": 98.0},
-                            celery={"broker_url": "redis://:swordfish@127.0.0.1:6379/0"})
+                            celery={"broker_url": "redis://:swordfish@127.0.0.1:6379/0"}, notify=webhooks(2))
     changes = record_configuration(sqlite_db, changed)
-    assert changes["rank.urgent_percentile"] == {"from": 99.0, "to": 98.0}
-    assert set(changes) == {"rank.urgent_percentile"}  # (a changed secret alone is not visible)
     with sqlite_db.sessions() as s:
         events = list(s.scalars(select(AuditEvent).where(AuditEvent.action.like("configuration%"))))
     assert [e.action for e in events] == ["configuration recorded", "configuration changed"]
     dumped = repr([e.detail for e in events])
-    assert "hunter2" not in dumped and "swordfish" not in dumped and "(hidden)" in dumped
+    leaks = [w for w in ("hunter2", "swordfish", "LYNX", "OKAPI", "PATHMARK") if w in dumped]
+    assert not leaks, f"secrets in the audit log: {leaks}"
+    assert changes["rank.urgent_percentile"] == {"from": 99.0, "to": 98.0}
+    assert set(changes) == {"rank.urgent_percentile"}  # (a changed secret alone is not visible)
+    hooks = events[-1].detail["settings"]["notify.webhooks"]
+    assert [(h["name"], h["secret"], h["secret_file"]) for h in hooks] == [
+        ("inline", "(hidden)", None), ("fromfile", "(hidden)", "(hidden)")]
 
 
 def test_notifications_api_page_and_metrics(client: TestClient, sqlite_db: Database) -> None:

@@ -14,7 +14,7 @@ from storage.db import Database
 from storage.models import AuditEvent, User
 from triage.config import load_settings
 from triage.web.api import create_app
-from triage.web.pages import MAX_FAILURES, SESSION_COOKIE
+from triage.web.pages import LOCK_MINUTES, MAX_FAILURES, SESSION_COOKIE
 from triage.web.security import create_user
 
 PASSWORD = "correct horse battery"
@@ -34,9 +34,9 @@ def _csrf(html: str) -> str:
     return m.group(1)
 
 
-def _login(c: TestClient, password: str = PASSWORD, csrf: str | None = None) -> object:
+def _login(c: TestClient, password: str = PASSWORD, csrf: str | None = None, username: str = "ann") -> object:
     form = c.get("/login")
-    return c.post("/login", data={"username": "ann", "password": password,
+    return c.post("/login", data={"username": username, "password": password,
                                   "csrf": _csrf(form.text) if csrf is None else csrf, "next": "/worklist"})
 
 
@@ -80,9 +80,19 @@ def test_wrong_passwords_lock_the_account(client: TestClient, sqlite_db: Databas
         assert r.status_code == 401 and "Wrong user name or password" in r.text  # type: ignore[attr-defined]
     r = _login(client)  # the right password no longer helps
     assert r.status_code == 401 and "Too many failed logins" in r.text  # type: ignore[attr-defined]
+    r = _login(client, username="nobody")  # an unknown user name is a failed login too
+    assert r.status_code == 401 and "Wrong user name or password" in r.text  # type: ignore[attr-defined]
     with sqlite_db.sessions() as s:
         assert s.scalar(select(User.locked_until).where(User.username == "ann")) is not None
-        assert "login refused" in [e.action for e in s.scalars(select(AuditEvent))]
+        events = [(e.actor, e.action, e.detail)
+                  for e in s.scalars(select(AuditEvent).order_by(AuditEvent.id))]
+    # every wrong password is audited with the count so far; the last one records the lock-out
+    failed = [(actor, detail) for actor, action, detail in events if action == "login failed"]
+    assert failed == [("ann", {"failures": n}) for n in range(1, MAX_FAILURES)] + [
+        ("ann", {"failures": MAX_FAILURES, "locked_minutes": LOCK_MINUTES}),
+        ("web", {"reason": "unknown user"})]
+    assert ("ann", "login refused", {"reason": "locked"}) in events  # the right password, while locked
+    assert "login" not in [action for _, action, _ in events]
 
 
 def test_no_open_redirect_after_login(client: TestClient) -> None:
@@ -92,20 +102,27 @@ def test_no_open_redirect_after_login(client: TestClient) -> None:
     assert r.status_code == 303 and r.headers["location"] == "/worklist"
 
 
-def test_retry_a_dead_letter_from_the_page(client: TestClient, sqlite_db: Database, tmp_path: Path) -> None:
+def _dead_letter(db: Database, tmp_path: Path) -> int:
+    """A dead delivery (9 attempts, last error 0xA700) of a stored result; returns its id."""
     from test_dispatch import _result
 
     from storage.blobs import BlobStore
     from storage.models import Delivery
 
-    res, outputs = _result(sqlite_db, BlobStore(tmp_path / "b"), n_objects=1)
-    with sqlite_db.session() as s:
+    res, outputs = _result(db, BlobStore(tmp_path / "b"), n_objects=1)
+    with db.session() as s:
         d = Delivery(result_id=res.id, destination="pacs", sop_class_uid=outputs[0]["sop_class"],
                      sop_instance_uid=outputs[0]["sop_instance"], blob=outputs[0]["blob"], state="dead",
                      attempts=9, last_error="C-STORE status 0xA700")
         s.add(d)
         s.flush()
-        did = d.id
+        return d.id
+
+
+def test_retry_a_dead_letter_from_the_page(client: TestClient, sqlite_db: Database, tmp_path: Path) -> None:
+    from storage.models import Delivery
+
+    did = _dead_letter(sqlite_db, tmp_path)
     _login(client)
     page = client.get("/deliveries")
     assert page.status_code == 200 and "0xA700" in page.text and f'data-delivery="{did}"' in page.text
@@ -114,3 +131,36 @@ def test_retry_a_dead_letter_from_the_page(client: TestClient, sqlite_db: Databa
     assert r.status_code == 303
     with sqlite_db.sessions() as s:
         assert s.get(Delivery, did).state == "pending"  # type: ignore[union-attr]
+
+
+def test_a_viewer_cannot_retry_or_cancel_from_the_page(client: TestClient, sqlite_db: Database,
+                                                       tmp_path: Path) -> None:
+    from storage.models import Delivery
+
+    did = _dead_letter(sqlite_db, tmp_path)
+    with sqlite_db.session() as s:
+        create_user(s, "vic", PASSWORD, "viewer")
+
+    def row() -> tuple[object, ...]:
+        with sqlite_db.sessions() as s:
+            d = s.get(Delivery, did)
+            assert d is not None
+            return d.state, d.attempts, d.last_error, d.next_attempt_at, d.created_at
+
+    before = row()
+    assert _login(client, username="vic").status_code == 303  # type: ignore[attr-defined]
+    page = client.get("/deliveries")  # a viewer may look at the outbox ...
+    assert page.status_code == 200 and f'data-delivery="{did}"' in page.text
+    csrf = _csrf(page.text)
+    for action in ("retry", "cancel"):  # ... but not act on it, even with the session's CSRF token
+        r = client.post(f"/deliveries/{did}/{action}", data={"csrf": csrf, "back": "/deliveries"})
+        assert r.status_code == 403, (action, r.status_code, r.text)
+        assert row() == before, action
+    with sqlite_db.sessions() as s:
+        actions = [e.action for e in s.scalars(select(AuditEvent))]
+    assert not [a for a in actions if a.startswith("delivery ")], actions
+    # an admin may cancel the same row (so the refusals above were about the role)
+    client.cookies.clear()
+    _login(client)
+    r = client.post(f"/deliveries/{did}/cancel", data={"csrf": _csrf(client.get("/deliveries").text)})
+    assert r.status_code == 303 and row()[0] == "cancelled"

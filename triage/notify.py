@@ -312,9 +312,13 @@ def _excerpt(text: str, n: int = 200) -> str:
 def post_webhook(wh: Webhook, body: bytes, mid: str, f: Facts) -> Outcome:
     headers = {"Content-Type": "application/json", MESSAGE_ID_HEADER: mid,
                SIGNATURE_HEADER: sign(wh.key(), body)}
+    # A user name and password in the URL go as basic auth, not in the URL: httpx logs each
+    # request's URL (INFO), which would put the password into the node's log.
+    url = httpx.URL(wh.url)
+    auth = httpx.BasicAuth(url.username, url.password) if url.userinfo else None
     try:
-        resp = httpx.post(wh.url, content=body, headers=headers, timeout=wh.timeout_seconds,
-                          verify=wh.verify_tls)
+        resp = httpx.post(url.copy_with(userinfo=b""), content=body, headers=headers, auth=auth,
+                          timeout=wh.timeout_seconds, verify=wh.verify_tls)
     except httpx.HTTPError as exc:
         return Outcome(False, f"{type(exc).__name__}: {f.scrub(str(exc)) or 'no detail'}")
     code = resp.status_code
