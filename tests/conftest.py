@@ -52,6 +52,14 @@ def blobs(n: int, shape: tuple[int, ...], *, abnormal: float = 0.0, seed: int = 
 
 
 @pytest.fixture(scope="session")
+def ct_bundle(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
+    """A tiny chest-CT patch bundle (read-only: shared by every module)."""
+    from nodekit import chest_ct_patch_bundle
+
+    return chest_ct_patch_bundle(tmp_path_factory.mktemp("ctb") / "tiny-chestct")
+
+
+@pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
     preset = get_preset("tiny-cxr")
     normal, _ = blobs(64, (16, 16), seed=1)

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 from badinput import CASES_DOC, Case, Delivered, cases, deliver_all
-from nodekit import chest_ct_patch_bundle, chest_ct_study, cxr_studies, echo_ok, free_port, storescu, wait_for
+from nodekit import chest_ct_study, cxr_studies, echo_ok, free_port, storescu, wait_for
 from sqlalchemy import select
 
 from flows.bundle import Bundle
@@ -54,11 +54,6 @@ class Run:
     settings: Settings
     observed: dict[str, Observed]
     scp_pid: str
-
-
-@pytest.fixture(scope="module")
-def ct_bundle(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
-    return chest_ct_patch_bundle(tmp_path_factory.mktemp("ctb") / "tiny-chestct")
 
 
 def _settled(db: Database, series_uids: list[str]) -> bool:

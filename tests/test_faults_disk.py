@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from nodekit import Pusher, chest_ct_patch_bundle, echo_ok, free_port, storescu, wait_for
+from nodekit import Pusher, echo_ok, free_port, storescu, wait_for
 from sqlalchemy import func, select
 from test_receive import write_series
 
@@ -57,11 +57,6 @@ def _fill(path: Path) -> int:
                     assert exc.errno == errno.ENOSPC, exc
                     break
     return n
-
-
-@pytest.fixture(scope="module")
-def ct_bundle(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
-    return chest_ct_patch_bundle(tmp_path_factory.mktemp("ctb") / "tiny-chestct")
 
 
 @pytest.mark.faults

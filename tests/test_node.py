@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import redis
 from nodekit import (
-    chest_ct_patch_bundle,
     chest_ct_study,
     cxr_studies,
     free_port,
@@ -38,11 +37,6 @@ def studies(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     write_dicom_studies(make_headct(1, shape=(16, 64, 64), seed=3), root / "head", seed=3)
     return {"cxr": cxr_studies(root / "cxr"), "chestct": chest_ct_study(root / "ct"), "bct": root / "head"}
-
-
-@pytest.fixture(scope="module")
-def ct_bundle(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
-    return chest_ct_patch_bundle(tmp_path_factory.mktemp("ctb") / "tiny-chestct")
 
 
 def _settings(tmp: Path, cxr: Bundle, ct: Bundle, **extra: object) -> Settings:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from nodekit import chest_ct_patch_bundle, chest_ct_study, cxr_studies, free_port, wait_for
+from nodekit import chest_ct_study, cxr_studies, free_port, wait_for
 from orthanckit import Orthanc, until
 from sqlalchemy import select
 
@@ -16,11 +16,6 @@ from flows.bundle import Bundle
 from storage.models import Delivery, Job, Series
 from triage.config import Settings, load_settings
 from triage.serve import Node
-
-
-@pytest.fixture(scope="module")
-def ct_bundle(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
-    return chest_ct_patch_bundle(tmp_path_factory.mktemp("ctb") / "tiny-chestct")
 
 
 def _settings(tmp: Path, node_port: int, pacs: Orthanc, cxr: Bundle, ct: Bundle) -> Settings:

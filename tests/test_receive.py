@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from nodekit import Pusher, chest_ct_patch_bundle, echo_ok, free_port, storescu, wait_for
+from nodekit import Pusher, echo_ok, free_port, storescu, wait_for
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, _config
@@ -239,11 +239,6 @@ def test_disk_above_high_water_answers_a700_and_loses_nothing(tmp_path: Path) ->
 
 
 # --------------------------------------------------------------------------- SIGKILL
-
-
-@pytest.fixture(scope="module")
-def ct_bundle(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
-    return chest_ct_patch_bundle(tmp_path_factory.mktemp("ctb") / "tiny-chestct")
 
 
 @pytest.mark.faults
