@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut
@@ -109,10 +110,25 @@ class _Header:
     ds: Dataset
 
 
+def _convert(ds: Dataset, depth: int = 0) -> None:
+    """Convert the values now: pydicom converts a value when it is first read, so a length that
+    does not fit the VR (BytesLengthException) or an unknown VR (NotImplementedError) would be
+    raised wherever the value is used. Deferred (large) values and private elements are left."""
+    for tag in list(ds.keys()):
+        raw = ds.get_item(tag, keep_deferred=True)
+        if tag.is_private or (isinstance(raw, RawDataElement) and raw.value is None and raw.length):
+            continue
+        elem = ds[tag]
+        if elem.VR == "SQ" and depth < 8:
+            for item in elem.value:
+                _convert(item, depth + 1)
+
+
 def _read_header(path: Path) -> _Header:
     """Parse ``path`` without loading its pixel data (deferred until decoded)."""
     try:
         ds = pydicom.dcmread(path, defer_size=_DEFER_SIZE)
+        _convert(ds)
     except InvalidDicomError as exc:
         raise ImagingError(f"{path.name}: not a DICOM file ({exc})") from exc
     except Exception as exc:  # truncated or malformed files raise many kinds
@@ -180,7 +196,11 @@ def _decode(h: _Header) -> np.ndarray:
     """Stored values -> Modality LUT output (float64), decoded only now."""
     try:
         stored = h.ds.pixel_array
-    except Exception as exc:  # missing decoder plug-ins, corrupt or short pixel data
+    # missing decoder plug-ins, corrupt or short pixel data; a decoder written in Rust panics with
+    # pyo3's PanicException, a BaseException (pylibjpeg-rle: a run past the end of a segment)
+    except BaseException as exc:
+        if not isinstance(exc, Exception) and type(exc).__name__ != "PanicException":
+            raise
         ts = getattr(getattr(h.ds, "file_meta", None), "TransferSyntaxUID", "unknown")
         raise ImagingError(f"{h.path.name}: cannot decode pixel data (transfer syntax {ts}): {exc}") from exc
     if stored.ndim != 2:
@@ -222,12 +242,21 @@ def _first(value: Any) -> float | None:
         return None
 
 
+def _strings(value: Any) -> list[str]:
+    """The values of a code-string attribute; one value (or one of another VR: an int) is one."""
+    if value is None or value == "":
+        return []
+    if isinstance(value, Sequence) and not isinstance(value, str | bytes):
+        return [str(v) for v in value]
+    return [str(value)]
+
+
 def _common_meta(ds: Dataset, n: int) -> dict[str, Any]:
     return {
         "sop_class_uid": str(ds.get("SOPClassUID", "")),
         "photometric_interpretation": str(ds.get("PhotometricInterpretation", "")),
         "body_part_examined": str(ds.get("BodyPartExamined", "")),
-        "image_type": [str(v) for v in (ds.get("ImageType") or [])],
+        "image_type": _strings(ds.get("ImageType")),
         "window_center": _first(ds.get("WindowCenter")),
         "window_width": _first(ds.get("WindowWidth")),
         "n_instances": n,
@@ -291,7 +320,7 @@ def _read_projection(headers: list[_Header], modality: str) -> Series:
     elif photometric != "MONOCHROME2":
         raise ImagingError(f"{h.path.name}: PhotometricInterpretation {photometric or '(missing)'} "
                            "is not a grayscale image")
-    orientation = [str(v) for v in (ds.get("PatientOrientation") or [])]
+    orientation = _strings(ds.get("PatientOrientation"))
     arr, spacing, orientation, ops = _canonical_orientation(arr, spacing, orientation)
     meta = _common_meta(ds, 1)
     meta.update({

@@ -88,11 +88,24 @@ class Header:
     attributes: dict[str, Any]
 
 
+def _value(ds: Dataset, name: str) -> Any:
+    """``ds.get(name)``, None when pydicom cannot convert the value. It converts a value when
+    it is first read: a length that does not fit the VR (BytesLengthException), an unknown VR
+    (NotImplementedError), ... are raised there, not by the parse: such a value is malformed."""
+    try:
+        return ds.get(name)
+    except Exception:
+        return None
+
+
 def _check_uid(ds: Dataset, name: str) -> str:
-    value = ds.get(name)
-    if value is None or str(value).strip("\x00 ") == "":
+    try:
+        value = ds.get(name)
+        text = "" if value is None else str(value).strip("\x00 ")
+    except Exception:  # (see _value; str() of a sequence converts the elements of its items)
+        raise Refused(BAD_UID, f"malformed {name} (cannot be read as a UID)") from None
+    if text == "":
         raise Refused(BAD_UID, f"missing {name}")
-    text = str(value).strip("\x00 ")
     if len(text) > 64 or not _UID_RE.match(text):
         shown = f"{len(text)} characters" if len(text) > 64 else "characters other than digits and dots"
         raise Refused(BAD_UID, f"malformed {name} ({shown})")
@@ -102,7 +115,7 @@ def _check_uid(ds: Dataset, name: str) -> str:
 def _int(ds: Dataset, name: str) -> int | None:
     """An integer attribute, or None when absent, malformed or beyond 32 bits (the columns)."""
     try:
-        v = ds.get(name)
+        v = _value(ds, name)
         out = None if v is None or v == "" else int(v)
     except (TypeError, ValueError, OverflowError):
         return None
@@ -111,7 +124,7 @@ def _int(ds: Dataset, name: str) -> int | None:
 
 def _floats(ds: Dataset, name: str, n: int) -> list[float] | None:
     try:
-        v = ds.get(name)
+        v = _value(ds, name)
         if v is None:
             return None
         out = [float(x) for x in (v if isinstance(v, list | tuple | pydicom.multival.MultiValue) else [v])]
@@ -123,15 +136,17 @@ def _floats(ds: Dataset, name: str, n: int) -> list[float] | None:
 def _text(ds: Dataset, name: str, limit: int = 64) -> str | None:
     try:
         v = ds.get(name)
-    except Exception:  # a value in an undecodable character set
+        if v is None:
+            return None
+        s = str(v).strip()
+    except Exception:  # a value in an undecodable character set, or one pydicom cannot convert
         return None
-    if v is None:
-        return None
-    s = str(v).strip()
     return s[:limit] if s else None
 
 
 def _json_value(v: Any) -> Any:
+    if isinstance(v, Dataset | pydicom.sequence.Sequence):  # a sequence where a value belongs: none
+        return None
     if isinstance(v, pydicom.multival.MultiValue | list | tuple):
         return [_json_value(x) for x in v]
     if isinstance(v, int | float) and not isinstance(v, bool):
@@ -203,7 +218,7 @@ def _check_complete(ds: Dataset, data: bytes) -> None:
     """pydicom stops quietly at the end of the bytes: the last element must be whole."""
     if not len(ds):
         return
-    last = ds.get_item(max(ds.keys()))
+    last = ds.get_item(max(ds.keys()), keep_deferred=True)  # as read: converting it may raise
     length = getattr(last, "length", None)
     value = getattr(last, "value", None)
     if (length is not None and length != 0xFFFFFFFF and isinstance(value, bytes | bytearray)
@@ -224,7 +239,7 @@ def _check_pixels(data: bytes, ds: Dataset, ts: UID, offset: int, rows: int, col
     have = min(length, len(data) - start)
     if keyword == "PixelData":
         need = _native_pixel_bytes(ds, rows, cols, frames)
-        if str(ds.get("PhotometricInterpretation", "")).strip() == "YBR_FULL_422":
+        if _text(ds, "PhotometricInterpretation") == "YBR_FULL_422":
             need = need * 2 // 3  # two chroma samples are shared by each pair of pixels
     else:
         need = rows * cols * frames * (4 if keyword == "FloatPixelData" else 8)
@@ -311,7 +326,7 @@ def parse_header(data: bytes, *, negotiated_sop_class: str | None = None, max_si
                 raise Refused(DOES_NOT_MATCH, "image SOP class without pixel data")
         else:
             _check_pixels(data, ds, ts, header_end, rows, cols, frames or 1)
-    attributes = {k: _json_value(v) for k in _ROUTING_ATTRS if (v := ds.get(k)) not in (None, "")}
+    attributes = {k: _json_value(v) for k in _ROUTING_ATTRS if (v := _value(ds, k)) not in (None, "")}
     study = {"patient_id": _text(ds, "PatientID"), "patient_name": _text(ds, "PatientName", 324),
              "accession_number": _text(ds, "AccessionNumber", 16), "study_date": _text(ds, "StudyDate", 8),
              "study_description": _text(ds, "StudyDescription")}
