@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 from rich.console import Console
-from test_node import ct_bundle  # noqa: F401 (fixture)
 
 from flows.bundle import Bundle
 from triage.demo import DemoOptions, concordance, run_demo
@@ -21,7 +20,7 @@ def _models(tmp_path: Path, **bundles: Bundle) -> Path:
 
 
 @pytest.mark.parametrize("pacs", ["scp", "orthanc"])
-def test_demo_end_to_end(tmp_path: Path, tiny_bundle: Bundle, ct_bundle: Bundle, pacs: str) -> None:  # noqa: F811
+def test_demo_end_to_end(tmp_path: Path, tiny_bundle: Bundle, ct_bundle: Bundle, pacs: str) -> None:
     if pacs == "orthanc":
         from nodekit import require_tool
 

@@ -23,7 +23,7 @@ import pytest
 from nodekit import cxr_studies, storescu, wait_for
 from pydicom.uid import generate_uid
 from sqlalchemy import select
-from test_node import _settings, ct_bundle  # noqa: F401 (fixture)
+from test_node import _settings
 
 from flows.bundle import Bundle
 from storage.models import AuditEvent, Delivery, Notification, Result
@@ -78,7 +78,7 @@ def listeners() -> Iterator[tuple[int, int]]:
     mllp.shutdown()
 
 
-def test_no_patient_identifier_in_any_log(tmp_path: Path, tiny_bundle: Bundle, ct_bundle: Bundle,  # noqa: F811
+def test_no_patient_identifier_in_any_log(tmp_path: Path, tiny_bundle: Bundle, ct_bundle: Bundle,
                                           listeners: tuple[int, int], caplog: pytest.LogCaptureFixture,
                                           capfd: pytest.CaptureFixture[str]) -> None:
     studies = cxr_studies(tmp_path / "cxr", n=2, seed=11)
