@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -124,6 +126,7 @@ def test_pacs_down_then_back_across_a_node_restart(
     # the node has both series: the PACS goes away before the results can be sent back
     wait_for(lambda: _complete_series(node) >= 2, 120, "both series at the node", interval=0.05)
     orthanc.kill()
+    down_at = time.monotonic()
     try:
         wait_for(lambda: _failed_attempts(node) >= 2, 60, "failed delivery attempts")
     finally:
@@ -132,6 +135,10 @@ def test_pacs_down_then_back_across_a_node_restart(
     node = Node(s).start()  # a restart of the node while the PACS is still down
     try:
         wait_for(lambda: _failed_attempts(node) > before, 60, "more failed attempts after the restart")
+        # a longer outage on request (the default keeps CI short): TRIAGE_TEST_PACS_OUTAGE_S=180
+        time.sleep(max(0.0, float(os.environ.get("TRIAGE_TEST_PACS_OUTAGE_S", "0"))
+                       - (time.monotonic() - down_at)))
+        print(f"PACS down for {time.monotonic() - down_at:.0f} s, {_failed_attempts(node)} failed attempts")
         orthanc.start()
         for study_uid in sent:
             got = until(lambda u=study_uid: _results_in(orthanc, u), 120, f"SR and SEG in {study_uid}")
