@@ -85,7 +85,8 @@ def storescu(port: int, paths: Sequence[Path], *, aec: str = "TRIAGE", aet: str 
 
 
 class Pusher(threading.Thread):
-    """Sends files over one pynetdicom association, recording each instance's status.
+    """Sends files (explicit VR little endian) over one pynetdicom association, recording each
+    instance's status; ``run()`` sends them in the caller's thread, ``start()`` in its own.
 
     ``statuses`` maps SOP Instance UID to the C-STORE status (None: no answer). The thread
     stops at the first lost association, as a sender whose peer vanished does.
@@ -95,7 +96,10 @@ class Pusher(threading.Thread):
         super().__init__(daemon=True)
         self.port, self.aet, self.aec = port, aet, aec
         self.paths = list(paths)
-        self.uids = [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in self.paths]
+        heads = [pydicom.dcmread(p, stop_before_pixels=True) for p in self.paths]
+        self.uids = [str(h.SOPInstanceUID) for h in heads]
+        self.sop_classes = sorted({str(h.SOPClassUID) for h in heads})
+        self.established = False
         self.statuses: dict[str, int | None] = {}
 
     @property
@@ -104,12 +108,13 @@ class Pusher(threading.Thread):
 
     def run(self) -> None:
         from pynetdicom import AE
-        from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
         ae = AE(ae_title=self.aet)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
-        ae.add_requested_context(CTImageStorage, "1.2.840.10008.1.2.1")
+        for sop_class in self.sop_classes:
+            ae.add_requested_context(sop_class, "1.2.840.10008.1.2.1")
         assoc = ae.associate("127.0.0.1", self.port, ae_title=self.aec)
+        self.established = bool(assoc.is_established)
         if not assoc.is_established:
             return
         try:

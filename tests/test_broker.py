@@ -20,13 +20,9 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-import pydicom
 import pytest
 import redis
-from nodekit import cxr_studies, free_port, require_tool, stop_process, storescu, wait_for
-from pydicom.uid import ExplicitVRLittleEndian
-from pynetdicom import AE
-from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation  # type: ignore[attr-defined]
+from nodekit import Pusher, cxr_studies, free_port, require_tool, stop_process, storescu, wait_for
 from sqlalchemy import func, select
 
 from flows.bundle import Bundle
@@ -214,20 +210,10 @@ def test_unreachable_broker_keeps_the_job_queued_until_redis_returns(
 def _store(port: int, paths: list[Path], aet: str) -> dict[str, int | None]:
     """C-STORE ``paths`` over one association, as a PACS sends a batch of studies: SOP Instance
     UID -> the status the node answered (0: acknowledged; None: no answer)."""
-    ae = AE(ae_title=aet)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
-    ae.add_requested_context(DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", port, ae_title="TRIAGE")
-    assert assoc.is_established, "the node refused the association"
-    statuses: dict[str, int | None] = {}
-    try:
-        for p in paths:
-            ds = pydicom.dcmread(p)
-            st = assoc.send_c_store(ds)
-            statuses[str(ds.SOPInstanceUID)] = int(st.Status) if st and "Status" in st else None
-    finally:
-        assoc.release()
-    return statuses
+    pusher = Pusher(port, paths, aet=aet)
+    pusher.run()
+    assert pusher.established, "the node refused the association"
+    return pusher.statuses
 
 
 def _jobs(db: Database) -> list[Job]:

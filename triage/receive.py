@@ -163,13 +163,13 @@ class StorageSCP:
         except Exception as exc:  # the peer's bytes could not even be framed
             log.warning("C-STORE from %s: cannot read the data set (%s)", r.ae_title, type(exc).__name__)
             return _status(0xC001, "cannot read the data set")
+        aid = self._assoc_id(event.assoc)
         outcome = self.ingest.store_dataset(
             data, sop_class=str(event.context.abstract_syntax), sop_instance=sop_instance,
             transfer_syntax=str(event.context.transfer_syntax), calling_ae=str(r.ae_title),
-            peer=str(r.address), association_id=self._assoc_id(event.assoc))
+            peer=str(r.address), association_id=aid)
         with self._lock:
-            (self._stored if outcome.status == 0x0000 else self._refused).add(
-                self._assoc_ids.get(event.assoc, ""))
+            (self._stored if outcome.status == 0x0000 else self._refused).add(aid)
         if outcome.status == 0x0000:
             return 0x0000
         return _status(outcome.status, outcome.reason or "refused")
