@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/ctmap.py TAG chestct '{"n": 150, "per": 64}'
     .venv/bin/python bench/ctmap.py TAG bct '{"preset": "cpu-bct-patch"}'
+    .venv/bin/python bench/ctmap.py TAG chestct '{"bits": 5}'     # input quantised to 5 bits
 
 Normal set seed 21, mixture seed 22 (50 % abnormal), validation seed 23, test seed 24
 (50 % abnormal each); sizes ``n`` (normal and mixture), ``nv``, ``nt``. A patch bundle is
@@ -17,6 +18,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
@@ -49,6 +51,8 @@ def main() -> None:
     tag, kind = sys.argv[1], sys.argv[2]
     cfg = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
     preset = get_preset(cfg.get("preset", "cpu-chestct" if kind == "chestct" else "cpu-bct-patch"))
+    if "bits" in cfg:  # quantisation depth of the model's input (the noise floor it has to model)
+        preset = replace(preset, preprocessing=replace(preset.preprocessing, n_bits=int(cfg["bits"])))
     n, nv, nt = cfg.get("n", 150), cfg.get("nv", 60), cfg.get("nt", 100)
     t0 = time.time()
     val, test = _make(kind, nv, 0.5, 23), _make(kind, nt, 0.5, 24)

@@ -50,10 +50,22 @@ class MapCalibration:
     per_voxel: bool = False  # each patch contributes its per-voxel decomposition, not one number
     min_mask_fraction: float = 0.1  # patches scored (and trained on) hold at least this much mask
     validation: dict[str, Any] = field(default_factory=dict)
+    # abnormal volumes (cm³) of the validation set's normal volumes: the reference a new
+    # volume's percentile is read against (empty in bundles calibrated before it existed)
+    reference_cm3: list[float] = field(default_factory=list)
 
     @property
     def name(self) -> str:
         return f"{self.source}{':voxel' if self.per_voxel else ''}"
+
+    def percentile(self, abnormal_cm3: float) -> float | None:
+        """Where an abnormal volume falls among the validation normals' (0-100), so that map
+        results rank against each other and beside whole-image results; None without a
+        reference."""
+        if not self.reference_cm3:
+            return None
+        ref = np.sort(np.asarray(self.reference_cm3, dtype=np.float64))
+        return float(100.0 * np.searchsorted(ref, abnormal_cm3, side="right") / ref.size)
 
 
 @dataclass
@@ -66,6 +78,7 @@ class MapResult:
     abnormal: bool
     peak: float
     source: str
+    percentile: float | None = None  # of abnormal_cm3 among the validation normals'
 
 
 def _prepared(bundle_or_preset: Bundle | Preset, volume_hu: np.ndarray,
@@ -185,10 +198,12 @@ def calibrate_patch_bundle(b: Bundle, validation: tuple[Sequence[np.ndarray],
         cal = MapCalibration(source=source, patch=patch, overlap=overlap, mask=mask,
                              voxel_threshold=thr, min_size_cm3=min_size_cm3, size_threshold_cm3=t,
                              per_voxel=per_voxel, min_mask_fraction=min_mask_fraction)
-        report[cal.name] = {"auroc_volume": round(auc, 4), "voxel_threshold": thr, "T_cm3": t}
+        ref = sorted(float(v) for v, lab in zip(sizes, y, strict=True) if not lab)
+        report[cal.name] = {"auroc_volume": round(auc, 4), "voxel_threshold": thr, "T_cm3": t,
+                            "reference_cm3": ref}
         log(f"validation: {cal.name} map, abnormal-volume AUROC {auc:.3f}, T {t:.2f} cm³")
         if best is None or auc > best[0]:
-            best = (auc, cal)
+            best = (auc, replace(cal, reference_cm3=ref))
     assert best is not None
     chosen = replace(best[1], validation=report)
     add_extra(b.path, PATCHMAP_FILE, json.dumps(asdict(chosen), indent=2).encode())
@@ -219,7 +234,8 @@ class PatchMapScorer:
             self.cal = replace(self.cal, source=source.split(":")[0],
                                per_voxel=source.endswith(":voxel"),
                                voxel_threshold=float(v["voxel_threshold"]),
-                               size_threshold_cm3=float(v["T_cm3"]))
+                               size_threshold_cm3=float(v["T_cm3"]),
+                               reference_cm3=list(v.get("reference_cm3", [])))
 
     def score(self, volume_hu: np.ndarray, spacing: tuple[float, float, float],
               affine: np.ndarray | None = None) -> MapResult:
@@ -247,4 +263,5 @@ class PatchMapScorer:
         finite = vals[np.isfinite(vals)]
         return MapResult(values=src, lesions=moved, abnormal_cm3=size,
                          abnormal=size > c.size_threshold_cm3,
-                         peak=float(finite.max()) if finite.size else float("nan"), source=c.source)
+                         peak=float(finite.max()) if finite.size else float("nan"), source=c.source,
+                         percentile=c.percentile(size))

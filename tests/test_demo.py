@@ -8,7 +8,7 @@ import pytest
 from rich.console import Console
 
 from flows.bundle import Bundle
-from triage.demo import DemoOptions, concordance, run_demo
+from triage.demo import DemoOptions, concordance, fresh_workdir, run_demo
 
 
 def _models(tmp_path: Path, **bundles: Bundle) -> Path:
@@ -43,11 +43,33 @@ def test_demo_end_to_end(tmp_path: Path, tiny_bundle: Bundle, ct_bundle: Bundle,
 
 
 def test_concordance_is_the_auroc_of_the_reading_order() -> None:
-    rows = [{"rank": 1, "kind": "cxr", "label": 1}, {"rank": 2, "kind": "cxr", "label": 0},
-            {"rank": 3, "kind": "cxr", "label": 1}, {"rank": 4, "kind": "bct", "label": 0},
-            {"rank": 5, "kind": "bct", "label": 1}]
+    def row(rank: int, kind: str, label: int, pct: float | None) -> dict[str, object]:
+        return {"rank": rank, "kind": kind, "label": label, "priority": 4, "percentile": pct}
+
+    rows = [row(1, "cxr", 1, 90.0), row(2, "cxr", 0, 80.0), row(3, "cxr", 1, 70.0),
+            row(4, "bct", 0, 60.0), row(5, "bct", 1, 50.0)]
     c = concordance(rows)
     assert c["cxr"] == 0.5 and c["bct"] == 0.0 and c["all"] == pytest.approx(3 / 6)
+    # same priority and percentile: read in arrival order, a tie, not a win
+    tied = [row(1, "chestct", 1, 85.7), row(2, "chestct", 0, 85.7), row(3, "chestct", 0, 40.0)]
+    assert concordance(tied)["chestct"] == pytest.approx((0.5 + 1.0) / 2)
+
+
+def test_a_rerun_analyses_afresh_and_a_foreign_folder_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    (out / "node").mkdir(parents=True)
+    (out / "node" / "triage.db").write_text("an earlier run's results")
+    (out / "studies").mkdir()
+    (out / "mine.txt").write_text("not the demo's")
+    fresh_workdir(out)  # an earlier demo's folder: its own entries go, nothing else
+    assert not (out / "node").exists() and not (out / "studies").exists()
+    assert (out / "mine.txt").is_file() and (out / ".triage-demo").is_file()
+    foreign = tmp_path / "data"
+    foreign.mkdir()
+    (foreign / "node").mkdir()
+    with pytest.raises(FileExistsError, match="not a triage demo folder"):
+        fresh_workdir(foreign)
+    assert (foreign / "node").is_dir()
 
 
 def test_demo_without_bundles_says_how_to_get_them(tmp_path: Path) -> None:

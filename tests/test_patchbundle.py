@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,19 @@ def test_patch_bundle_records_its_map_calibration(patch_bundle: Bundle) -> None:
     assert 0.5 <= cal.size_threshold_cm3 <= 20.0
     assert set(cal.validation) == {"likelihood", "posterior", "likelihood:voxel", "posterior:voxel"}
     assert "patchmap.json" in patch_bundle.manifest["files"]
+    # the reference for percentiles: one abnormal volume per validation normal
+    n_normal = int((make_chestct(8, shape=(16, 24, 32), spacing_mm=8.0, abnormal_fraction=0.5,
+                                 seed=3).labels == 0).sum())
+    assert len(cal.reference_cm3) == n_normal and cal.reference_cm3 == sorted(cal.reference_cm3)
+    assert all(len(v["reference_cm3"]) == n_normal for v in cal.validation.values())
+
+
+def test_map_percentile_reads_the_abnormal_volume_against_validation_normals(patch_bundle: Bundle) -> None:
+    cal = replace(map_calibration(patch_bundle), reference_cm3=[0.0, 0.0, 1.0, 3.0])
+    assert cal.percentile(0.0) == 50.0
+    assert cal.percentile(2.0) == 75.0
+    assert cal.percentile(3.5) == 100.0
+    assert replace(cal, reference_cm3=[]).percentile(5.0) is None  # bundles from before the reference
 
 
 def test_scorer_maps_a_volume_on_its_own_finer_grid(patch_bundle: Bundle) -> None:
@@ -49,6 +63,8 @@ def test_scorer_maps_a_volume_on_its_own_finer_grid(patch_bundle: Bundle) -> Non
     assert r.values.shape == (32, 48, 64)
     assert np.isfinite(r.values).any()
     assert r.abnormal == (r.abnormal_cm3 > map_calibration(patch_bundle).size_threshold_cm3)
+    assert r.percentile == map_calibration(patch_bundle).percentile(r.abnormal_cm3)
+    assert r.percentile is not None and 0.0 <= r.percentile <= 100.0
     for le in r.lesions:
         assert all(0 <= c < n for c, n in zip(le.centroid_index, r.values.shape, strict=True))
         assert le.size > 0

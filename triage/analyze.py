@@ -153,6 +153,8 @@ def _patch_map(kind: str, bundle: Bundle, s: Series, levels: RankSettings | None
                     abnormal=bool(res.abnormal),
                     priority=priority(abnormal=bool(res.abnormal), abnormal_cm3=res.abnormal_cm3,
                                       threshold_cm3=cal.size_threshold_cm3, levels=levels),
+                    # orders map results within a level; the level itself comes from the volume
+                    percentile=res.percentile,
                     abnormal_cm3=float(res.abnormal_cm3), lesions=lesions,
                     map=np.asarray(res.values, dtype=np.float32),
                     details={"T_cm3": cal.size_threshold_cm3, "voxel_threshold": cal.voxel_threshold,

@@ -17,6 +17,7 @@ import datetime as dt
 import html
 import logging
 import secrets
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +84,32 @@ def _bundles(models: Path) -> dict[str, Path]:
     return found
 
 
+MARKER = ".triage-demo"
+OWNED = ("studies", "node", "orthanc", "pacs", "report", "report.html")
+
+
+def fresh_workdir(out: Path) -> None:
+    """Empty what an earlier demo left in ``out``, so every run analyses its studies anew.
+
+    The studies are deterministic, so a node database left from an earlier run would take
+    them as duplicates and show that run's results (from whatever models it had). Only a
+    folder marked as a demo's is cleared, and only the demo's own entries in it.
+    """
+    earlier = (out / MARKER).is_file() or ((out / "studies").is_dir() and (out / "node").is_dir())
+    if out.exists() and not earlier and any(out.iterdir()):
+        raise FileExistsError(f"{out} is not empty and not a triage demo folder; give --out an "
+                              "empty or new folder (the demo replaces what it writes there)")
+    out.mkdir(parents=True, exist_ok=True)
+    for name in OWNED:
+        p = out / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+    (out / MARKER).write_text("a triage demo's working folder; `triage demo` replaces its contents\n",
+                              encoding="utf-8")
+
+
 def make_studies(out: Path, counts: dict[str, int], seed: int) -> list[Case]:
     """Phantom studies as DICOM, half of each kind with a finding (exactly: ``n // 2``), with
     the truth from labels.csv, in a shuffled order (arrival order breaks ties in the
@@ -131,14 +158,20 @@ def _progress(db: Any, series_uids: list[str]) -> tuple[int, int, int]:
 
 def concordance(rows: list[dict[str, Any]]) -> dict[str, float]:
     """Per kind and over all: the fraction of (abnormal, normal) pairs in which the abnormal
-    study is read first (the AUROC of the reading order)."""
+    study is read first (the AUROC of the reading order). Two studies with the same priority
+    and percentile are read in arrival order, which says nothing about the models: such a
+    pair counts one half, as a tie does in an AUROC."""
     out: dict[str, float] = {}
     for kind in [*sorted({r["kind"] for r in rows}), "all"]:
         sub = [r for r in rows if kind == "all" or r["kind"] == kind]
-        pos = [r["rank"] for r in sub if r["label"] == 1]
-        neg = [r["rank"] for r in sub if r["label"] == 0]
+        pos = [r for r in sub if r["label"] == 1]
+        neg = [r for r in sub if r["label"] == 0]
         if pos and neg:
-            out[kind] = sum((p < n) + 0.5 * (p == n) for p in pos for n in neg) / (len(pos) * len(neg))
+            def won(a: dict[str, Any], b: dict[str, Any]) -> float:
+                if (a["priority"], a["percentile"]) == (b["priority"], b["percentile"]):
+                    return 0.5
+                return float(a["rank"] < b["rank"])
+            out[kind] = sum(won(p, n) for p in pos for n in neg) / (len(pos) * len(neg))
     return out
 
 
@@ -201,8 +234,8 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> DemoOutcome:
     console = console or Console()
     t0 = time.monotonic()
     out = opts.out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
     bundles = _bundles(opts.models.resolve())
+    fresh_workdir(out)
     use_orthanc = opts.pacs == "orthanc" or (opts.pacs == "auto" and _has_orthanc())
     console.print("[bold]triage demo[/] — demo models trained on synthetic phantoms, [bold red]not for "
                   "clinical use[/]")
@@ -295,8 +328,6 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> DemoOutcome:
 
 
 def _has_orthanc() -> bool:
-    import shutil
-
     return shutil.which("Orthanc") is not None
 
 

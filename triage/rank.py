@@ -11,8 +11,11 @@ level  name         when (defaults; ``[rank]`` in the configuration)
 =====  ===========  ==============================================================
 
 Within a level, studies are ordered by the percentile of their most abnormal series (a
-percentile compares across kinds and bundles where raw scores do not; map-only results
-without a percentile come after those with one), then by arrival (oldest first).
+percentile compares across kinds and bundles where raw scores do not), then by arrival
+(oldest first). A whole-image score's percentile is read against the bundle's reference
+scores; a patch map's, its abnormal volume against the validation normals' (bundles
+calibrated before that reference existed give none, and come after those that do). A map
+result's level still comes from its abnormal volume, not from that percentile.
 
 A series' level never drops on re-analysis (a late slice or a new bundle): it is the most
 urgent level of its results from ``Series.priority_from_version`` on, which only an admin
