@@ -16,7 +16,7 @@ from test_rank import _study
 
 from storage.blobs import BlobStore
 from storage.db import Database
-from storage.models import ApiToken, Delivery, Result
+from storage.models import ApiToken, AuditEvent, Delivery, Notification, Result
 from triage.config import Settings, load_settings
 from triage.receive import StorageSCP
 from triage.web.api import create_app
@@ -75,6 +75,31 @@ def test_health_and_readiness(client: TestClient, node: tuple[Settings, Database
     assert r.status_code == 503 and "nothing listens on port" in r.json()["checks"]["scp"]
 
 
+def test_readiness_names_the_broker(node: tuple[Settings, Database, StorageSCP], tmp_path: Path) -> None:
+    """With Celery the broker is checked: a dead Redis port gives 503 that names it; the live
+    Redis the tests use gives "ok" (so the check is a real PING, not a fixed answer)."""
+    from nodekit import free_port
+    from test_node import REDIS_URL, _redis_or_fail
+
+    _, db, scp = node
+    checks = {}
+    for name, url in (("dead", f"redis://127.0.0.1:{free_port()}/0"), ("live", REDIS_URL)):
+        if name == "live":
+            _redis_or_fail()
+        cs = load_settings(node={"data_dir": str(tmp_path / "d")}, receive={"port": scp.port},
+                           storage={"database_url": db.url}, executor={"kind": "celery"},
+                           celery={"broker_url": url})
+        r = TestClient(create_app(cs, db)).get("/api/health/ready")
+        checks[name] = (r.status_code, r.json())
+    code, body = checks["dead"]
+    assert code == 503 and body["status"] == "failing"
+    assert body["checks"]["broker"] == "unavailable (ConnectionError)"
+    assert {k: v for k, v in body["checks"].items() if k != "broker"} == {"database": "ok", "disk": "ok",
+                                                                          "scp": "ok"}
+    assert checks["live"] == (200, {"status": "ok", "checks": {"database": "ok", "broker": "ok", "disk": "ok",
+                                                                 "scp": "ok"}})
+
+
 @pytest.mark.parametrize("path", ["/api/worklist", "/api/studies/1.2.3", "/api/jobs", "/api/deliveries",
                                   "/api/status", "/api/models", "/api/notifications"])
 def test_reading_needs_a_valid_token(client: TestClient, tokens: dict[str, str], path: str) -> None:
@@ -82,6 +107,54 @@ def test_reading_needs_a_valid_token(client: TestClient, tokens: dict[str, str],
     assert client.get(path, headers=_h("trg_not-a-token")).status_code == 401
     assert client.get(path, headers={"Authorization": "Basic YTpi"}).status_code == 401
     assert client.get(path, headers=_h(tokens["viewer"])).status_code in (200, 404)
+
+
+def _dead_outbox_rows(db: Database, tmp_path: Path) -> dict[str, int]:
+    """A dead delivery and a dead notification of one stored result: {"deliveries": id, ...}."""
+    res, outputs = _result(db, BlobStore(tmp_path / "b"), n_objects=1)
+    with db.session() as s:
+        d = Delivery(result_id=res.id, destination="pacs", sop_class_uid=outputs[0]["sop_class"],
+                     sop_instance_uid=outputs[0]["sop_instance"], blob=outputs[0]["blob"], state="dead",
+                     attempts=7, last_error="C-STORE status 0xA700")
+        n = Notification(result_id=res.id, channel="webhook", target="hook", message_id="m1", state="dead",
+                         attempts=3, last_error="HTTP 503")
+        s.add_all([d, n])
+        s.flush()
+        return {"deliveries": d.id, "notifications": n.id}
+
+
+@pytest.mark.parametrize("action", ["retry", "cancel"])
+@pytest.mark.parametrize("what", ["deliveries", "notifications"])
+def test_outbox_actions_need_a_token_and_the_admin_role(client: TestClient, tokens: dict[str, str],
+                                                        node: tuple[Settings, Database, StorageSCP],
+                                                        tmp_path: Path, what: str, action: str) -> None:
+    db = node[1]
+    row_id = _dead_outbox_rows(db, tmp_path)[what]
+    path = f"/api/{what}/{row_id}/{action}"
+
+    def state() -> tuple[object, ...]:
+        with db.sessions() as s:
+            row = s.get(Delivery, row_id) if what == "deliveries" else s.get(Notification, row_id)
+            assert row is not None
+            return row.state, row.attempts, row.next_attempt_at, len(list(s.scalars(select(AuditEvent))))
+
+    before = state()
+    assert client.post(path).status_code == 401
+    assert client.post(path, headers=_h("trg_not-a-token")).status_code == 401
+    assert client.post(path, headers=_h(tokens["viewer"])).status_code == 403
+    assert state() == before  # refused, and nothing changed (no audit event either)
+    r = client.post(path, headers=_h(tokens["admin"]))
+    assert r.status_code == 200 and r.json() == {"id": row_id,
+                                                 "state": "pending" if action == "retry" else "cancelled"}
+    assert state()[0] == r.json()["state"]
+
+
+def test_audit_api_needs_an_admin_token(client: TestClient, tokens: dict[str, str]) -> None:
+    assert client.get("/api/audit").status_code == 401
+    assert client.get("/api/audit", headers=_h("trg_not-a-token")).status_code == 401
+    assert client.get("/api/audit", headers=_h(tokens["viewer"])).status_code == 403
+    r = client.get("/api/audit", headers=_h(tokens["admin"]), params={"action": "user created"})
+    assert r.status_code == 200 and {e["detail"]["user"] for e in r.json()} == {"ann", "vic"}
 
 
 def test_revoked_token_is_refused(client: TestClient, tokens: dict[str, str],
@@ -131,6 +204,7 @@ def test_worklist_study_jobs_and_deliveries(client: TestClient, tokens: dict[str
     # the admin's action is in the study's timeline
     with db.sessions() as s:
         sid = s.scalar(select(Result.series_id).where(Result.id == res.id))
+    assert sid is not None
     st = client.get("/api/studies/" + _study_uid_of(db, sid), headers=_h(tokens["viewer"])).json()
     actions = [e["action"] for e in st["series"][0]["timeline"]]
     assert "delivery retried" in actions and "delivery cancelled" in actions
@@ -166,6 +240,36 @@ def test_metrics_parse(client: TestClient, node: tuple[Settings, Database, Stora
     assert lat[("triage_delivery_latency_seconds_bucket", "2.0")] == 0
     assert lat[("triage_delivery_latency_seconds_bucket", "3.0")] == 1
     assert "DOE" not in r.text  # no patient data in metrics
+
+
+def test_analysis_latency_histogram(client: TestClient, node: tuple[Settings, Database, StorageSCP]) -> None:
+    """triage_analysis_latency_seconds: per kind, from a done job's created_at to finished_at;
+    absent while no job has finished."""
+    from storage.models import Job
+
+    db = node[1]
+    _study(db, "A", 0, [(2, 97.0, 3.0)])
+    _study(db, "B", 5, [(4, 30.0, 1.0)], kind="chestct")
+
+    def families() -> dict[str, Any]:
+        return {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
+
+    assert "triage_analysis_latency_seconds" not in families()  # done, but no finished_at yet
+    now = dt.datetime.now(dt.UTC)
+    with db.session() as s:
+        jobs = {j.kind: j for j in s.scalars(select(Job))}
+        jobs["cxr"].created_at, jobs["cxr"].finished_at = now - dt.timedelta(seconds=4), now
+        jobs["chestct"].created_at, jobs["chestct"].finished_at = now - dt.timedelta(seconds=45), now
+        s.add(Job(series_id=jobs["cxr"].series_id, series_version=2, kind="cxr", state="failed",
+                  created_at=now - dt.timedelta(seconds=1), finished_at=now))  # failures are not latency
+    samples = {(smp.name, smp.labels.get("kind"), smp.labels.get("le")): smp.value
+               for smp in families()["triage_analysis_latency_seconds"].samples}
+    b = "triage_analysis_latency_seconds_bucket"
+    assert samples[(b, "cxr", "3.0")] == 0 and samples[(b, "cxr", "5.0")] == 1
+    assert samples[(b, "cxr", "+Inf")] == 1
+    assert samples[("triage_analysis_latency_seconds_count", "cxr", None)] == 1
+    assert samples[("triage_analysis_latency_seconds_sum", "cxr", None)] == pytest.approx(4.0)
+    assert samples[(b, "chestct", "30.0")] == 0 and samples[(b, "chestct", "60.0")] == 1
 
 
 def test_openapi_lists_every_endpoint(client: TestClient) -> None:

@@ -22,7 +22,7 @@ from test_receive import ct_slice
 from flows.bundle import Bundle
 from storage.blobs import BlobStore
 from storage.db import Database
-from storage.models import Delivery, Instance, Job, Result, Series, Study, WorkerBeat, utcnow
+from storage.models import AuditEvent, Delivery, Instance, Job, Result, Series, Study, WorkerBeat, utcnow
 from triage.config import load_settings
 from triage.web import WebServer
 from triage.web.api import create_app
@@ -41,9 +41,19 @@ def _chromium() -> str:
     return exe
 
 
+# accession, priority, percentile, score (and abnormal cm3), arrival minute, the SR's delivery
+STUDIES = [("ACC-ROUTINE", 4, 35.0, 0.3, 0, "sent"),
+           ("ACC-ALSO-URGENT", 1, 99.2, 3.1, 2, "sent"),  # urgent too, earlier, but a lower score
+           ("ACC-URGENT", 1, 99.7, 4.2, 5, "dead")]
+
+
 def _seed(db: Database, blobs: BlobStore) -> None:
-    """Two studies; the urgent one has a result with a map over a real image and a dead delivery."""
-    for acc, prio, pct, minutes in (("ACC-ROUTINE", 4, 35.0, 0), ("ACC-URGENT", 1, 99.7, 5)):
+    """Three chest-CT studies, each a result with a map over a real image, its SR's delivery
+    and the audit events the node writes on the way (complete, routed, analysed, reports
+    built, delivered); the urgent one's delivery is a dead letter."""
+    import datetime as dt
+
+    for acc, prio, pct, score, minutes, delivery in STUDIES:
         study_uid, series_uid = generate_uid(), generate_uid()
         ds = ct_slice(0, 1, series=series_uid, study=study_uid, size=64)
         buf = io.BytesIO()
@@ -56,17 +66,20 @@ def _seed(db: Database, blobs: BlobStore) -> None:
         np.save(mbuf, values)
         map_key = blobs.key("map", acc)
         blobs.put(map_key, mbuf.getvalue())
-        with db.session() as s:
-            import datetime as dt
+        arrived = dt.datetime(2026, 11, 30, 8, minutes, tzinfo=dt.UTC)
 
+        def at(seconds: float, t0: dt.datetime = arrived) -> dt.datetime:
+            return t0 + dt.timedelta(seconds=seconds)
+
+        with db.session() as s:
             st = Study(study_instance_uid=study_uid, accession_number=acc, patient_name="DOE^JANE",
-                       study_description="CT CHEST",
-                       first_received_at=dt.datetime(2026, 11, 30, 8, minutes, tzinfo=dt.UTC))
+                       study_description="CT CHEST", first_received_at=arrived)
             s.add(st)
             s.flush()
             se = Series(study_id=st.id, series_instance_uid=series_uid, modality="CT", kind="chestct",
                         state="complete", series_description="Chest axial", instance_count=1,
-                        route_reason="rule 'chest CT, axial, <= 3 mm'")
+                        route_reason="rule 'chest CT, axial, <= 3 mm'", first_received_at=arrived,
+                        last_received_at=arrived, completion_reason="quiet for 30 s", completed_at=at(30))
             s.add(se)
             s.flush()
             job = Job(series_id=se.id, series_version=1, kind="chestct", state="done")
@@ -74,8 +87,8 @@ def _seed(db: Database, blobs: BlobStore) -> None:
             s.flush()
             sr_uid = generate_uid()
             res = Result(job_id=job.id, series_id=se.id, version=1, kind="chestct", bundle_name="cpu-chestct",
-                         bundle_version="1", bundle_fingerprint="f" * 64, method="patch map", score=4.2,
-                         percentile=pct, abnormal=prio <= 2, priority=prio, abnormal_cm3=4.2,
+                         bundle_version="1", bundle_fingerprint="f" * 64, method="patch map", score=score,
+                         percentile=pct, abnormal=prio <= 2, priority=prio, abnormal_cm3=score,
                          map_blob=map_key, report_state="ready",
                          details={"instance_blobs": [inst_key], "slice_order": [str(ds.SOPInstanceUID)]},
                          outputs=[{"what": "sr", "sop_instance": sr_uid, "sop_class": SR_CLASS,
@@ -83,9 +96,24 @@ def _seed(db: Database, blobs: BlobStore) -> None:
             s.add(res)
             s.flush()
             s.add(Delivery(result_id=res.id, destination="pacs", sop_class_uid=SR_CLASS,
-                           sop_instance_uid=sr_uid, blob="x", state="dead" if prio == 1 else "sent",
-                           attempts=12 if prio == 1 else 1,
-                           last_error="C-STORE status 0xA700 (disk full)" if prio == 1 else None))
+                           sop_instance_uid=sr_uid, blob="x", state=delivery,
+                           attempts=12 if delivery == "dead" else 1,
+                           last_error="C-STORE status 0xA700 (disk full)" if delivery == "dead" else None))
+            # the events, with the details triage.assemble, worker.tasks, worker.report and
+            # triage.dispatch record (tests/test_pages.py drives those for real)
+            events = [
+                (at(30), "assembler", "series complete", {"why": "quiet for 30 s", "instances": 1,
+                                                          "version": 1, "geometry": "1 slice"}),
+                (at(30), "router", "routed", {"kind": "chestct", "reason": se.route_reason}),
+                (at(41), "gpu1:4711:celery", "analysed", {"job": job.id, "kind": "chestct", "reason": None,
+                                                          "score": score, "priority": prio}),
+                (at(44), "reporter", "reports built", {"result": res.id, "objects": ["sr"], "deliveries": 1,
+                                                       "notifications": 0, "notes": []})]
+            if delivery == "sent":
+                events.append((at(45), "dispatch", "delivered", {"destination": "pacs", "sop_class": SR_CLASS,
+                                                                 "attempts": 1}))
+            s.add_all(AuditEvent(at=when, actor=actor, action=action, series_id=se.id, detail=detail)
+                      for when, actor, action, detail in events)
 
 
 def _seed_cxr(db: Database, bundle: Bundle) -> None:
@@ -144,46 +172,51 @@ def _shot(page: object, tmp_path: Path, name: str) -> None:
 def test_browser_login_worklist_study_retry_and_refusals(site: tuple[str, Database], tmp_path: Path) -> None:
     from playwright.sync_api import sync_playwright
 
-    site_url, db = site
-    site = site_url  # type: ignore[assignment]
+    url, db = site
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=_chromium(), args=["--no-sandbox", "--disable-gpu"])
         try:
             page = browser.new_page(viewport={"width": 1100, "height": 700})
             # refused without login: sent to the login form
-            page.goto(f"{site}/worklist")
+            page.goto(f"{url}/worklist")
             assert "/login" in page.url
             _shot(page, tmp_path, "web-login")
             page.fill("input[name=username]", "ann")
             page.fill("input[name=password]", PASSWORD)
             page.click("button[type=submit]")
-            page.wait_for_url(f"{site}/worklist")
-            rows = page.locator("#worklist tbody tr")
-            assert rows.count() == 3
-            assert "ACC-URGENT" in rows.nth(0).inner_text() and "urgent" in rows.nth(0).inner_text()
-            assert "ACC-CXR" in rows.nth(1).inner_text() and "ACC-ROUTINE" in rows.nth(2).inner_text()
+            page.wait_for_url(f"{url}/worklist")
+            # by priority, then within a priority by the higher percentile, not by arrival
+            rows = [r.split("\t") for r in page.locator("#worklist tbody tr").all_inner_texts()]
+            assert [(r[6], r[1], r[2]) for r in rows] == [
+                ("ACC-URGENT", "urgent", "99.7"), ("ACC-ALSO-URGENT", "urgent", "99.2"),
+                ("ACC-CXR", "abnormal", "97.0"), ("ACC-ROUTINE", "routine", "35.0")]
             _shot(page, tmp_path, "web-worklist")
             # filters: urgent and abnormal only
             page.select_option("select[name=priority]", "2")
             page.click("form.filters button[type=submit]")
             page.wait_for_load_state()
-            assert page.locator("#worklist tbody tr").count() == 2
+            assert page.locator("#worklist tbody tr").count() == 3
             # the study: overlay thumbnail and delivery status; retry the dead letter
-            page.goto(f"{site}/worklist")
+            page.goto(f"{url}/worklist")
             page.click("text=ACC-URGENT")
             page.wait_for_selector("img.overlay")
             assert page.eval_on_selector("img.overlay", "img => img.complete && img.naturalWidth > 0")
             assert page.locator("table.deliveries td.state").first.inner_text() == "dead"
+            timeline = page.locator("table.timeline tr")
+            assert [timeline.nth(i).get_attribute("data-action") for i in range(timeline.count())] == [
+                "received", "series complete", "routed", "analysed", "reports built"]
+            assert "chestct: rule 'chest CT, axial, <= 3 mm'" in page.inner_text("tr[data-action=routed]")
             _shot(page, tmp_path, "web-study")
             page.click("text=Retry")
             page.wait_for_load_state()
             assert page.locator("table.deliveries td.state").first.inner_text() == "pending"
-            page.goto(f"{site}/deliveries")
+            assert "to pacs" in page.inner_text("tr[data-action='delivery retried']")
+            page.goto(f"{url}/deliveries")
             _shot(page, tmp_path, "web-deliveries")
             # a POST without the CSRF token is refused, even with the session cookie
-            _forged_cancel(page, site, db)
-            _pages_for_admins(page, site_url, db, tmp_path)
+            _forged_cancel(page, url, db)
+            _pages_for_admins(page, url, db, tmp_path)
         finally:
             browser.close()
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
+from storage.db import Database
 from triage.cli import app
 
 runner = CliRunner()
@@ -124,3 +127,63 @@ def test_chest_ct_patch_bundle_synth_train_evaluate(tmp_path: Path) -> None:
     assert summary["map"].split(":")[0] in ("likelihood", "posterior")
     assert "auroc_abnormal_volume" in summary and "f1" in summary and "lesion_hit_rate" in summary
     assert summary["overlays"] and (d / "e" / summary["overlays"][0]).stat().st_size > 2000
+    # re-calibration on another labelled set rewrites the map calibration and keeps the bundle valid
+    _ok(["synth", "chestct", str(d / "v2.npz"), "--n", "6", "--seed", "9", "--abnormal-fraction",
+         "0.5", *shape])
+    before = json.loads((d / "b" / "patchmap.json").read_text())
+    _ok(["calibrate", "--bundle", str(d / "b"), "--validation", str(d / "v2.npz")])
+    after = json.loads((d / "b" / "patchmap.json").read_text())
+    assert after["validation"] != before["validation"] and after["reference_cm3"]
+    from flows.bundle import load_bundle
+
+    load_bundle(d / "b")  # hashes re-checked
+    res = runner.invoke(app, ["calibrate", "--bundle", str(d / "b"), "--validation", str(d / "n.npz")])
+    assert res.exit_code == 2 and "normal and abnormal" in res.output
+
+
+def test_user_add_and_token_then_log_in_and_call_the_api(tmp_path: Path, sqlite_db: Database,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """`triage user add` (password asked twice, or from TRIAGE_NEW_PASSWORD) and `triage user
+    token`: the user logs in to the pages with that password, the token opens the API with the
+    user's role."""
+    from fastapi.testclient import TestClient
+
+    from triage.config import load_settings
+    from triage.web.api import create_app
+
+    for k in list(os.environ):
+        if k.startswith("TRIAGE_"):
+            monkeypatch.delenv(k)
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(f'[node]\ndata_dir = "{tmp_path / "d"}"\n[storage]\ndatabase_url = "{sqlite_db.url}"\n')
+    c = ["--config", str(cfg)]
+    pw = "correct horse battery"
+    res = runner.invoke(app, ["user", "add", "ann", "--role", "admin", *c], input=f"{pw}\n{pw}\n")
+    assert res.exit_code == 0 and "user ann (admin) created" in res.output, res.output
+    res = runner.invoke(app, ["user", "add", "vic", *c], env={"TRIAGE_NEW_PASSWORD": "viewer password 1"})
+    assert res.exit_code == 0 and "user vic (viewer) created" in res.output, res.output
+    for args, msg in ((["user", "add", "ann", "--password", "another password"], "exists already"),
+                      (["user", "add", "bob", "--password", "short"], "at least 10"),
+                      (["user", "add", "bob", "--role", "root", "--password", pw], "role must be"),
+                      (["user", "token", "nobody"], "no user 'nobody'")):
+        res = runner.invoke(app, [*args, *c])
+        assert res.exit_code == 2 and msg in res.output, (args, res.output)
+    tokens = {}
+    for user in ("ann", "vic"):
+        res = runner.invoke(app, ["user", "token", user, "--name", "ris", *c])
+        assert res.exit_code == 0, res.output
+        tokens[user] = res.stdout.strip()
+        assert re.fullmatch(r"trg_[A-Za-z0-9_-]{43}", tokens[user]), res.stdout  # printed once, alone
+
+    web = TestClient(create_app(load_settings(cfg)), follow_redirects=False)
+    for user, password in (("ann", pw), ("vic", "viewer password 1")):
+        web.cookies.clear()
+        form = web.get("/login")
+        csrf = re.search(r'name="csrf" value="([^"]+)"', form.text)
+        assert csrf
+        r = web.post("/login", data={"username": user, "password": password, "csrf": csrf.group(1)})
+        assert r.status_code == 303 and web.get("/worklist").status_code == 200, user
+    # the tokens carry the users' roles: the audit log is for admins
+    assert web.get("/api/audit", headers={"Authorization": f"Bearer {tokens['ann']}"}).status_code == 200
+    assert web.get("/api/audit", headers={"Authorization": f"Bearer {tokens['vic']}"}).status_code == 403
+    assert web.get("/api/worklist", headers={"Authorization": f"Bearer {tokens['vic']}"}).status_code == 200

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import re
 import shutil
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 from sqlalchemy import select, update
-from test_pages import _login
+from test_pages import _dead_letter, _login
 from test_rank import T0, _study
 
 from flows.bundle import Bundle
@@ -91,6 +92,27 @@ def test_status_figures(settings: Settings, sqlite_db: Database) -> None:
     assert [(w["name"], w["alive"]) for w in st["workers"]] == [("w1", True), ("w2", False)]
     assert st["bundles"][0]["name"] == "tiny" and st["bundles"][0]["ok"]
     assert 0 < st["disk"]["used_fraction"] < 1 and st["delivery_backlog"] == 0
+
+
+def test_disk_against_the_high_water_mark(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dashboard's disk figure (what its page polls) next to ``storage.high_water`` (0.95):
+    below it, and above it, where readiness fails too (the SCP refuses images then)."""
+    from storage.blobs import BlobStore, DiskUsage
+
+    used = {"gib": 900}
+    monkeypatch.setattr(BlobStore, "usage", lambda self: DiskUsage(
+        total=1000 * 2**30, used=used["gib"] * 2**30, free=(1000 - used["gib"]) * 2**30))
+    _as(client, "vic")
+    disk = client.get("/dashboard.json").json()["disk"]
+    assert disk == {"used_fraction": 0.9, "high_water": 0.95, "free_bytes": 100 * 2**30,
+                    "total_bytes": 1000 * 2**30, "above_high_water": False}
+    assert client.get("/api/health/ready").json()["checks"]["disk"] == "ok"
+    used["gib"] = 960
+    disk = client.get("/dashboard.json").json()["disk"]
+    assert (disk["used_fraction"], disk["high_water"], disk["above_high_water"]) == (0.96, 0.95, True)
+    assert client.get("/api/health/ready").json()["checks"]["disk"] == "96.0% used, above 95%"
+    page = client.get("/dashboard")  # the page draws the bar and the mark from these figures
+    assert 'id="hwmark"' in page.text and "d.above_high_water" in page.text
 
 
 def test_heartbeat_rows(settings: Settings, sqlite_db: Database) -> None:
@@ -293,3 +315,44 @@ def test_notifications_api_page_and_metrics(client: TestClient, sqlite_db: Datab
     with sqlite_db.sessions() as s:
         acts = [e.action for e in s.scalars(select(AuditEvent).order_by(AuditEvent.id))]
     assert "notification retried" in acts and "notification cancelled" in acts
+
+
+# a reference to another host: an attribute that loads or links (src, href, action, srcset,
+# poster), a CSS url() or @import, or a script's fetch/import, to http(s):// or protocol-relative //
+_EXTERNAL = re.compile(r"""(?:\b(?:src|href|action|srcset|poster)\s*=\s*["']?|url\(\s*["']?|@import\s+["']?"""
+                       r"""|\b(?:fetch|import)\(\s*["'`])\s*(?:https?:)?//""", re.IGNORECASE)
+
+
+def test_no_page_loads_anything_from_another_host(client: TestClient, sqlite_db: Database,
+                                                  tmp_path: Path) -> None:
+    """Every page, as an admin with something on each, and the URLs where FastAPI would serve
+    its docs pages: no script, style, image, form or link points to another host. The node
+    runs offline (issue 6: no CDN); FastAPI's Swagger UI and ReDoc load theirs from
+    cdn.jsdelivr.net, so they are off (a docs page served from local files would pass)."""
+    from storage.models import Notification
+
+    _study(sqlite_db, "TINY", 0, [(2, 97.0, 1.5)])
+    with sqlite_db.session() as s:
+        s.execute(update(Result).values(bundle_name="tiny", bundle_version="1"))
+        rid = s.scalar(select(Result.id))
+        assert rid is not None
+        s.add(Notification(result_id=rid, channel="webhook", target="hook", message_id="m1", state="dead",
+                           attempts=2, last_error="HTTP 503"))
+    _dead_letter(sqlite_db, tmp_path)
+    _as(client, "ann")
+    pages = ["/login", "/dashboard", "/worklist", "/studies/1.2.3.0", "/deliveries", "/models", "/audit"]
+    docs = ["/api/docs", "/api/redoc", "/docs", "/redoc", "/api/docs/oauth2-redirect"]
+    texts = {}
+    for path in pages + docs:
+        r = client.get(path)
+        assert r.status_code == 200 if path in pages else r.status_code in (200, 404), (path, r.status_code)
+        if r.status_code == 200:
+            assert r.headers["content-type"].startswith("text/html"), path
+            texts[path] = r.text
+            found = [m.group(0) for m in _EXTERNAL.finditer(r.text)]
+            assert not found, f"{path} refers to another host: {found}"
+    # each page had its content (so there was something to check): pictures, outbox rows
+    assert '/reference.png"' in texts["/studies/1.2.3.0"] and "TINY" in texts["/worklist"]
+    assert "HTTP 503" in texts["/deliveries"] and "0xA700" in texts["/deliveries"]
+    assert "/calibration.png" in texts["/models"] and "<script" in texts["/dashboard"]
+    assert client.get("/api/openapi.json").json()["info"]["title"] == "triage node"

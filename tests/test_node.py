@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import redis
@@ -44,7 +45,7 @@ def _settings(tmp: Path, cxr: Bundle, ct: Bundle, **extra: object) -> Settings:
         "node": {"data_dir": str(tmp / "data")}, "receive": {"port": free_port()},
         "assemble": {"quiet_seconds": 3.0, "poll_seconds": 0.2}, "executor": {"poll_seconds": 0.2},
         "models": {"cxr": str(cxr.path), "chestct": str(ct.path)}}
-    return load_settings(**{**base, **extra})
+    return load_settings(None, **{**base, **extra})
 
 
 def _results(db: Database) -> list[tuple[Series, Result]]:
@@ -66,8 +67,11 @@ def _beats(db: Database) -> list[WorkerBeat] | None:
 
 
 def _check_results(db: Database, n_cxr: int, failed_bct: bool = False) -> None:
-    rows = wait_for(lambda: (r := _results(db)) and len(r) >= n_cxr + 1 and r, 120,
-                    "a Result for every series")
+    def every() -> list[tuple[Series, Result]] | None:
+        r = _results(db)
+        return r if len(r) >= n_cxr + 1 else None
+
+    rows = wait_for(every, 120, "a Result for every series")
     if failed_bct:  # routed to bct, but no bct bundle is configured: the job fails with the reason
         def bct_job() -> Job | None:
             with db.sessions() as s:
@@ -75,7 +79,7 @@ def _check_results(db: Database, n_cxr: int, failed_bct: bool = False) -> None:
         job = wait_for(bct_job, 60, "the head-CT job to fail")
         assert "no model bundle configured for 'bct'" in (job.reason or "")
         assert job.attempts == 1
-    kinds = sorted(se.kind for se, _ in rows)
+    kinds = sorted(se.kind or "" for se, _ in rows)
     assert kinds == ["chestct"] + ["cxr"] * n_cxr
     for se, res in rows:
         assert se.state == "complete" and "association released" in (se.completion_reason or "")
@@ -92,15 +96,20 @@ def _check_results(db: Database, n_cxr: int, failed_bct: bool = False) -> None:
 
 def test_serve_local_executor_analyses_what_storescu_sends(tmp_path: Path, studies: dict[str, Path],
                                                            tiny_bundle: Bundle, ct_bundle: Bundle) -> None:
-    s = _settings(tmp_path, tiny_bundle, ct_bundle)
+    s = _settings(tmp_path, tiny_bundle, ct_bundle, web={"port": 0})
     node = Node(s).start()
     try:
+        # the web side runs in the node: liveness on its port, and readiness finds the SCP process
+        web = f"http://127.0.0.1:{node.web.port}"
+        assert httpx.get(f"{web}/api/health", timeout=10).json() == {"status": "ok"}
+        assert httpx.get(f"{web}/api/health/ready", timeout=30).json()["checks"]["scp"] == "ok"
         storescu(s.receive.port, [studies["cxr"], studies["chestct"], studies["bct"]])
         _check_results(node.db, 2, failed_bct=True)
         # the map of the chest CT lies on the source grid
         db = node.db
         with db.sessions() as ss:
             res = ss.scalars(select(Result).where(Result.kind == "chestct")).one()
+        assert res.map_blob is not None
         arr = np.load((s.blob_root / res.map_blob).open("rb"))
         assert arr.shape == (60, 64, 64)
     finally:

@@ -10,12 +10,13 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 from test_rank import _study
 
+from flows.bundle import Bundle
 from storage.db import Database
-from storage.models import AuditEvent, User
+from storage.models import AuditEvent, Job, User, utcnow
 from triage.config import load_settings
 from triage.web.api import create_app
 from triage.web.pages import LOCK_MINUTES, MAX_FAILURES, SESSION_COOKIE
-from triage.web.security import create_user
+from triage.web.security import create_token, create_user
 
 PASSWORD = "correct horse battery"
 
@@ -66,6 +67,25 @@ def test_login_worklist_logout(client: TestClient, sqlite_db: Database) -> None:
     with sqlite_db.sessions() as s:
         actions = [e.action for e in s.scalars(select(AuditEvent).order_by(AuditEvent.id))]
     assert "login" in actions and "logout" in actions
+
+
+@pytest.mark.parametrize("how", ["http", "https", "forwarded"])
+def test_cookies_are_secure_behind_tls(client: TestClient, how: str) -> None:
+    """Secure on both cookies when the request came over HTTPS, directly or through a proxy that
+    says so (X-Forwarded-Proto); not over plain HTTP, where a browser would drop a Secure one."""
+    if how == "https":
+        client.base_url = client.base_url.copy_with(scheme="https")
+    if how == "forwarded":
+        client.headers["X-Forwarded-Proto"] = "https"
+    form = client.get("/login")
+    if how == "forwarded":  # the client speaks plain HTTP to us, so its jar keeps the Secure cookie back
+        client.cookies.set("triage_login", form.cookies["triage_login"])
+    r = client.post("/login", data={"username": "ann", "password": PASSWORD, "csrf": _csrf(form.text)})
+    assert r.status_code == 303
+    for resp, name in ((form, "triage_login"), (r, SESSION_COOKIE)):
+        cookie = next(c for c in resp.headers.get_list("set-cookie") if c.startswith(f"{name}="))
+        assert "HttpOnly" in cookie
+        assert ("Secure" in cookie) == (how != "http"), (how, cookie)
 
 
 def test_login_needs_the_form_token(client: TestClient) -> None:
@@ -119,6 +139,62 @@ def _dead_letter(db: Database, tmp_path: Path) -> int:
         return d.id
 
 
+# every state-changing page route but /login (whose token is bound to a cookie: tested above)
+PAGE_POSTS = ["/logout", "/deliveries/{delivery_id}/retry", "/deliveries/{delivery_id}/cancel",
+              "/notifications/{notification_id}/retry", "/notifications/{notification_id}/cancel"]
+
+
+def test_page_posts_are_all_listed(tmp_path: Path, sqlite_db: Database) -> None:
+    """PAGE_POSTS is complete: a new POST route on the pages must join the CSRF test below."""
+    from fastapi.routing import APIRoute
+
+    from storage.blobs import BlobStore
+    from triage.dispatch import Sender
+    from triage.notify import Notifier
+    from triage.web.pages import pages_router
+
+    s = load_settings(node={"data_dir": str(tmp_path / "d")}, storage={"database_url": sqlite_db.url})
+    blobs = BlobStore(s.blob_root)
+    router = pages_router(s, sqlite_db, blobs, Sender(sqlite_db, blobs, s.dispatch), Notifier(sqlite_db, s))
+    posts = {r.path for r in router.routes if isinstance(r, APIRoute) and "POST" in (r.methods or ())}
+    assert posts == {"/login", *PAGE_POSTS}
+
+
+@pytest.mark.parametrize("route", PAGE_POSTS)
+def test_every_page_post_needs_the_csrf_token(client: TestClient, sqlite_db: Database, tmp_path: Path,
+                                              route: str) -> None:
+    """Logged in as an admin (the session cookie goes along): without the session's CSRF token,
+    or with a wrong one, each POST is refused and changes nothing; with it, it acts."""
+    from storage.models import Delivery, Notification, Result, WebSession
+
+    did = _dead_letter(sqlite_db, tmp_path)
+    with sqlite_db.session() as s:
+        rid = s.scalar(select(Result.id))
+        n = Notification(result_id=rid, channel="hl7", target="ris", message_id="m1", state="dead",
+                         attempts=4)
+        s.add(n)
+        s.flush()
+        nid = n.id
+    path = route.format(delivery_id=did, notification_id=nid)
+
+    def snapshot() -> tuple[object, ...]:
+        with sqlite_db.sessions() as s:
+            d, n = s.get(Delivery, did), s.get(Notification, nid)
+            assert d is not None and n is not None
+            return (d.state, d.next_attempt_at, n.state, n.next_attempt_at,
+                    len(list(s.scalars(select(WebSession)))), len(list(s.scalars(select(AuditEvent)))))
+
+    _login(client)
+    csrf = _csrf(client.get("/deliveries").text)
+    before = snapshot()
+    for data in ({}, {"csrf": ""}, {"csrf": "forged"}, {"csrf": csrf[:-1]}, {"back": "/deliveries"}):
+        r = client.post(path, data=data)
+        assert r.status_code == 403 and "CSRF" in r.text, (data, r.status_code)
+        assert snapshot() == before, data
+    r = client.post(path, data={"csrf": csrf})  # the same request with the token goes through
+    assert r.status_code == 303 and snapshot() != before
+
+
 def test_retry_a_dead_letter_from_the_page(client: TestClient, sqlite_db: Database, tmp_path: Path) -> None:
     from storage.models import Delivery
 
@@ -164,3 +240,63 @@ def test_a_viewer_cannot_retry_or_cancel_from_the_page(client: TestClient, sqlit
     _login(client)
     r = client.post(f"/deliveries/{did}/cancel", data={"csrf": _csrf(client.get("/deliveries").text)})
     assert r.status_code == 303 and row()[0] == "cancelled"
+
+
+def test_study_timeline_from_receipt_to_delivery(tmp_path: Path, sqlite_db: Database,
+                                                 tiny_bundle: Bundle) -> None:
+    """A radiograph goes the node's whole way, each step done by the code the node runs (ingest,
+    the quiet period, the executor with report building, the delivery outbox to a PACS
+    stand-in); the study page and /api/studies/{uid} tell the story in order, routing reason
+    included."""
+    import datetime as dt
+
+    import dicomgen
+
+    from storage.blobs import BlobStore
+    from triage.assemble import finish_quiet
+    from triage.dispatch import Sender
+    from triage.ingest import Ingest
+    from triage.standin import StoreSCP
+    from worker.tasks import NodeContext, run_job
+
+    pacs = StoreSCP(tmp_path / "pacs").start()
+    try:
+        pacs_dest = {"name": "pacs", "ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.port}
+        s = load_settings(node={"data_dir": str(tmp_path / "d")}, storage={"database_url": sqlite_db.url},
+                          models={"cxr": str(tiny_bundle.path)}, dispatch={"destinations": [pacs_dest]})
+        ctx = NodeContext(s)
+        ctx.__dict__["db"] = sqlite_db
+        blobs = BlobStore(s.blob_root)
+        out = Ingest(sqlite_db, blobs).store(dicomgen.cr_image("tl", rows=64, cols=64), association_id="a1",
+                                             transfer_syntax="1.2.840.10008.1.2.1")
+        assert out.status == 0
+        assert finish_quiet(sqlite_db, s, now=utcnow() + dt.timedelta(minutes=5))
+        with sqlite_db.sessions() as ss:
+            job = ss.scalar(select(Job.id))
+        assert job is not None and run_job(ctx, job, "local@test") == "done"
+        assert Sender(sqlite_db, blobs, s.dispatch).run_once()["sent"] == 2  # the SR and a SEG
+    finally:
+        pacs.stop()
+    study = dicomgen.uid("tl", "study")
+    with sqlite_db.session() as ss:
+        create_user(ss, "vic", PASSWORD, "viewer")
+        token = create_token(ss, ss.scalars(select(User).where(User.username == "vic")).one(), "t")
+    c = TestClient(create_app(s, sqlite_db), follow_redirects=False)
+    want = ["received", "series complete", "routed", "analysed", "reports built", "delivered", "delivered"]
+    timeline = c.get(f"/api/studies/{study}", headers={"Authorization": f"Bearer {token}"}).json()[
+        "series"][0]["timeline"]
+    assert [e["action"] for e in timeline] == want
+    at = [dt.datetime.fromisoformat(e["at"]) for e in timeline]
+    assert at == sorted(at)
+    notes = [e["note"] for e in timeline]
+    assert notes[0].startswith("1 instance(s), the last at ") and notes[1].startswith("quiet for 5 s")
+    assert notes[2] == "cxr: rule 'chest radiograph, frontal'"
+    assert re.fullmatch(r"cxr, score \S+, (urgent|abnormal|borderline|routine)", notes[3]), notes[3]
+    assert notes[4:] == ["SR, SEG", "SR to pacs, attempt 1", "SEG to pacs, attempt 1"]
+    # the page: the same rows, in the same order, with the routing reason
+    _login(c, username="vic")
+    page = c.get(f"/studies/{study}")
+    assert page.status_code == 200
+    rows = re.findall(r'<tr data-action="([^"]+)"><td>[^<]+</td><th>[^<]+</th><td>([^<]*)</td>', page.text)
+    assert [a for a, _ in rows] == want
+    assert [n.replace("&#39;", "'") for _, n in rows] == notes

@@ -6,29 +6,40 @@ refusal path logs too), analyses the rest, builds and delivers SR/SEG to a PACS 
 sends notifications (a webhook and an HL7 message, both refused once so their error paths
 log too). The webhook's key and a password in its URL and in the broker URL are distinctive
 as well. Everything logged by this process and by the SCP process is scanned.
+
+``triage web`` (the web side alone) runs as its own process, the way an operator starts it,
+and is asked for those patients by name and ID, pages and API; its output is scanned too.
 """
 
 from __future__ import annotations
 
 import http.server
 import logging
+import os
+import re
 import socketserver
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar
 
+import httpx
 import pydicom
 import pytest
-from nodekit import cxr_studies, storescu, wait_for
+from nodekit import cxr_studies, stop_process, storescu, wait_for
 from pydicom.uid import generate_uid
-from sqlalchemy import select
+from sqlalchemy import select, update
 from test_node import _settings
+from test_rank import _study
 
 from flows.bundle import Bundle
-from storage.models import AuditEvent, Delivery, Notification, Result
+from storage.db import Database
+from storage.models import AuditEvent, Delivery, Notification, Result, Study
 from triage.serve import Node, _configure_logging
 from triage.standin import StoreSCP
+from triage.web.security import create_token, create_user
 
 NAMES = ["SECRETSURNAME^ALICE", "OTHERSECRET^BOB^Q"]
 IDS = ["MRN-7734-SECRET", "MRN-9921-SECRET"]
@@ -156,3 +167,51 @@ def _done(node: Node) -> bool:
     hl7_tried = [n for n in notes if n.channel == "hl7" and n.attempts >= 1]
     delivered = bool(states) and all(x == "sent" for x in states)
     return delivered and len(webhook_sent) == 2 and len(hl7_tried) == 2
+
+
+STUDY_UID = "1.2.826.0.1.3680043.9.7734.5531"  # distinctive: a study UID must not be logged either
+WEB_PASSWORD = "webpass-DINGO-6620"
+
+
+def test_triage_web_logs_no_patient_identifier(tmp_path: Path, sqlite_db: Database) -> None:
+    """`triage web -v` in its own process: log in, search the worklist by name and ID, open the
+    study (page and API); its whole output (uvicorn's records included) holds none of them."""
+    _study(sqlite_db, "ACC-PHI", 0, [(1, 99.9, 9.0)])
+    with sqlite_db.session() as s:
+        s.execute(update(Study).values(patient_name=NAMES[0], patient_id=IDS[0],
+                                       study_instance_uid=STUDY_UID))
+        token = create_token(s, create_user(s, "ann", WEB_PASSWORD, "admin"), "tests")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIAGE_")}
+    env.update(TRIAGE_STORAGE__DATABASE_URL=sqlite_db.url, TRIAGE_NODE__DATA_DIR=str(tmp_path / "d"),
+               TRIAGE_WEB__PORT="0")
+    out = tmp_path / "web.log"
+    with out.open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "triage.cli", "web", "-v"], env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
+    try:
+        m = wait_for(lambda: re.search(r"running on http://127\.0\.0\.1:(\d+)", out.read_text()), 60,
+                     "`triage web` listening")
+        with httpx.Client(base_url=f"http://127.0.0.1:{m.group(1)}", timeout=30) as c:
+            form = c.get("/login")
+            csrf = re.search(r'name="csrf" value="([^"]+)"', form.text)
+            assert csrf
+            r = c.post("/login", data={"username": "ann", "password": WEB_PASSWORD, "csrf": csrf.group(1)})
+            assert r.status_code == 303
+            for q in (NAMES[0], IDS[0]):  # the patient's data was live in this run
+                page = c.get("/worklist", params={"q": q})
+                assert page.status_code == 200 and NAMES[0] in page.text
+            assert IDS[0] in c.get(f"/studies/{STUDY_UID}").text
+            h = {"Authorization": f"Bearer {token}"}
+            assert c.get("/api/worklist", params={"q": NAMES[0]}, headers=h).json()[0]["patient_id"] == IDS[0]
+            assert c.get(f"/api/studies/{STUDY_UID}", headers=h).json()["patient_name"] == NAMES[0]
+            assert c.get(f"/api/studies/{STUDY_UID}").status_code == 401  # a refusal logs nothing either
+            assert c.get("/api/health").json() == {"status": "ok"}
+    finally:
+        stop_process(proc)
+    logged = out.read_text()
+    # logged at all, in the project's format (asctime processName name levelname message)
+    assert re.search(r"^\d{4}-\d\d-\d\d [\d:,]+ MainProcess uvicorn\.error INFO Application startup complete",
+                     logged, re.MULTILINE), logged
+    assert "Shutting down" in logged
+    leaks = [w for w in [*FORBIDDEN, STUDY_UID, "DINGO", "/api/studies/", "/worklist?"] if w in logged]
+    assert not leaks, f"patient identifiers, UIDs or request paths in the log of `triage web`: {leaks}"

@@ -1,4 +1,5 @@
-"""The audit log: reading it (pages and API) and recording configuration changes.
+"""The audit log: reading it (pages and API), a series' timeline, and recording
+configuration changes.
 
 Each start of ``triage serve`` compares the effective configuration (file, environment and
 defaults together) with the one recorded at the previous start and writes what changed as
@@ -20,10 +21,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from storage.db import Database
-from storage.models import AuditEvent
+from storage.models import AuditEvent, Series
 from triage.config import Settings
+from triage.rank import PRIORITY_NAMES
 
-__all__ = ["audit_events", "flatten", "record_configuration"]
+__all__ = ["audit_events", "flatten", "object_name", "record_configuration", "series_timeline"]
 
 HIDDEN = "(hidden)"
 _SECRET_KEY = re.compile(r"(secret|password|passwd|token|key_file|private)", re.IGNORECASE)
@@ -106,3 +108,62 @@ def audit_events(session: Session, *, actor: str | None = None, action: str | No
     if before:
         q = q.where(AuditEvent.id < before)
     return list(session.scalars(q))
+
+
+_OBJECTS = {"1.2.840.10008.5.1.4.1.1.66.4": "SEG", "1.2.840.10008.5.1.4.1.1.7": "key image"}
+
+
+def _object(sop_class: str | None) -> str:
+    if sop_class is None:
+        return "object"
+    return "SR" if sop_class.startswith("1.2.840.10008.5.1.4.1.1.88.") else _OBJECTS.get(sop_class, sop_class)
+
+
+def _note(action: str, d: dict[str, Any]) -> str:
+    """One line about an event for the timeline (its detail holds no patient identifier)."""
+    if action == "received":
+        return f"{d['instances']} instance(s), the last at {d['last_received_at']:%H:%M:%S}"
+    if action == "series complete":
+        return f"{d.get('why', '')}, {d.get('instances', '?')} instance(s)"
+    if action == "routed":
+        return f"{d.get('kind')}: {d.get('reason')}"
+    if action == "analysed":
+        score = d.get("score")
+        return (f"{d.get('kind')}, score {score:.3g}, {PRIORITY_NAMES.get(d.get('priority', 0), '?')}"
+                if score is not None else str(d.get("kind", "")))
+    if action == "reports built":
+        return ", ".join(object_name(o) for o in d.get("objects", []))
+    if action == "delivered":
+        return f"{_object(d.get('sop_class'))} to {d.get('destination')}, attempt {d.get('attempts')}"
+    if action.startswith("delivery "):
+        return f"to {d.get('destination')}"
+    if action.startswith("notification "):
+        return " ".join(str(x) for x in (d.get("channel"), d.get("target"), d.get("error")) if x)
+    return str(d.get("reason") or d.get("why") or "")
+
+
+def object_name(what: str) -> str:
+    """A result's output as people call it ("sr", "seg0", "sc1" in ``Result.outputs``)."""
+    if what == "sr":
+        return "SR"
+    if what.startswith("seg"):
+        return "SEG"
+    return "key image" if what.startswith("sc") else what
+
+
+def series_timeline(session: Session, series: Series) -> list[dict[str, Any]]:
+    """The series' story, oldest first: "received" (its first instance; the SCP records no event
+    per instance, so this one comes from the series row), then its audit events: complete,
+    routed (with the rule that decided), analysed, reports built, delivered, admin actions.
+    Each entry: ``at``, ``actor``, ``action``, ``detail`` and a one-line ``note``."""
+    received: dict[str, Any] = {"at": series.first_received_at, "actor": "scp", "action": "received",
+                                "detail": {"instances": series.instance_count,
+                                           "last_received_at": series.last_received_at}}
+    events = session.scalars(select(AuditEvent).where(AuditEvent.series_id == series.id)
+                             .order_by(AuditEvent.at, AuditEvent.id))
+    out = [received, *({"at": e.at, "actor": e.actor, "action": e.action, "detail": e.detail or {}}
+                       for e in events)]
+    out.sort(key=lambda e: e["at"])  # stable: "received" stays ahead of an event in the same instant
+    for e in out:
+        e["note"] = _note(e["action"], e["detail"])
+    return out

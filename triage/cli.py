@@ -201,6 +201,33 @@ def train(
 
 
 @app.command()
+def calibrate(
+    bundle: Annotated[Path, typer.Option(help="patch bundle directory (rewritten in place)")],
+    validation: Annotated[Path, typer.Option(help="labelled CT volumes (.npz from `triage synth`)")],
+) -> None:
+    """Re-calibrate a CT patch bundle's map on a labelled set, without retraining.
+
+    Chooses the map (likelihood or posterior ratio, per patch or per voxel), its voxel
+    threshold, T and the reference of normal abnormal-volumes that percentiles are read
+    against; the manifest's hashes are updated. For a site's own validation volumes.
+    """
+    from flows.bundle import BundleError, load_bundle
+    from flows.patchbundle import calibrate_patch_bundle, map_calibration
+
+    try:
+        b = load_bundle(bundle)
+        old = map_calibration(b)
+        vv, vs, vl, _ = _load_volumes(validation)
+        if vl is None:
+            raise ValueError(f"{validation}: no labels (use a phantom .npz)")
+        calibrate_patch_bundle(b, (vv, vs, vl), overlap=old.overlap, mask=old.mask,  # type: ignore[arg-type]
+                               min_mask_fraction=old.min_mask_fraction, min_size_cm3=old.min_size_cm3,
+                               log=console.print)
+    except (ValueError, FileNotFoundError, BundleError) as e:
+        raise _fail(str(e)) from e
+
+
+@app.command()
 def evaluate(
     bundle: Annotated[Path, typer.Option(help="bundle directory")],
     data: Annotated[Path, typer.Option(help="labelled test set (.npz from `triage synth`)")],
@@ -580,14 +607,20 @@ def notifications_cancel(ids: Annotated[list[int], typer.Argument(help="notifica
 
 
 @app.command()
-def web(config: ConfigOpt = None) -> None:
+def web(config: ConfigOpt = None,
+        verbose: VerboseOpt = False) -> None:
     """Run only the web page, the API and /metrics (for set-ups that scale parts apart)."""
     import uvicorn
 
+    from triage.serve import _configure_logging
+    from triage.web import server_config
     from triage.web.api import create_app
 
     s = _settings(config)
-    uvicorn.run(create_app(s), host=s.web.host, port=s.web.port, log_level="info")
+    _configure_logging(_log_level(verbose))
+    # the settings `triage serve` uses (no access log: request paths carry patient names)
+    cfg = server_config(create_app(s), s.web.host, s.web.port, log_level="debug" if verbose else "info")
+    uvicorn.Server(cfg).run()
 
 
 user_app = typer.Typer(help="Web users and API tokens.", no_args_is_help=True)
@@ -662,7 +695,7 @@ def demo(
                        keep_running=keep_running)
     try:
         run_demo(opts, Console())
-    except (FileNotFoundError, TimeoutError, ConnectionError, RuntimeError) as exc:
+    except (FileNotFoundError, FileExistsError, TimeoutError, ConnectionError, RuntimeError) as exc:
         raise _fail(str(exc)) from exc
 
 

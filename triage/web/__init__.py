@@ -1,4 +1,4 @@
-"""The node's web side: the JSON API, /metrics and (next) the admin pages."""
+"""The node's web side: the JSON API, /metrics and the admin pages."""
 
 from __future__ import annotations
 
@@ -6,7 +6,20 @@ import threading
 import time
 from typing import Any
 
-__all__ = ["WebServer"]
+__all__ = ["WebServer", "server_config"]
+
+
+def server_config(app: Any, host: str, port: int, log_level: str = "warning") -> Any:
+    """uvicorn's settings for ``triage serve`` and ``triage web`` alike.
+
+    No access log: its request lines would carry patient names (``/worklist?q=DOE^JANE``) and
+    study UIDs (``/api/studies/1.2.…``). ``log_config=None`` keeps uvicorn's own handlers out,
+    so its records reach the process's logging set-up (``triage.serve._configure_logging``)
+    in the project's format.
+    """
+    import uvicorn
+
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False, log_config=None)
 
 
 class WebServer:
@@ -16,8 +29,7 @@ class WebServer:
         import uvicorn
 
         # uvicorn installs no signal handlers outside the main thread; the node owns them
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                                    access_log=False))
+        self.server = uvicorn.Server(server_config(app, host, port))
         self._thread = threading.Thread(target=self.server.run, name="web", daemon=True)
 
     def start(self) -> WebServer:

@@ -1,4 +1,4 @@
-"""The JSON API (FastAPI; OpenAPI at ``/api/openapi.json``) and ``/metrics``.
+"""The JSON API (FastAPI; OpenAPI at ``/api/openapi.json``, no docs page) and ``/metrics``.
 
 Machine clients authenticate with ``Authorization: Bearer <token>`` (``triage user
 token``); roles: ``viewer`` reads, ``admin`` also acts (retry or cancel a delivery).
@@ -25,8 +25,8 @@ from sqlalchemy.orm import Session
 
 from storage.blobs import BlobStore
 from storage.db import Database
-from storage.models import AuditEvent, Delivery, Job, Notification, Result, Series, Study, User
-from triage.audit import audit_events
+from storage.models import Delivery, Job, Notification, Result, Series, Study, User
+from triage.audit import audit_events, series_timeline
 from triage.bundles import configured_bundles
 from triage.config import Settings
 from triage.dispatch import REJECTED, Sender, c_echo
@@ -102,7 +102,8 @@ class NotificationItem(BaseModel):
 def create_app(settings: Settings, db: Database | None = None) -> FastAPI:
     db = db or Database(settings.database_url)
     blobs = BlobStore(settings.blob_root, fsync=settings.storage.fsync)
-    app = FastAPI(title="triage node", version="1", openapi_url="/api/openapi.json", docs_url="/api/docs",
+    # no Swagger UI or ReDoc page: FastAPI loads them from a CDN, and the node works offline
+    app = FastAPI(title="triage node", version="1", openapi_url="/api/openapi.json", docs_url=None,
                   redoc_url=None)
     app.state.db, app.state.settings = db, settings
     metrics = registry(db, blobs, settings.executor.heartbeat_seconds)
@@ -194,8 +195,6 @@ def create_app(settings: Settings, db: Database | None = None) -> FastAPI:
             deliveries = {r.id: [DeliveryItem.model_validate(d, from_attributes=True).model_dump()
                                  for d in s.scalars(select(Delivery).where(Delivery.result_id == r.id))]
                           for r in results}
-            events = s.scalars(select(AuditEvent).where(AuditEvent.series_id == se.id)
-                               .order_by(AuditEvent.at))
             out["series"].append({
                 "series_instance_uid": se.series_instance_uid, "modality": se.modality,
                 "description": se.series_description, "state": se.state, "version": se.version,
@@ -211,8 +210,7 @@ def create_app(settings: Settings, db: Database | None = None) -> FastAPI:
                     "abnormal_cm3": r.abnormal_cm3, "lesions": r.lesions, "report_state": r.report_state,
                     "report_error": r.report_error, "outputs": r.outputs or [], "created_at": r.created_at,
                     "deliveries": deliveries[r.id]} for r in results],
-                "timeline": [{"at": e.at, "actor": e.actor, "action": e.action, "detail": e.detail}
-                             for e in events],
+                "timeline": series_timeline(s, se),
             })
         return out
 

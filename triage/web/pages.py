@@ -38,7 +38,7 @@ from storage.models import (
     WebSession,
     utcnow,
 )
-from triage.audit import audit_events
+from triage.audit import audit_events, object_name, series_timeline
 from triage.bundles import configured_bundles, find_bundle
 from triage.config import Settings
 from triage.dispatch import Sender
@@ -248,7 +248,7 @@ def pages_router(settings: Settings, db: Database, blobs: BlobStore, sender: Sen
                     what = {o["sop_instance"]: o["what"] for o in res.outputs or []}
                     deliveries[res.id] = [
                         {"id": d.id, "destination": d.destination, "state": d.state, "attempts": d.attempts,
-                         "last_error": d.last_error, "what": _object_name(what.get(d.sop_instance_uid, ""))}
+                         "last_error": d.last_error, "what": object_name(what.get(d.sop_instance_uid, ""))}
                         for d in s.scalars(select(Delivery).where(Delivery.result_id == res.id)
                                            .order_by(Delivery.id))]
                     for n in s.scalars(select(Notification).where(Notification.result_id == res.id)
@@ -257,9 +257,8 @@ def pages_router(settings: Settings, db: Database, blobs: BlobStore, sender: Sen
                             {"id": None, "destination": n.target, "state": n.state, "attempts": n.attempts,
                              "last_error": n.last_error, "what": "webhook" if n.channel == "webhook"
                              else "HL7 ORU^R01"})
-                events = list(s.scalars(select(AuditEvent).where(AuditEvent.series_id == se.id)
-                                        .order_by(AuditEvent.at)))
-                series.append({"row": se, "results": results, "deliveries": deliveries, "events": events,
+                series.append({"row": se, "results": results, "deliveries": deliveries,
+                               "events": series_timeline(s, se),
                                "reference": {x.id: find_bundle(settings, x.bundle_name, x.bundle_version)
                                              is not None for x in results}})
         return page(request, "study.html", study=st, series=series, user=user, csrf=ws.csrf_token,
@@ -331,14 +330,6 @@ def pages_router(settings: Settings, db: Database, blobs: BlobStore, sender: Sen
         return _admin_action(request, delivery_id, csrf, back, "cancel")
 
     return r
-
-
-def _object_name(what: str) -> str:
-    if what == "sr":
-        return "SR"
-    if what.startswith("seg"):
-        return "SEG"
-    return "key image" if what.startswith("sc") else what
 
 
 def login_redirect(request: Request, exc: Exception) -> RedirectResponse:
