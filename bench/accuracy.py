@@ -4,9 +4,10 @@
 
 KIND is cxr or bct. JSON overrides the cpu-KIND preset and the run:
 ``{"strategy": "conditional", "glow": {"coords": true}, "prep": {"n_bits": 5}, "ep": 4,
-"fep": 2, "freeze": 1, "n": 1500, "nt": 600, "nv": 400, "seed": 0}``; with ``nv`` a labelled validation
-set (seed 14) lets the bundle choose its score (whole-image posterior or a map score), and
-the chosen score is reported beside the whole-image posterior and the likelihood.
+"fep": 2, "freeze": 1, "n": 1500, "nt": 600, "nv": 400, "seed": 0, "ema": 0.98}``; with ``nv``
+a labelled validation set (seed 14) lets the bundle choose its score (whole-image posterior
+or a map score), and the chosen score is reported beside the whole-image posterior and the
+likelihood.
 Normal set seed 11, mixture seed 12 (50 % abnormal), test seed 13 (50 % abnormal). Prints
 one JSON line (AUROC overall and per finding, Spearman rho of each score with the
 zero-pixel fraction) and appends it to runs/accuracy.jsonl; the per-case test scores go to
@@ -68,7 +69,8 @@ def main() -> None:
                      options=BuildOptions(strategy=cfg.get("strategy"),
                                           epochs=cfg.get("ep"), finetune_epochs=cfg.get("fep"),
                                           freeze_levels=cfg.get("freeze"),
-                                          seed=cfg.get("seed", 0), progress=False))
+                                          seed=cfg.get("seed", 0), ema_decay=cfg.get("ema"),
+                                          progress=False))
     scored = PosteriorScorer(b).score(timg)
     l0 = scored.log_p_normal
     post = scored.abnormality

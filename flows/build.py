@@ -59,6 +59,7 @@ class BuildOptions:
     # would place every new case too low. 0 disables (the reference is then the training set).
     reference_holdout: float = 0.1
     min_reference: int = 10
+    ema_decay: float | None = None  # None: the preset's
 
 
 def split_reference(mixture: np.ndarray, fraction: float, minimum: int, seed: int
@@ -93,12 +94,12 @@ def build_bundle(out: str | Path, *, preset: Preset, normal: np.ndarray, mixture
         log(f"{len(held)} mixture images held out of training for the reference distribution")
     scratch = TrainOptions.from_preset(preset, epochs=opts.epochs, batch_size=opts.batch_size,
                                        seed=opts.seed, augment_shift=opts.augment_shift,
-                                       max_seconds=opts.max_seconds_per_model)
+                                       max_seconds=opts.max_seconds_per_model, ema_decay=opts.ema_decay)
     tune = TrainOptions.from_preset(
         preset, epochs=opts.finetune_epochs or preset.finetune_epochs or preset.epochs,
         lr=opts.finetune_lr or preset.finetune_lr or preset.lr, batch_size=opts.batch_size,
         seed=opts.seed + 1, augment_shift=opts.augment_shift, warmup_steps=1,
-        max_seconds=opts.max_seconds_per_model, keep_best=False, patience=10**6,
+        max_seconds=opts.max_seconds_per_model, keep_best=False, patience=10**6, ema_decay=opts.ema_decay,
         freeze_levels=opts.freeze_levels if opts.freeze_levels is not None else preset.finetune_freeze)
 
     def fit(images: np.ndarray, label: str, o: TrainOptions, init: TrainResult | None,

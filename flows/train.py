@@ -15,11 +15,12 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from flows.atomic import torch_save
 from flows.glow import Glow
@@ -141,12 +142,17 @@ class TrainOptions:
     max_seconds: float | None = None
     keep_best: bool = True  # end with the best-validation weights (else the last ones)
     freeze_levels: int = 0  # fine-tuning: keep the k finest levels as loaded
+    # Exponential moving average of the weights (0 = off): validation, the best state and the
+    # final model use the averaged weights, which carry less of the last steps' SGD noise
+    # (a bundle's posterior is a difference of two models, so that noise does not cancel).
+    ema_decay: float = 0.0
 
     @classmethod
     def from_preset(cls, preset: Preset, **kw: Any) -> TrainOptions:
         base: dict[str, Any] = dict(epochs=preset.epochs, lr=preset.lr, batch_size=preset.batch_size,
                                     weight_decay=preset.weight_decay,
-                                    warmup_steps=preset.warmup_steps, grad_clip=preset.grad_clip)
+                                    warmup_steps=preset.warmup_steps, grad_clip=preset.grad_clip,
+                                    ema_decay=preset.ema_decay)
         base.update({k: v for k, v in kw.items() if v is not None})
         return cls(**base)
 
@@ -236,6 +242,8 @@ def train(images: np.ndarray, preset: Preset, *, out_dir: str | Path | None = No
     model.freeze_finest(opts.freeze_levels)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(trainable, lr=opts.lr, weight_decay=opts.weight_decay)
+    if not 0.0 <= opts.ema_decay < 1.0:
+        raise ValueError(f"ema_decay must be in [0, 1), got {opts.ema_decay}")
     history: list[dict[str, float]] = []
     step, start_epoch, skipped, bad_run = 0, 0, 0, 0
     best_val, best_state, since_best = math.inf, None, 0
@@ -256,6 +264,12 @@ def train(images: np.ndarray, preset: Preset, *, out_dir: str | Path | None = No
         k = min(len(trn), 256)
         model.initialize(dequantize(torch.from_numpy(trn[:k]).to(dev), n_bits, noise=True,
                                     generator=gen), _cond(trn_c, slice(0, k), dev))
+    # after ActNorm's initialisation, so the average starts from initialised weights
+    ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(opts.ema_decay))
+           if opts.ema_decay > 0 else None)
+    if ema is not None and resume and ckpt is not None and ckpt.exists():
+        ema.load_state_dict(torch.load(ckpt, map_location=dev, weights_only=False)["ema"])
+    scored = cast(Glow, ema.module) if ema is not None else model  # what validation and the result use
 
     def save_checkpoint(epoch: int) -> None:
         if ckpt is None:
@@ -264,7 +278,8 @@ def train(images: np.ndarray, preset: Preset, *, out_dir: str | Path | None = No
                       "epoch": epoch, "skipped": skipped, "history": history, "best_val": best_val,
                       "since_best": since_best, "best_state": best_state,
                       "np_rng": rng.bit_generator.state, "torch_gen": gen.get_state(),
-                      "torch_rng": torch.get_rng_state(), "preset": preset.name}, ckpt)
+                      "torch_rng": torch.get_rng_state(), "preset": preset.name,
+                      "ema": ema.state_dict() if ema is not None else None}, ckpt)
 
     t0 = time.monotonic()
     stopped_early = False
@@ -295,6 +310,8 @@ def train(images: np.ndarray, preset: Preset, *, out_dir: str | Path | None = No
                     ok = bool(torch.isfinite(gnorm))
                 if ok:
                     opt.step()
+                    if ema is not None:
+                        ema.update_parameters(model)
                     bad_run = 0
                     run_loss += float(loss.detach()) * len(idx)
                     run_n += len(idx)
@@ -312,14 +329,14 @@ def train(images: np.ndarray, preset: Preset, *, out_dir: str | Path | None = No
                 if ckpt is not None and step % opts.checkpoint_every == 0:
                     save_checkpoint(epoch)
             train_bpd = run_loss / max(run_n, 1)
-            val_bpd = (evaluate_bpd(model, val, n_bits, dev, opts.batch_size, val_c)
+            val_bpd = (evaluate_bpd(scored, val, n_bits, dev, opts.batch_size, val_c)
                        if len(val) else train_bpd)
             history.append({"epoch": epoch + 1, "step": step, "train_bpd": train_bpd,
                             "val_bpd": val_bpd, "seconds": time.monotonic() - t0})
             bar.update(task, val=val_bpd)
             if val_bpd < best_val - 1e-4:
                 best_val, since_best = val_bpd, 0
-                best_state = copy.deepcopy(model.state_dict())
+                best_state = copy.deepcopy(scored.state_dict())
             else:
                 since_best += 1
             save_checkpoint(epoch + 1)
@@ -333,6 +350,8 @@ def train(images: np.ndarray, preset: Preset, *, out_dir: str | Path | None = No
                 break
     if opts.keep_best and best_state is not None:
         model.load_state_dict(best_state)
+    elif ema is not None:
+        model.load_state_dict(scored.state_dict())
     model.freeze_finest(0)
     model.eval()
     result = TrainResult(model=model, history=history, best_val_bpd=best_val, skipped_steps=skipped,

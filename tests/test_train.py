@@ -51,6 +51,30 @@ def test_resume_continues_where_it_stopped(tmp_path: Path) -> None:
         assert torch.allclose(va, vb, atol=1e-6), k
 
 
+def test_weight_average_is_the_model_returned_and_survives_resume(tmp_path: Path) -> None:
+    x, _ = blobs(48, (16, 16))
+    plain = train(x, PRESET, options=_opts(epochs=2, keep_best=False), progress=False)
+    ema = train(x, PRESET, options=_opts(epochs=2, keep_best=False, ema_decay=0.9), progress=False)
+    # same seed and steps: only the averaging differs, and it is what comes back
+    moved = [k for (k, a), b in zip(plain.model.state_dict().items(), ema.model.state_dict().values(),
+                                    strict=True) if a.is_floating_point() and not torch.equal(a, b)]
+    assert moved
+    # an average that forgets at once is the last weights: the average follows every step
+    last = train(x, PRESET, options=_opts(epochs=2, keep_best=False, ema_decay=1e-9), progress=False)
+    for (k, a), b in zip(plain.model.state_dict().items(), last.model.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, atol=1e-5), k
+    # the average lags behind: its validation bits/dim is not the last weights'
+    assert ema.history[-1]["val_bpd"] != plain.history[-1]["val_bpd"]
+    train(x, PRESET, out_dir=tmp_path, options=_opts(epochs=1, keep_best=False, ema_decay=0.9),
+          progress=False)
+    resumed = train(x, PRESET, out_dir=tmp_path, options=_opts(epochs=2, keep_best=False, ema_decay=0.9),
+                    resume=True, progress=False)
+    for (k, va), vb in zip(ema.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
+        assert torch.allclose(va, vb, atol=1e-6), k
+    with pytest.raises(ValueError, match="ema_decay"):
+        train(x, PRESET, options=_opts(epochs=1, ema_decay=1.0), progress=False)
+
+
 def test_non_finite_steps_are_skipped_and_reported(monkeypatch: pytest.MonkeyPatch) -> None:
     import flows.train as ft
 
