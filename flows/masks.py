@@ -38,6 +38,23 @@ def _ball(radius_mm: float, spacing: tuple[float, ...]) -> np.ndarray:
     return ((zz * spacing[0]) ** 2 + (yy * spacing[1]) ** 2 + (xx * spacing[2]) ** 2) <= radius_mm ** 2
 
 
+def ball_closing(mask: np.ndarray, radius_mm: float, spacing: tuple[float, ...]) -> np.ndarray:
+    """Binary closing with the Euclidean ball of :func:`_ball`, by two distance transforms.
+
+    Dilation by a ball of radius r is {x : dist(x, mask) <= r} and erosion keeps the voxels
+    whose nearest background lies farther than r, so this equals ``binary_closing(mask,
+    _ball(r, spacing))`` wherever the ball stays inside the array (callers pad by the ball's
+    radius) at O(voxels) instead of O(voxels x ball): 15 mm at 2 mm is a 2 000-voxel ball.
+    """
+    r = radius_mm * (1.0 + 1e-9)  # the ball includes its surface; keep ties on that side
+    if not mask.any():
+        return np.zeros(mask.shape, dtype=bool)
+    grown = ndimage.distance_transform_edt(~mask, sampling=spacing) <= r
+    if grown.all():
+        return grown
+    return np.asarray(ndimage.distance_transform_edt(grown, sampling=spacing) > r)
+
+
 def lung_mask(hu: np.ndarray, spacing: tuple[float, float, float], *,
               threshold_hu: float = -400.0, min_cm3: float = 50.0,
               closing_mm: float = 15.0) -> np.ndarray:
@@ -69,7 +86,7 @@ def lung_mask(hu: np.ndarray, spacing: tuple[float, float, float], *,
         hi = [min(n, s.stop + p) for s, p, n in zip(box, pad, vol.shape, strict=True)]
         sl = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
         one = np.pad(labels[sl] == lab, [(int(p), int(p)) for p in pad])
-        closed = ndimage.binary_closing(one, structure=ball)
+        closed = ball_closing(one, closing_mm, spacing)
         closed = closed[tuple(slice(int(p), -int(p)) for p in pad)]
         for k in range(closed.shape[0]):
             closed[k] = ndimage.binary_fill_holes(closed[k])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from flows.masks import intracranial_mask, lung_mask
+from flows.masks import _ball, ball_closing, intracranial_mask, lung_mask
 from flows.patchmap import PatchMapError, sample_patches
 from flows.phantoms import make_headct
 from flows.phantoms.chestct import CHESTCT_FINDINGS, make_chestct
@@ -64,6 +64,24 @@ def test_lung_mask_matches_the_phantom_lungs(ct) -> None:  # type: ignore[no-unt
         if ct.labels[i]:  # lesions touching the parenchyma are brought back into the mask
             les = ct.masks[i, 0]
             assert (m & les).sum() / les.sum() > 0.5
+
+
+@pytest.mark.parametrize(("spacing", "radius"), [
+    ((2.0, 2.0, 2.0), 15.0), ((2.8, 2.1, 2.1), 15.0), ((4.0, 4.0, 4.0), 15.0), ((2.0, 2.0, 2.0), 6.0),
+    ((1.25, 0.7, 0.7), 6.0),  # (15 mm at 0.7 mm is a 43x43x25 ball: scipy's closing takes a minute)
+    ((3.0, 1.4, 1.4), 6.0)])
+def test_ball_closing_equals_morphological_closing(spacing: tuple[float, float, float],
+                                                   radius: float) -> None:
+    from scipy import ndimage
+
+    ball = _ball(radius, spacing)
+    pad = [(int(p), int(p)) for p in np.array(ball.shape) // 2 + 1]
+    rng = np.random.default_rng(int(radius))
+    blob = np.pad(ndimage.gaussian_filter(rng.random((20, 28, 28)), 2) > 0.52, pad)
+    expected = ndimage.binary_closing(blob, structure=ball)
+    got = ball_closing(blob, radius, spacing)
+    assert got.dtype == bool and np.array_equal(got, expected)
+    assert not ball_closing(np.zeros_like(blob), radius, spacing).any()
 
 
 def test_intracranial_mask_holds_the_head_ct_lesions() -> None:
