@@ -61,11 +61,13 @@ class MapCalibration:
     def percentile(self, abnormal_cm3: float) -> float | None:
         """Where an abnormal volume falls among the validation normals' (0-100), so that map
         results rank against each other and beside whole-image results; None without a
-        reference."""
+        reference. Ties take the mid-rank: most normals have an abnormal volume of exactly
+        0 cm³, and a new 0 cm³ volume is in the middle of them, not above them all."""
         if not self.reference_cm3:
             return None
-        ref = np.sort(np.asarray(self.reference_cm3, dtype=np.float64))
-        return float(100.0 * np.searchsorted(ref, abnormal_cm3, side="right") / ref.size)
+        from scipy.stats import percentileofscore
+
+        return float(percentileofscore(self.reference_cm3, abnormal_cm3, kind="mean"))
 
 
 @dataclass

@@ -50,7 +50,7 @@ def test_patch_bundle_records_its_map_calibration(patch_bundle: Bundle) -> None:
 
 def test_map_percentile_reads_the_abnormal_volume_against_validation_normals(patch_bundle: Bundle) -> None:
     cal = replace(map_calibration(patch_bundle), reference_cm3=[0.0, 0.0, 1.0, 3.0])
-    assert cal.percentile(0.0) == 50.0
+    assert cal.percentile(0.0) == 25.0  # the mid-rank of the two normals at 0 cm³
     assert cal.percentile(2.0) == 75.0
     assert cal.percentile(3.5) == 100.0
     assert replace(cal, reference_cm3=[]).percentile(5.0) is None  # bundles from before the reference
