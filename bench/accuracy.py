@@ -75,6 +75,7 @@ def main() -> None:
     l0 = scored.log_p_normal
     post = scored.abnormality
     res: dict[str, object] = {"tag": tag, "kind": kind, "cfg": cfg, "chosen_score": scored.method,
+                              "ema_decay": cfg.get("ema", p.ema_decay),  # what was used
                               "validation_auroc": b.calibration.choice.validation_auroc}
     for name, s in (("posterior", post), ("likelihood", -l0), ("chosen", scored.score)):
         ci = roc_auc_ci(test.labels, s, n_boot=500)

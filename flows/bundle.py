@@ -104,6 +104,9 @@ class Bundle:
     m1: FlowModel
     calibration: Calibration
     map_reference: MapReference | None = None
+    # extra files as verified at load: a running node keeps using what it checked, even if
+    # the file on disk is rewritten (e.g. by `triage calibrate`) before it reloads
+    extras: dict[str, bytes] = field(default_factory=dict)
     preprocessing: Preprocessing = field(init=False)
 
     def __post_init__(self) -> None:
@@ -128,6 +131,8 @@ class Bundle:
         """An extra file the bundle was saved with (verified on load), or None."""
         if fname not in self.manifest.get("files", {}):
             return None
+        if fname in self.extras:
+            return self.extras[fname]
         return (self.path / fname).read_bytes()
 
     @property
@@ -253,6 +258,9 @@ def load_bundle(path: str | Path, *, expect: Preprocessing | None = None,
         if sha256_file(fp) != files[fname]:
             raise BundleError(f"{root}: {fname} is corrupted or was modified "
                               "(sha256 does not match the manifest)")
+    # the small extra files, kept as verified (weights are loaded below)
+    extras = {f: (root / f).read_bytes() for f in optional
+              if f != MAP_REFERENCE and (root / f).stat().st_size <= 1 << 20}
     config = GlowConfig(**manifest["glow"])
     conditions = manifest.get("conditions") or {}
     models: list[FlowModel] = []
@@ -278,4 +286,4 @@ def load_bundle(path: str | Path, *, expect: Preprocessing | None = None,
         with np.load(root / MAP_REFERENCE, allow_pickle=False) as z:
             ref = MapReference(median=z["median"], spread=z["spread"])
     return Bundle(path=root, manifest=manifest, m0=models[0], m1=models[1], calibration=cal,
-                  map_reference=ref)
+                  map_reference=ref, extras=extras)

@@ -35,7 +35,9 @@ def _border_labels(labels: np.ndarray, slices_too: bool = True) -> np.ndarray:
 def _ball(radius_mm: float, spacing: tuple[float, ...]) -> np.ndarray:
     r = [max(1, round(radius_mm / s)) for s in spacing]
     zz, yy, xx = np.ogrid[-r[0]:r[0] + 1, -r[1]:r[1] + 1, -r[2]:r[2] + 1]
-    return ((zz * spacing[0]) ** 2 + (yy * spacing[1]) ** 2 + (xx * spacing[2]) ** 2) <= radius_mm ** 2
+    # the same tolerance as ball_closing: a voxel on the surface is in, whatever the rounding
+    r2 = (radius_mm * (1.0 + 1e-9)) ** 2
+    return ((zz * spacing[0]) ** 2 + (yy * spacing[1]) ** 2 + (xx * spacing[2]) ** 2) <= r2
 
 
 def ball_closing(mask: np.ndarray, radius_mm: float, spacing: tuple[float, ...]) -> np.ndarray:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -218,7 +218,9 @@ def map_calibration(bundle: Bundle) -> MapCalibration:
     if raw is None:
         raise BundleError(f"{bundle.path}: no patch models ({PATCHMAP_FILE} missing); this "
                           "bundle scores whole images only")
-    return MapCalibration(**json.loads(raw))
+    known = {f.name for f in fields(MapCalibration)}
+    # keys a newer version added are ignored, so a bundle re-calibrated later still loads here
+    return MapCalibration(**{k: v for k, v in json.loads(raw).items() if k in known})
 
 
 class PatchMapScorer:

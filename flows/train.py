@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -26,6 +27,8 @@ from flows.atomic import torch_save
 from flows.glow import Glow
 from flows.presets import Preset
 from flows.quantize import bits_per_dim, dequantize
+
+log = logging.getLogger(__name__)
 
 ImageLoader = Callable[[Path], "np.ndarray | None"]
 _LOADERS: list[ImageLoader] = []
@@ -250,6 +253,7 @@ def train(images: np.ndarray, preset: Preset, *, out_dir: str | Path | None = No
     ckpt = Path(out_dir) / "checkpoint.pt" if out_dir else None
     if ckpt is not None:
         ckpt.parent.mkdir(parents=True, exist_ok=True)
+    st: dict[str, Any] | None = None  # the checkpoint resumed from
     if resume and ckpt is not None and ckpt.exists():
         st = torch.load(ckpt, map_location=dev, weights_only=False)
         model.load_state_dict(st["model"])
@@ -267,8 +271,11 @@ def train(images: np.ndarray, preset: Preset, *, out_dir: str | Path | None = No
     # after ActNorm's initialisation, so the average starts from initialised weights
     ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(opts.ema_decay))
            if opts.ema_decay > 0 else None)
-    if ema is not None and resume and ckpt is not None and ckpt.exists():
-        ema.load_state_dict(torch.load(ckpt, map_location=dev, weights_only=False)["ema"])
+    if ema is not None and st is not None:
+        if st.get("ema") is not None:
+            ema.load_state_dict(st["ema"])
+        else:  # a checkpoint written without averaging: the average starts at the resumed weights
+            log.info("%s: checkpoint has no weight average; it starts from the resumed weights", label)
     scored = cast(Glow, ema.module) if ema is not None else model  # what validation and the result use
 
     def save_checkpoint(epoch: int) -> None:

@@ -59,17 +59,34 @@ def test_a_rerun_analyses_afresh_and_a_foreign_folder_is_refused(tmp_path: Path)
     out = tmp_path / "demo"
     (out / "node").mkdir(parents=True)
     (out / "node" / "triage.db").write_text("an earlier run's results")
-    (out / "studies").mkdir()
+    (out / "studies" / "cxr-normal").mkdir(parents=True)
+    (out / "studies" / "cxr-normal" / "labels.csv").write_text("case,label\n")
     (out / "mine.txt").write_text("not the demo's")
-    fresh_workdir(out)  # an earlier demo's folder: its own entries go, nothing else
+    fresh_workdir(out)  # an earlier demo's folder (from before the marker): its own entries go
     assert not (out / "node").exists() and not (out / "studies").exists()
     assert (out / "mine.txt").is_file() and (out / ".triage-demo").is_file()
-    foreign = tmp_path / "data"
-    foreign.mkdir()
+    fresh_workdir(out)  # marked now
+    # a folder that merely has "studies" and "node" (someone's home, say) is not the demo's
+    foreign = tmp_path / "home"
+    (foreign / "studies" / "2024").mkdir(parents=True)
+    (foreign / "studies" / "2024" / "ct.dcm").write_bytes(b"precious")
     (foreign / "node").mkdir()
+    (foreign / "report").mkdir()
     with pytest.raises(FileExistsError, match="not a triage demo folder"):
         fresh_workdir(foreign)
-    assert (foreign / "node").is_dir()
+    assert (foreign / "studies" / "2024" / "ct.dcm").read_bytes() == b"precious"
+    assert (foreign / "node").is_dir() and (foreign / "report").is_dir()
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(FileExistsError, match="is a file"):
+        fresh_workdir(tmp_path / "a-file")
+    # a marker that is a link is replaced, not written through
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep")
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / ".triage-demo").symlink_to(victim)
+    fresh_workdir(linked)
+    assert victim.read_text() == "keep" and not (linked / ".triage-demo").is_symlink()
 
 
 def test_demo_without_bundles_says_how_to_get_them(tmp_path: Path) -> None:

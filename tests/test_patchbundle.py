@@ -56,6 +56,26 @@ def test_map_percentile_reads_the_abnormal_volume_against_validation_normals(pat
     assert replace(cal, reference_cm3=[]).percentile(5.0) is None  # bundles from before the reference
 
 
+def test_calibration_from_a_newer_version_loads_and_a_rewrite_does_not_reach_a_loaded_bundle(
+        patch_bundle: Bundle, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    from flows.bundle import add_extra, load_bundle
+
+    copy = tmp_path / "b"
+    shutil.copytree(patch_bundle.path, copy)
+    cal = json.loads((copy / "patchmap.json").read_text())
+    add_extra(copy, "patchmap.json", json.dumps({**cal, "added_later": [1, 2]}).encode())
+    loaded = load_bundle(copy)
+    assert map_calibration(loaded).voxel_threshold == cal["voxel_threshold"]
+    # rewritten on disk after loading (as `triage calibrate` does): the loaded bundle keeps
+    # the calibration it verified
+    add_extra(copy, "patchmap.json", json.dumps({**cal, "voxel_threshold": 123.0}).encode())
+    assert map_calibration(loaded).voxel_threshold == cal["voxel_threshold"]
+    assert map_calibration(load_bundle(copy)).voxel_threshold == 123.0
+
+
 def test_scorer_maps_a_volume_on_its_own_finer_grid(patch_bundle: Bundle) -> None:
     s = make_chestct(1, shape=(32, 48, 64), spacing_mm=4.0, abnormal_fraction=1.0,
                      findings=["consolidation"], seed=7)

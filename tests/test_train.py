@@ -73,6 +73,12 @@ def test_weight_average_is_the_model_returned_and_survives_resume(tmp_path: Path
         assert torch.allclose(va, vb, atol=1e-6), k
     with pytest.raises(ValueError, match="ema_decay"):
         train(x, PRESET, options=_opts(epochs=1, ema_decay=1.0), progress=False)
+    # a checkpoint written without averaging resumes with it (the average starts there)
+    plain_dir = tmp_path / "plain"
+    train(x, PRESET, out_dir=plain_dir, options=_opts(epochs=1, keep_best=False), progress=False)
+    res = train(x, PRESET, out_dir=plain_dir, options=_opts(epochs=2, keep_best=False, ema_decay=0.9),
+                resume=True, progress=False)
+    assert len(res.history) == 2
 
 
 def test_non_finite_steps_are_skipped_and_reported(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -209,7 +209,9 @@ def calibrate(
 
     Chooses the map (likelihood or posterior ratio, per patch or per voxel), its voxel
     threshold, T and the reference of normal abnormal-volumes that percentiles are read
-    against; the manifest's hashes are updated. For a site's own validation volumes.
+    against; the manifest's hashes are updated. The set is a labelled .npz (images in HU,
+    labels, spacing: the format in models/README.md), e.g. a site's own volumes. The bundle
+    keeps its name and version; a running node uses the new calibration after a restart.
     """
     from flows.bundle import BundleError, load_bundle
     from flows.patchbundle import calibrate_patch_bundle, map_calibration
@@ -695,7 +697,7 @@ def demo(
                        keep_running=keep_running)
     try:
         run_demo(opts, Console())
-    except (FileNotFoundError, FileExistsError, TimeoutError, ConnectionError, RuntimeError) as exc:
+    except (OSError, TimeoutError, RuntimeError) as exc:  # OSError: files, folders, connections
         raise _fail(str(exc)) from exc
 
 

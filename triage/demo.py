@@ -95,7 +95,11 @@ def fresh_workdir(out: Path) -> None:
     them as duplicates and show that run's results (from whatever models it had). Only a
     folder marked as a demo's is cleared, and only the demo's own entries in it.
     """
-    earlier = (out / MARKER).is_file() or ((out / "studies").is_dir() and (out / "node").is_dir())
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file; give --out a new or empty folder")
+    # a folder from before the marker: the demo's own database and phantom label files
+    earlier = (out / MARKER).is_file() or (
+        (out / "node" / "triage.db").is_file() and any((out / "studies").glob("*/labels.csv")))
     if out.exists() and not earlier and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty and not a triage demo folder; give --out an "
                               "empty or new folder (the demo replaces what it writes there)")
@@ -106,6 +110,7 @@ def fresh_workdir(out: Path) -> None:
             shutil.rmtree(p)
         elif p.exists() or p.is_symlink():
             p.unlink()
+    (out / MARKER).unlink(missing_ok=True)  # never write through a link someone left there
     (out / MARKER).write_text("a triage demo's working folder; `triage demo` replaces its contents\n",
                               encoding="utf-8")
 
