@@ -4,7 +4,8 @@
 
 KIND is cxr or bct. JSON overrides the cpu-KIND preset and the run:
 ``{"strategy": "conditional", "glow": {"coords": true}, "prep": {"n_bits": 5}, "ep": 4,
-"fep": 2, "freeze": 1, "n": 1500, "nt": 600, "nv": 400, "seed": 0, "ema": 0.98}``; with ``nv``
+"fep": 2, "freeze": 1, "n": 1500, "nt": 600, "nv": 400, "seed": 0, "ema": 0.98,
+"members": 1}``; with ``nv``
 a labelled validation set (seed 14) lets the bundle choose its score (whole-image posterior
 or a map score), and the chosen score is reported beside the whole-image posterior and the
 likelihood.
@@ -70,6 +71,7 @@ def main() -> None:
                                           epochs=cfg.get("ep"), finetune_epochs=cfg.get("fep"),
                                           freeze_levels=cfg.get("freeze"),
                                           seed=cfg.get("seed", 0), ema_decay=cfg.get("ema"),
+                                          members=cfg.get("members", 1),
                                           progress=False))
     scored = PosteriorScorer(b).score(timg)
     l0 = scored.log_p_normal

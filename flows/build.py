@@ -29,7 +29,7 @@ import numpy as np
 
 from flows.bundle import Bundle, Calibration, load_bundle, save_bundle
 from flows.densitymap import ScoreChoice, abnormality_maps, choose_score, log_p_maps, map_scores
-from flows.glow import Conditioned, FlowModel
+from flows.glow import Averaged, Conditioned, FlowModel
 from flows.posterior import two_model_scores
 from flows.presets import Preset
 from flows.train import TrainOptions, TrainResult, fingerprint, train
@@ -60,6 +60,9 @@ class BuildOptions:
     reference_holdout: float = 0.1
     min_reference: int = 10
     ema_decay: float | None = None  # None: the preset's
+    # independently trained (M0, M1) pairs whose log-densities are averaged (flows.glow.Averaged);
+    # member k trains with seeds + 1000 k. Each member costs one more training.
+    members: int = 1
 
 
 def split_reference(mixture: np.ndarray, fraction: float, minimum: int, seed: int
@@ -103,44 +106,59 @@ def build_bundle(out: str | Path, *, preset: Preset, normal: np.ndarray, mixture
         freeze_levels=opts.freeze_levels if opts.freeze_levels is not None else preset.finetune_freeze)
 
     def fit(images: np.ndarray, label: str, o: TrainOptions, init: TrainResult | None,
-            init_name: str = "") -> TrainResult:
+            init_name: str = "", work: Path = out / "work") -> TrainResult:
         how = f"fine-tuned from {init_name}" if init else "from scratch"
         log(f"training {label} on {len(images)} images ({preset.name}, {how})")
-        return train(images, preset, out_dir=out / "work" / label.lower(), options=o,
+        return train(images, preset, out_dir=work / label.lower(), options=o,
                      init_state=init.model.state_dict() if init else None, device=opts.device,
                      progress=opts.progress, label=label)
 
-    base: TrainResult | None = None
-    m0: FlowModel
-    m1: FlowModel
-    if opts.strategy == "conditional":
-        cp = replace(preset, glow=replace(preset.glow, conditions=2))
-        log(f"training a conditional Glow on {len(normal)} normal + {len(mixture)} mixture images "
-            f"({preset.name})")
-        joint = train(np.concatenate([normal, mixture]), cp, out_dir=out / "work" / "joint",
-                      options=scratch, device=opts.device, progress=opts.progress, label="M0|M1",
-                      conditions=np.repeat([0, 1], [len(normal), len(mixture)]))
-        m0, m1 = Conditioned(joint.model, 0), Conditioned(joint.model, 1)
-        metrics = {"joint": joint.metrics}
-    elif opts.strategy == "independent":
-        r0 = fit(normal, "M0", scratch, None)
-        r1 = fit(mixture, "M1", TrainOptions(**{**scratch.__dict__, "seed": opts.seed + 1}), None)
-    elif opts.strategy == "finetune-m1":
-        r0 = fit(normal, "M0", scratch, None)
-        r1 = fit(mixture, "M1", tune, r0, "M0")
-    elif opts.strategy == "finetune-m0":
-        r1 = fit(mixture, "M1", scratch, None)
-        r0 = fit(normal, "M0", tune, r1, "M1")
-    else:
-        base = fit(np.concatenate([normal, mixture]), "base", scratch, None)
-        r0 = fit(normal, "M0", tune, base, "base")
-        r1 = fit(mixture, "M1", tune, base, "base")
-
-    if opts.strategy != "conditional":
-        m0, m1 = r0.model, r1.model
-        metrics = {"m0": r0.metrics, "m1": r1.metrics}
+    def pair(k: int) -> tuple[FlowModel, FlowModel, dict[str, Any]]:
+        """Member k's M0 and M1, by the strategy; member k > 0 differs only in its seeds."""
+        sc = replace(scratch, seed=scratch.seed + 1000 * k)
+        tn = replace(tune, seed=tune.seed + 1000 * k)
+        work = out / "work" / (f"member{k}" if k else "")
+        if opts.strategy == "conditional":
+            cp = replace(preset, glow=replace(preset.glow, conditions=2))
+            log(f"training a conditional Glow on {len(normal)} normal + {len(mixture)} mixture images "
+                f"({preset.name})")
+            joint = train(np.concatenate([normal, mixture]), cp, out_dir=work / "joint",
+                          options=sc, device=opts.device, progress=opts.progress, label="M0|M1",
+                          conditions=np.repeat([0, 1], [len(normal), len(mixture)]))
+            return Conditioned(joint.model, 0), Conditioned(joint.model, 1), {"joint": joint.metrics}
+        base: TrainResult | None = None
+        if opts.strategy == "independent":
+            r0 = fit(normal, "M0", sc, None, work=work)
+            r1 = fit(mixture, "M1", replace(sc, seed=sc.seed + 1), None, work=work)
+        elif opts.strategy == "finetune-m1":
+            r0 = fit(normal, "M0", sc, None, work=work)
+            r1 = fit(mixture, "M1", tn, r0, "M0", work=work)
+        elif opts.strategy == "finetune-m0":
+            r1 = fit(mixture, "M1", sc, None, work=work)
+            r0 = fit(normal, "M0", tn, r1, "M1", work=work)
+        else:
+            base = fit(np.concatenate([normal, mixture]), "base", sc, None, work=work)
+            r0 = fit(normal, "M0", tn, base, "base", work=work)
+            r1 = fit(mixture, "M1", tn, base, "base", work=work)
+        metrics: dict[str, Any] = {"m0": r0.metrics, "m1": r1.metrics}
         if base is not None:
             metrics["base"] = base.metrics
+        return r0.model, r1.model, metrics
+
+    if opts.members < 1:
+        raise ValueError(f"members must be >= 1, got {opts.members}")
+    pairs = []
+    for k in range(opts.members):
+        if opts.members > 1:
+            log(f"ensemble member {k + 1} of {opts.members}")
+        pairs.append(pair(k))
+    m0: FlowModel
+    m1: FlowModel
+    if opts.members == 1:
+        m0, m1, metrics = pairs[0]
+    else:  # the mean log-density of the members (flows.glow.Averaged)
+        m0, m1 = Averaged([p[0] for p in pairs]), Averaged([p[1] for p in pairs])  # type: ignore[misc]
+        metrics = {**pairs[0][2], "member_metrics": [p[2] for p in pairs]}
     n_bits = preset.preprocessing.n_bits
     choice, map_ref = ScoreChoice(None, {}), None
     val_labels = val_scores = None
@@ -167,6 +185,7 @@ def build_bundle(out: str | Path, *, preset: Preset, normal: np.ndarray, mixture
     training: dict[str, Any] = {
         "strategy": opts.strategy,
         "seed": opts.seed,
+        "members": opts.members,
         "normal": fingerprint(normal),
         "mixture": fingerprint(mixture),
         "reference": {"source": "held-out mixture" if held is not None else "training mixture",

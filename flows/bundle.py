@@ -31,7 +31,7 @@ import torch
 
 from flows.atomic import torch_save, write_bytes
 from flows.densitymap import MapReference, ScoreChoice
-from flows.glow import Conditioned, FlowModel, Glow, GlowConfig
+from flows.glow import Averaged, Conditioned, FlowModel, Glow, GlowConfig
 from flows.preprocess import Preprocessing
 
 FORMAT_VERSION = 1
@@ -139,7 +139,8 @@ class Bundle:
     def fingerprint(self) -> str:
         """Changes whenever any weight file changes (for device UIDs and provenance)."""
         h = hashlib.sha256()
-        for name in WEIGHT_FILES:
+        n = int(self.manifest.get("members", 1))
+        for name in (member_file(r, k) for r in ("m0", "m1") for k in range(n)):
             h.update(self.manifest["files"][name].encode())
         return h.hexdigest()
 
@@ -165,6 +166,15 @@ def versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
+def member_file(role: str, k: int) -> str:
+    """The weight file of member ``k`` of M0 or M1 (``role`` "m0" or "m1")."""
+    return f"{role}.pt" if k == 0 else f"{role}.{k}.pt"
+
+
+def _members(model: FlowModel) -> list[Glow | Conditioned]:
+    return list(model._each()) if isinstance(model, Averaged) else [model]
+
+
 def save_bundle(path: str | Path, *, m0: FlowModel, m1: FlowModel, preset: str,
                 preprocessing: Preprocessing,
                 calibration: Calibration, name: str, version: str = "1",
@@ -177,12 +187,17 @@ def save_bundle(path: str | Path, *, m0: FlowModel, m1: FlowModel, preset: str,
     out.mkdir(parents=True, exist_ok=True)
     files = {}
     conditions: dict[str, int] = {}
-    for fname, model in zip(WEIGHT_FILES, (m0, m1), strict=True):
-        net = model.glow if isinstance(model, Conditioned) else model
-        if isinstance(model, Conditioned):
-            conditions[fname] = model.condition
-        torch_save({k: v.detach().cpu() for k, v in net.state_dict().items()}, out / fname)
-        files[fname] = sha256_file(out / fname)
+    n0, n1 = _members(m0), _members(m1)
+    if len(n0) != len(n1):
+        raise BundleError(f"M0 has {len(n0)} member(s) and M1 {len(n1)}; they must match")
+    for role, nets in (("m0", n0), ("m1", n1)):
+        for k, model in enumerate(nets):
+            fname = member_file(role, k)
+            net = model.glow if isinstance(model, Conditioned) else model
+            if isinstance(model, Conditioned):
+                conditions[fname] = model.condition
+            torch_save({key: v.detach().cpu() for key, v in net.state_dict().items()}, out / fname)
+            files[fname] = sha256_file(out / fname)
     write_bytes(out / "calibration.json", json.dumps(asdict(calibration)).encode())
     files["calibration.json"] = sha256_file(out / "calibration.json")
     if map_reference is not None:
@@ -202,6 +217,7 @@ def save_bundle(path: str | Path, *, m0: FlowModel, m1: FlowModel, preset: str,
         "versions": versions(),
         "training": training or {},
         "conditions": conditions,
+        **({"members": len(n0)} if len(n0) > 1 else {}),
         "files": files,
     }
     write_bytes(out / "manifest.json", json.dumps(manifest, indent=2).encode())
@@ -215,7 +231,7 @@ def add_extra(path: str | Path, fname: str, data: bytes) -> None:
     """
     root = Path(path)
     if Path(fname).name != fname or fname.startswith(".") or fname == "manifest.json" \
-            or fname in (*WEIGHT_FILES, "calibration.json"):
+            or fname in (*WEIGHT_FILES, "calibration.json") or fname.endswith(".pt"):
         raise BundleError(f"bad extra bundle file name {fname!r}")
     manifest = json.loads((root / "manifest.json").read_text())
     write_bytes(root / fname, data)
@@ -245,11 +261,15 @@ def load_bundle(path: str | Path, *, expect: Preprocessing | None = None,
             raise BundleError(f"{root}: preprocessing does not match what the node feeds it: "
                               + "; ".join(diff))
     files = manifest.get("files", {})
-    optional = tuple(f for f in files if f not in (*WEIGHT_FILES, "calibration.json"))
+    n_members = manifest.get("members", 1)
+    if not isinstance(n_members, int) or not 1 <= n_members <= 64:
+        raise BundleError(f"{root}: manifest 'members' must be a whole number 1-64, not {n_members!r}")
+    weights = tuple(member_file(r, k) for r in ("m0", "m1") for k in range(n_members))
+    optional = tuple(f for f in files if f not in (*weights, "calibration.json"))
     for fname in optional:
         if not isinstance(fname, str) or Path(fname).name != fname or fname.startswith("."):
             raise BundleError(f"{root}: manifest lists a file outside the bundle: {fname!r}")
-    for fname in (*WEIGHT_FILES, "calibration.json", *optional):
+    for fname in (*weights, "calibration.json", *optional):
         fp = root / fname
         if not fp.is_file():
             raise BundleError(f"{root}: missing {fname}")
@@ -260,11 +280,11 @@ def load_bundle(path: str | Path, *, expect: Preprocessing | None = None,
                               "(sha256 does not match the manifest)")
     # the small extra files, kept as verified (weights are loaded below)
     extras = {f: (root / f).read_bytes() for f in optional
-              if f != MAP_REFERENCE and (root / f).stat().st_size <= 1 << 20}
+              if f != MAP_REFERENCE and not f.endswith(".pt") and (root / f).stat().st_size <= 1 << 20}
     config = GlowConfig(**manifest["glow"])
     conditions = manifest.get("conditions") or {}
-    models: list[FlowModel] = []
-    for fname in WEIGHT_FILES:
+    nets: list[Glow | Conditioned] = []
+    for fname in weights:
         model = Glow(config)
         try:
             state = torch.load(root / fname, map_location="cpu", weights_only=True)
@@ -277,9 +297,11 @@ def load_bundle(path: str | Path, *, expect: Preprocessing | None = None,
         if config.conditions:
             if fname not in conditions:
                 raise BundleError(f"{root}: conditional model but no condition for {fname}")
-            models.append(Conditioned(model, int(conditions[fname])).eval())
+            nets.append(Conditioned(model, int(conditions[fname])).eval())
         else:
-            models.append(model)
+            nets.append(model)
+    models: list[FlowModel] = [nets[0], nets[n_members]] if n_members == 1 else [
+        Averaged(nets[:n_members]).eval(), Averaged(nets[n_members:]).eval()]
     cal = Calibration(**json.loads((root / "calibration.json").read_text()))
     ref = None
     if MAP_REFERENCE in files:

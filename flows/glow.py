@@ -9,7 +9,7 @@ accumulated in float64 whatever the layers run in: with 512x512 inputs the total
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, cast
 
@@ -575,4 +575,46 @@ class Conditioned(nn.Module):
         return self.glow.sample(n, shape, temperature, generator, cond=self.condition)
 
 
-FlowModel = Glow | Conditioned
+class Averaged(nn.Module):
+    """Several independently trained models used as one: the mean of their log-densities.
+
+    One training run's posterior is mostly that run's SGD noise (three seeds of one bundle
+    agree on a case with r 0.1-0.5, docs/results.md); averaging log p over members (a deep
+    ensemble, the geometric mean of the densities) averages that noise out, and the map of the
+    mean is the mean of the members' maps. Sampling uses the first member.
+    """
+
+    def __init__(self, members: Sequence[Glow | Conditioned]) -> None:
+        super().__init__()
+        if len(members) < 2:
+            raise ValueError("an average needs at least two members")
+        if any(m.config != members[0].config for m in members):
+            raise ValueError("the members of an average must share one Glow configuration")
+        self.members = nn.ModuleList(members)
+
+    def _each(self) -> list[Glow | Conditioned]:
+        return cast("list[Glow | Conditioned]", list(self.members))
+
+    @property
+    def config(self) -> GlowConfig:
+        return self._each()[0].config
+
+    @property
+    def initialized(self) -> bool:
+        return all(m.initialized for m in self._each())
+
+    def forward(self, x: Tensor) -> FlowOutput:
+        outs = [m(x) for m in self._each()]
+        return FlowOutput(zs=outs[0].zs, log_p=torch.stack([o.log_p for o in outs]).mean(0),
+                          logdet=torch.stack([o.logdet for o in outs]).mean(0),
+                          log_pz=torch.stack([o.log_pz for o in outs]).mean(0))
+
+    def log_p_map(self, x: Tensor) -> Tensor:
+        return torch.stack([m.log_p_map(x) for m in self._each()]).mean(0)
+
+    def sample(self, n: int, shape: tuple[int, ...], temperature: float = 0.7,
+               generator: torch.Generator | None = None) -> Tensor:
+        return self._each()[0].sample(n, shape, temperature, generator)
+
+
+FlowModel = Glow | Conditioned | Averaged

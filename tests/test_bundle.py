@@ -195,3 +195,47 @@ def test_reference_is_held_out_of_training(tiny_bundle: Bundle) -> None:
     ref = tiny_bundle.manifest["training"]["reference"]
     assert ref["source"] == "held-out mixture" and ref["n"] == len(tiny_bundle.calibration.reference)
     assert tiny_bundle.manifest["training"]["mixture"]["n"] + ref["n"] == 64
+
+
+@pytest.mark.parametrize("strategy", ["conditional", "shared"])
+def test_an_ensemble_bundle_averages_its_members(strategy: str, tmp_path: Path) -> None:
+    import torch
+
+    from flows.build import BuildOptions, build_bundle
+    from flows.glow import Averaged
+    from flows.presets import get_preset
+    from flows.quantize import dequantize
+
+    normal, _ = blobs(32, (16, 16), seed=1)
+    mixture, _ = blobs(32, (16, 16), abnormal=0.5, seed=2)
+    val = blobs(24, (16, 16), abnormal=0.5, seed=3)
+    b = build_bundle(tmp_path / "ens", preset=get_preset("tiny-cxr"), normal=normal, mixture=mixture,
+                     name="ens", log=lambda s: None, validation=val,
+                     options=BuildOptions(strategy=strategy, epochs=1, finetune_epochs=1,  # type: ignore[arg-type]
+                                          members=2, progress=False))
+    assert b.manifest["members"] == 2 and b.manifest["training"]["members"] == 2
+    assert {"m0.pt", "m1.pt", "m0.1.pt", "m1.1.pt"} <= set(b.manifest["files"])
+    assert isinstance(b.m0, Averaged) and isinstance(b.m1, Averaged)
+    # the members differ (their own seeds) and the bundle's log-density is their mean
+    x = dequantize(torch.from_numpy(mixture[:6]), b.preprocessing.n_bits, noise=False)
+    with torch.no_grad():
+        each = [m(x).log_p for m in b.m0._each()]
+        assert not torch.allclose(each[0], each[1])
+        assert torch.allclose(b.m0(x).log_p, (each[0] + each[1]) / 2)
+        maps = [m.log_p_map(x) for m in b.m1._each()]
+        assert torch.allclose(b.m1.log_p_map(x), (maps[0] + maps[1]) / 2)
+    s = PosteriorScorer(b).score(mixture[:6])
+    assert np.isfinite(s.score).all()
+    # every member's weights are verified on load, and each one counts in the fingerprint
+    copy = _copy(b, tmp_path)
+    raw = bytearray((copy / "m1.1.pt").read_bytes())
+    raw[-10] ^= 0xFF
+    (copy / "m1.1.pt").write_bytes(bytes(raw))
+    with pytest.raises(BundleError, match=r"m1\.1\.pt is corrupted"):
+        load_bundle(copy)
+    (copy / "m1.1.pt").unlink()
+    with pytest.raises(BundleError, match=r"missing m1\.1\.pt"):
+        load_bundle(copy)
+    manifest = dict(b.manifest, files={**b.manifest["files"], "m0.1.pt": "0" * 64})
+    assert Bundle(path=b.path, manifest=manifest, m0=b.m0, m1=b.m1,
+                  calibration=b.calibration).fingerprint != b.fingerprint

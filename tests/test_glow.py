@@ -206,3 +206,24 @@ def test_log_p_map_is_local() -> None:
     with torch.no_grad():
         d = (g.log_p_map(y) - g.log_p_map(x)).abs()[0]
     assert d[:4, :4].sum() > d[8:, 8:].sum()
+
+
+def test_an_average_needs_two_members_of_one_configuration() -> None:
+    from flows.glow import Averaged
+
+    a = Glow(GlowConfig(1, 2, levels=2, steps=1, hidden=8), seed=0)
+    b = Glow(GlowConfig(1, 2, levels=2, steps=1, hidden=8), seed=1)
+    c = Glow(GlowConfig(1, 2, levels=2, steps=1, hidden=4), seed=2)
+    with pytest.raises(ValueError, match="at least two"):
+        Averaged([a])
+    with pytest.raises(ValueError, match="one Glow configuration"):
+        Averaged([a, c])
+    x = torch.rand(3, 1, 8, 8) - 0.5
+    for g in (a, b):
+        g.initialize(x)
+    avg = Averaged([a, b]).eval()
+    with torch.no_grad():
+        assert torch.allclose(avg(x).log_p, (a(x).log_p + b(x).log_p) / 2)
+        # the map of the mean sums to the mean log-density, as each member's does
+        assert torch.allclose(avg.log_p_map(x).flatten(1).sum(1), avg(x).log_p, rtol=1e-5)
+    assert avg.sample(2, (8, 8)).shape == (2, 1, 8, 8)

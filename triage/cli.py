@@ -155,6 +155,9 @@ def train(
     seed: Annotated[int, typer.Option(help="random seed (initialisation, order, dequantisation)")] = 0,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 (default: auto)")] = None,
     resume: Annotated[bool, typer.Option(help="continue from out/checkpoint.pt (single model)")] = False,
+    members: Annotated[int, typer.Option(
+        help="train this many (M0, M1) pairs with different seeds and average their "
+             "log-densities (an ensemble: less training noise in the score, k times the time)")] = 1,
 ) -> None:
     """Train a bundle (--normal + --mixture) or a single model (--data)."""
     from flows.build import BuildOptions, build_bundle
@@ -180,7 +183,7 @@ def train(
             _train_patch_bundle(p, out, normal, mixture, validation, name or out.name, version,
                                 BuildOptions(strategy=strategy, seed=seed, epochs=epochs,  # type: ignore[arg-type]
                                              finetune_epochs=finetune_epochs,
-                                             batch_size=batch_size, device=device))
+                                             batch_size=batch_size, device=device, members=members))
             return
         n_imgs, _, _ = _load_set(normal, preset)
         m_imgs, _, _ = _load_set(mixture, preset)
@@ -194,7 +197,7 @@ def train(
                      version=version, validation=val,  # type: ignore[arg-type]
                      options=BuildOptions(strategy=strategy, seed=seed, epochs=epochs,  # type: ignore[arg-type]
                                           finetune_epochs=finetune_epochs, batch_size=batch_size,
-                                          device=device),
+                                          device=device, members=members),
                      log=console.print)
     except (ValueError, FileNotFoundError) as e:
         raise _fail(str(e)) from e
