@@ -5,7 +5,8 @@
 KIND is cxr or bct. JSON overrides the cpu-KIND preset and the run:
 ``{"strategy": "conditional", "glow": {"coords": true}, "prep": {"n_bits": 5}, "ep": 4,
 "fep": 2, "freeze": 1, "n": 1500, "nt": 600, "nv": 400, "seed": 0, "ema": 0.98,
-"members": 1}``; with ``nv``
+"members": 1, "source": "alt"}``; ``source`` "alt" (CXR) trains and tests on
+bench/altcxr.py's independently made phantoms instead of flows/phantoms; with ``nv``
 a labelled validation set (seed 14) lets the bundle choose its score (whole-image posterior
 or a map score), and the chosen score is reported beside the whole-image posterior and the
 likelihood.
@@ -26,11 +27,13 @@ import time
 from pathlib import Path
 
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench.altcxr
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 
+from bench.altcxr import make_alt_cxr  # noqa: E402
 from flows.build import BuildOptions, build_bundle  # noqa: E402
 from flows.evaluate import roc_auc_ci  # noqa: E402
 from flows.phantoms import PhantomSet, make_cxr, make_headct  # noqa: E402
@@ -49,6 +52,8 @@ def main() -> None:
     n, nt = cfg.get("n", 1500), cfg.get("nt", 600)
 
     def make(count: int, **kw: object) -> PhantomSet:
+        if kind == "cxr" and cfg.get("source") == "alt":  # the independently made phantoms
+            return make_alt_cxr(count, size=cfg.get("size", 64), **kw)  # type: ignore[arg-type]
         if kind == "cxr":
             return make_cxr(count, size=cfg.get("size", 64), **kw)  # type: ignore[arg-type]
         return make_headct(count, **kw)  # type: ignore[arg-type]

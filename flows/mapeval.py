@@ -194,3 +194,77 @@ def map_montage(images: np.ndarray, maps: np.ndarray, titles: Sequence[str], pat
         fig.suptitle(title, fontsize=9)
     _save(fig, path)
     return path
+
+
+def radiograph_localisation(maps: np.ndarray, masks: np.ndarray, findings: Sequence[str], *,
+                            threshold: float | None = None, top_fraction: float = 0.02) -> dict[str, Any]:
+    """Where a radiograph's map points, against the findings' ground-truth masks.
+
+    ``maps`` and ``masks`` are ``(N, H, W)`` on the same grid (higher map = more abnormal).
+    Per finding, over the abnormal cases with a non-empty mask:
+
+    * ``pointing``: the map's maximum lies in the mask (grown by one pixel); ``chance`` is
+      the mean grown-mask area fraction, what a point drawn at random would score;
+    * ``top_hit``: the top ``top_fraction`` of the map overlaps the mask;
+    * ``overlay_hit`` (when ``threshold`` is given, the node's overlay threshold): the binary
+      overlay ``map >= threshold`` overlaps the mask. Hits are cheap when the overlay is
+      large, so ``overlay_area`` (mean fraction of the image marked) and, over the normal
+      cases, ``normal_overlay_rate`` (how many normals get any overlay) come with it.
+    """
+    maps = np.asarray(maps, dtype=np.float64)
+    masks = np.asarray(masks, dtype=bool)
+    if maps.ndim != 3 or maps.shape != masks.shape or len(findings) != len(maps):
+        raise ValueError(f"need (N, H, W) maps and masks of one shape and N findings, got {maps.shape}, "
+                         f"{masks.shape} and {len(findings)}")
+    from scipy import ndimage
+
+    flat = maps.reshape(len(maps), -1)
+    k = max(1, round(top_fraction * flat.shape[1]))
+    top_idx = np.argpartition(-flat, k - 1, axis=1)[:, :k]
+    grown = np.array([ndimage.binary_dilation(m) for m in masks]) if len(masks) else masks
+    per: dict[str, dict[str, list[float]]] = {}
+    for i, f in enumerate(findings):
+        if f == "normal" or not masks[i].any():
+            continue
+        e = per.setdefault(f, {"pointing": [], "chance": [], "top_hit": [], "overlay_hit": [],
+                               "overlay_area": []})
+        g = grown[i].ravel()
+        e["pointing"].append(float(g[int(np.argmax(flat[i]))]))
+        e["chance"].append(float(g.mean()))
+        e["top_hit"].append(float(masks[i].ravel()[top_idx[i]].any()))
+        if threshold is not None:
+            on = flat[i] >= threshold
+            e["overlay_hit"].append(float((on & masks[i].ravel()).any()))
+            e["overlay_area"].append(float(on.mean()))
+    out: dict[str, Any] = {"top_fraction": top_fraction, "threshold": threshold, "findings": {}}
+    for f, e in sorted(per.items()):
+        out["findings"][f] = {"n": len(e["pointing"]),
+                              **{key: float(np.mean(v)) for key, v in e.items() if v}}
+    every = [x for e in per.values() for x in e["pointing"]]
+    if every:
+        out["pointing"] = float(np.mean(every))
+        out["chance"] = float(np.mean([x for e in per.values() for x in e["chance"]]))
+    if threshold is not None:
+        normals = [i for i, f in enumerate(findings) if f == "normal"]
+        if normals:
+            out["normal_overlay_rate"] = float(np.mean([(flat[i] >= threshold).any() for i in normals]))
+    return out
+
+
+def localisation_markdown(loc: dict[str, Any]) -> str:
+    """A table of :func:`radiograph_localisation`'s figures per finding."""
+    over = loc.get("threshold") is not None
+    head = "| finding | n | pointing | chance | top hit |" + (" overlay hit | overlay area |" if over else "")
+    lines = ["## Localisation (map against the lesion masks)", "",
+             f"Top hit: the top {100 * loc['top_fraction']:g} % of the map overlaps the lesion; pointing: "
+             "the map's maximum lies in it (grown by one pixel); chance: the mean grown-mask area."
+             + (f" Overlay: the node's binary overlay (map ≥ {loc['threshold']:g})." if over else ""),
+             "", head, "|" + "---|" * (head.count("|") - 1)]
+    for f, e in loc["findings"].items():
+        row = f"| {f} | {e['n']} | {e['pointing']:.2f} | {e['chance']:.2f} | {e['top_hit']:.2f} |"
+        if over:
+            row += f" {e.get('overlay_hit', float('nan')):.2f} | {e.get('overlay_area', float('nan')):.3f} |"
+        lines.append(row)
+    if "normal_overlay_rate" in loc:
+        lines += ["", f"Normal cases with any overlay: {loc['normal_overlay_rate']:.2f}"]
+    return "\n".join(lines) + "\n"

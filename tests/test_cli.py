@@ -71,6 +71,10 @@ def test_synth_train_evaluate_sample(tmp_path: Path) -> None:
     assert "posterior" in summary["scores"] and "likelihood" in summary["scores"]
     assert (d / "eval" / "roc.png").stat().st_size > 1000
     assert (d / "eval" / "overlays_most_abnormal.png").stat().st_size > 2000
+    loc = json.loads((d / "eval" / "localisation.json").read_text())  # the map against the lesion masks
+    assert set(loc["findings"]) <= {"opacity", "nodule", "effusion", "cardiomegaly"} and loc["findings"]
+    assert all(0 <= e["pointing"] <= 1 and 0 < e["chance"] < 1 for e in loc["findings"].values())
+    assert "## Localisation" in (d / "eval" / "summary.md").read_text()
     _ok(["sample", "--bundle", str(d / "bundle"), "--out", str(d / "s.png"), "--n", "4"])
     assert (d / "s.png").stat().st_size > 500
     _ok(["train", "--preset", "tiny-cxr", "--data", str(d / "normal.npz"), "--out",

@@ -226,3 +226,28 @@ def test_plot_reference_distribution(tmp_path: Path) -> None:
     ref = np.random.default_rng(0).normal(size=500)
     p = plot_reference_distribution(tmp_path / "sub" / "ref.png", ref, marker=1.5, title="ref")
     assert p.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_radiograph_localisation_scores_where_the_map_points() -> None:
+    from flows.mapeval import localisation_markdown, radiograph_localisation
+
+    masks = np.zeros((4, 16, 16), bool)
+    masks[0, 2:5, 2:5] = True   # nodule: the map's maximum is inside
+    masks[1, 10:13, 10:13] = True  # nodule: the maximum is far away, only the overlay touches it
+    maps = np.zeros((4, 16, 16))
+    maps[0, 3, 3] = 9.0
+    maps[1, 0, 15] = 9.0
+    maps[1, 11, 11] = 4.0
+    maps[2, 8, 8] = 5.0  # a normal with an overlay pixel; case 3: a normal without
+    loc = radiograph_localisation(maps, masks, ["nodule", "nodule", "normal", "normal"], threshold=3.0,
+                                  top_fraction=1 / 256)
+    e = loc["findings"]["nodule"]
+    assert e["n"] == 2 and e["pointing"] == 0.5 and e["top_hit"] == 0.5 and e["overlay_hit"] == 1.0
+    assert e["chance"] == pytest.approx(21 / 256)  # 3x3 grown by one pixel (4-connected): 21
+    assert e["overlay_area"] == pytest.approx((1 / 256 + 2 / 256) / 2)
+    assert loc["normal_overlay_rate"] == 0.5
+    assert "| nodule | 2 | 0.50 |" in localisation_markdown(loc)
+    no_overlay = radiograph_localisation(maps, masks, ["nodule", "nodule", "normal", "normal"])
+    assert "overlay_hit" not in no_overlay["findings"]["nodule"] and "normal_overlay_rate" not in no_overlay
+    with pytest.raises(ValueError, match="maps and masks"):
+        radiograph_localisation(maps, masks[:, :8], ["normal"] * 4)

@@ -254,7 +254,8 @@ def evaluate(
         ps = PhantomSet.load_npz(data)
         imgs = b.preprocessing.apply(ps.images)
         with console.status(f"scoring {len(imgs)} images"):
-            s = PosteriorScorer(b).score(imgs)
+            s, maps = PosteriorScorer(b).score_maps(imgs) if b.preprocessing.ndim == 2 else (
+                PosteriorScorer(b).score(imgs), None)
         chosen = {} if s.method == "whole" else {f"posterior {s.method}": s.score}
         scores = {**chosen, "posterior": s.abnormality, "likelihood": -s.log_p_normal,
                   **{f"baseline_{k}": v for k, v in
@@ -268,8 +269,9 @@ def evaluate(
                            title=f"{b.name} on {data.name}",
                            extra={"bundle": b.name, "preset": b.manifest.get("preset"),
                                   "data": str(data)})
-        if b.preprocessing.ndim == 2:
+        if maps is not None:
             _radiograph_overlays(b, imgs, s.score, ps.findings, out)
+            loc = _radiograph_localisation(b, maps, ps, out)
     except (ValueError, FileNotFoundError, BundleError) as e:
         raise _fail(str(e)) from e
     table = Table(title=f"{b.name} on {data.name}")
@@ -279,7 +281,37 @@ def evaluate(
         o = entry["overall"]
         table.add_row(name, f"{o['auc']:.3f} [{o['lo']:.3f}, {o['hi']:.3f}]")
     Console().print(table)
+    if maps is not None and loc.get("findings"):
+        lt = Table(title="localisation: the map against the lesion masks")
+        for c in ("finding", "n", "pointing (chance)", f"top {100 * loc['top_fraction']:g} % hit",
+                  "overlay hit"):
+            lt.add_column(c)
+        for f, row in loc["findings"].items():
+            lt.add_row(f, str(row["n"]), f"{row['pointing']:.2f} ({row['chance']:.2f})",
+                       f"{row['top_hit']:.2f}", f"{row['overlay_hit']:.2f}" if "overlay_hit" in row else "-")
+        Console().print(lt)
     console.print(f"report: {out / 'summary.md'}")
+
+
+def _radiograph_localisation(b: object, maps: object, ps: object, out: Path) -> dict[str, Any]:
+    """Localisation figures of the node's radiograph map, appended to the report."""
+    import numpy as np
+    from scipy import ndimage
+
+    from flows.mapeval import localisation_markdown, radiograph_localisation
+    from triage.analyze import POSTERIOR_MAP_Z
+
+    m = np.asarray(maps)[:, 0] if np.asarray(maps).ndim == 4 else np.asarray(maps)
+    truth = np.asarray(ps.masks)[:, 0]  # type: ignore[attr-defined]
+    if truth.shape[1:] != m.shape[1:]:  # phantom grid -> model grid: a pixel is lesion if any part is
+        zoom = [m.shape[1] / truth.shape[1], m.shape[2] / truth.shape[2]]
+        truth = np.array([ndimage.zoom(t.astype(np.float32), zoom, order=1) > 0.25 for t in truth])
+    threshold = POSTERIOR_MAP_Z if b.map_reference is not None else None  # type: ignore[attr-defined]
+    loc = radiograph_localisation(m, truth, list(ps.findings), threshold=threshold)  # type: ignore[attr-defined]
+    (out / "localisation.json").write_text(json.dumps(loc, indent=2))
+    with open(out / "summary.md", "a") as f:
+        f.write("\n" + localisation_markdown(loc))
+    return loc
 
 
 def _radiograph_overlays(b: object, imgs: object, score: object, findings: list[str],
