@@ -5,8 +5,8 @@
 KIND is cxr or bct. JSON overrides the cpu-KIND preset and the run:
 ``{"strategy": "conditional", "glow": {"coords": true}, "prep": {"n_bits": 5}, "ep": 4,
 "fep": 2, "freeze": 1, "n": 1500, "nt": 600, "nv": 400, "seed": 0, "ema": 0.98,
-"members": 1, "source": "alt"}``; ``source`` "alt" (CXR) trains and tests on
-bench/altcxr.py's independently made phantoms instead of flows/phantoms; with ``nv``
+"members": 1, "source": "alt"}``; ``source`` "alt" trains and tests on the
+independently made phantoms of bench/altcxr.py or bench/althead.py instead of flows/phantoms; with ``nv``
 a labelled validation set (seed 14) lets the bundle choose its score (whole-image posterior
 or a map score), and the chosen score is reported beside the whole-image posterior and the
 likelihood.
@@ -34,6 +34,7 @@ import torch  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 
 from bench.altcxr import make_alt_cxr  # noqa: E402
+from bench.althead import make_alt_headct  # noqa: E402
 from flows.build import BuildOptions, build_bundle  # noqa: E402
 from flows.evaluate import roc_auc_ci  # noqa: E402
 from flows.phantoms import PhantomSet, make_cxr, make_headct  # noqa: E402
@@ -56,6 +57,8 @@ def main() -> None:
             return make_alt_cxr(count, size=cfg.get("size", 64), **kw)  # type: ignore[arg-type]
         if kind == "cxr":
             return make_cxr(count, size=cfg.get("size", 64), **kw)  # type: ignore[arg-type]
+        if cfg.get("source") == "alt":
+            return make_alt_headct(count, **kw)  # type: ignore[arg-type]
         return make_headct(count, **kw)  # type: ignore[arg-type]
 
     t0 = time.time()

@@ -3,6 +3,7 @@
     .venv/bin/python bench/ctmap.py TAG chestct '{"n": 150, "per": 64}'
     .venv/bin/python bench/ctmap.py TAG bct '{"preset": "cpu-bct-patch"}'
     .venv/bin/python bench/ctmap.py TAG chestct '{"bits": 5}'     # input quantised to 5 bits
+    .venv/bin/python bench/ctmap.py TAG chestct '{"source": "alt"}'  # bench/altchest.py's phantoms
 
 Normal set seed 21, mixture seed 22 (50 % abnormal), validation seed 23, test seed 24
 (50 % abnormal each); sizes ``n`` (normal and mixture), ``nv``, ``nt``. A patch bundle is
@@ -22,10 +23,13 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench.alt*
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from bench.altchest import make_alt_chestct  # noqa: E402
+from bench.althead import make_alt_headct  # noqa: E402
 from flows.build import BuildOptions  # noqa: E402
 from flows.bundle import load_bundle  # noqa: E402
 from flows.mapeval import case_from_result, summarise  # noqa: E402
@@ -35,7 +39,11 @@ from flows.phantoms.chestct import make_chestct  # noqa: E402
 from flows.presets import get_preset  # noqa: E402
 
 
-def _make(kind: str, n: int, af: float, seed: int) -> PhantomSet:
+def _make(kind: str, n: int, af: float, seed: int, source: str = "") -> PhantomSet:
+    if source == "alt":  # the independently made phantoms (generalisation checks)
+        if kind == "chestct":
+            return make_alt_chestct(n, abnormal_fraction=af, seed=seed)
+        return make_alt_headct(n, abnormal_fraction=af, seed=seed)
     if kind == "chestct":
         return make_chestct(n, abnormal_fraction=af, seed=seed)
     return make_headct(n, abnormal_fraction=af, seed=seed)
@@ -55,13 +63,14 @@ def main() -> None:
         preset = replace(preset, preprocessing=replace(preset.preprocessing, n_bits=int(cfg["bits"])))
     n, nv, nt = cfg.get("n", 150), cfg.get("nv", 60), cfg.get("nt", 100)
     t0 = time.time()
-    val, test = _make(kind, nv, 0.5, 23), _make(kind, nt, 0.5, 24)
+    src = cfg.get("source", "")
+    val, test = _make(kind, nv, 0.5, 23, src), _make(kind, nt, 0.5, 24, src)
     if cfg.get("reuse"):  # recalibrate an already trained patch bundle
         b = calibrate_patch_bundle(load_bundle(cfg["reuse"]), (*_volumes(val), val.labels),
                                    overlap=cfg.get("overlap"), log=print,
                                    min_mask_fraction=cfg.get("min_mask", 0.1))
     else:
-        nor, mix = _make(kind, n, 0.0, 21), _make(kind, n, 0.5, 22)
+        nor, mix = _make(kind, n, 0.0, 21, src), _make(kind, n, 0.5, 22, src)
         b = build_patch_bundle(
             Path("runs/ctmap") / tag, preset=preset, normal=_volumes(nor)[0],
             normal_spacing=_volumes(nor)[1], mixture=_volumes(mix)[0],
