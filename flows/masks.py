@@ -57,17 +57,35 @@ def ball_closing(mask: np.ndarray, radius_mm: float, spacing: tuple[float, ...])
     return np.asarray(ndimage.distance_transform_edt(grown, sampling=spacing) > r)
 
 
+def _sealed_body(tissue: np.ndarray, spacing: tuple[float, ...], seal_mm: float) -> np.ndarray:
+    """Per axial slice: the tissue closed by a disc of ``seal_mm``, its holes filled."""
+    r = [max(1, round(seal_mm / s)) for s in spacing[1:]]
+    yy, xx = np.ogrid[-r[0]:r[0] + 1, -r[1]:r[1] + 1]
+    disc = (yy * spacing[1]) ** 2 + (xx * spacing[2]) ** 2 <= seal_mm ** 2 * (1.0 + 1e-9)
+    pad = [(r[0], r[0]), (r[1], r[1])]
+    body = np.zeros(tissue.shape, dtype=bool)
+    for k in range(tissue.shape[0]):
+        if tissue[k].any():  # padded, so the closing does not erode at the image edge
+            closed = ndimage.binary_closing(np.pad(tissue[k], pad), disc)[r[0]:-r[0], r[1]:-r[1]]
+            body[k] = ndimage.binary_fill_holes(closed)
+    return body
+
+
 def lung_mask(hu: np.ndarray, spacing: tuple[float, float, float], *,
               threshold_hu: float = -400.0, min_cm3: float = 50.0,
-              closing_mm: float = 15.0) -> np.ndarray:
-    """Lungs: air-like voxels not connected to the outside, the large components, closed.
+              closing_mm: float = 25.0, seal_mm: float = 8.0) -> np.ndarray:
+    """Lungs: air-like voxels inside the body, the large components, closed.
 
     The closing (a ball of ``closing_mm``) brings vessels, nodules and consolidation that
     touch the parenchyma back into the mask (CT-3DFlow selects patches by this mask, and a
-    lesion outside it would never be scored); holes are filled slice by slice.
+    lesion outside it would never be scored); holes are filled slice by slice. 25 mm keeps a
+    juxtapleural consolidation of 20 cm³ (34 mm across) inside, where 15 mm lost whole ones.
     """
     vol = _check(hu, spacing)
-    air = vol < threshold_hu
+    # Air inside the body: a chest wall thinned to a voxel or two by partial volume and noise
+    # must not join the lungs to the air outside (the lungs would then be discarded as
+    # "outside"), so the body is sealed by a small in-plane closing before its holes are filled.
+    air = (vol < threshold_hu) & _sealed_body(vol >= threshold_hu, spacing, seal_mm)
     labels, n = ndimage.label(air)
     if n == 0:
         return np.zeros(vol.shape, dtype=bool)
