@@ -12,6 +12,9 @@ before any run, and are not tuned to the method: a score that does well only on
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 from scipy import ndimage
 
@@ -65,21 +68,36 @@ def _one(rng: np.random.Generator, size: int, finding: str, child: bool) -> tupl
     return np.clip(img, 0, 1).astype(np.float32), mask
 
 
+def alt_set(n: int, shape: tuple[int, ...], kinds: tuple[str, ...], abnormal_fraction: float, seed: int,
+            render: Callable[[np.random.Generator, str], tuple[np.ndarray, np.ndarray]], *,
+            spacing: tuple[float, ...], background: float, meta: dict[str, Any]) -> PhantomSet:
+    """The case plan shared by the bench/alt* generators: findings spread evenly over ``kinds``,
+    shuffled by ``seed``; case i drawn by ``render`` from the generator seeded by (seed, i);
+    the zero fraction counts values at or below ``background``."""
+    n_ab = round(n * abnormal_fraction)
+    findings = ["normal"] * (n - n_ab) + [kinds[i % len(kinds)] for i in range(n_ab)]
+    order = np.random.default_rng(seed).permutation(n)
+    findings = [findings[i] for i in order]
+    images = np.zeros((n, 1, *shape), np.float32)
+    masks = np.zeros((n, 1, *shape), bool)
+    for i, f in enumerate(findings):
+        images[i, 0], masks[i, 0] = render(np.random.default_rng([seed, i]), f)
+    labels = np.array([f != "normal" for f in findings], np.int64)
+    zero = (images <= background).reshape(n, -1).mean(1)
+    return PhantomSet(images, labels, findings, masks, zero, spacing, meta=meta)
+
+
 def make_alt_cxr(n: int, *, size: int = 64, abnormal_fraction: float = 0.0, child_fraction: float = 0.2,
                  seed: int = 0) -> PhantomSet:
     """``n`` radiographs ``(n, 1, size, size)`` in [0, 1]; case i depends only on (seed, i)."""
-    n_ab = round(n * abnormal_fraction)
-    findings = ["normal"] * (n - n_ab) + [FINDINGS[i % len(FINDINGS)] for i in range(n_ab)]
-    order = np.random.default_rng(seed).permutation(n)
-    findings = [findings[i] for i in order]
-    images = np.zeros((n, 1, size, size), np.float32)
-    masks = np.zeros((n, 1, size, size), bool)
-    child = np.zeros(n, bool)
-    for i, f in enumerate(findings):
-        rng = np.random.default_rng([seed, i])
-        child[i] = rng.random() < child_fraction
-        images[i, 0], masks[i, 0] = _one(rng, size, f, bool(child[i]))
-    labels = np.array([f != "normal" for f in findings], np.int64)
-    zero = (images == 0).reshape(n, -1).mean(1)
-    return PhantomSet(images, labels, findings, masks, zero, (1.0, 1.0),
-                      meta={"generator": "bench.altcxr", "child": child})
+    child: list[bool] = []
+
+    def render(rng: np.random.Generator, finding: str) -> tuple[np.ndarray, np.ndarray]:
+        child.append(bool(rng.random() < child_fraction))
+        return _one(rng, size, finding, child[-1])
+
+    meta: dict[str, Any] = {"generator": "bench.altcxr"}
+    out = alt_set(n, (size, size), FINDINGS, abnormal_fraction, seed, render, spacing=(1.0, 1.0),
+                  background=0.0, meta=meta)
+    meta["child"] = np.array(child, bool)
+    return out

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from bench.altcxr import alt_set
 from flows.phantoms.anatomy import PhantomSet
 
 FINDINGS = ("haemorrhage", "subdural", "infarction")
@@ -78,14 +79,5 @@ def _one(rng: np.random.Generator, shape: tuple[int, int, int],
 def make_alt_headct(n: int, *, shape: tuple[int, int, int] = (16, 64, 64), abnormal_fraction: float = 0.0,
                     seed: int = 0) -> PhantomSet:
     """``n`` head CT volumes ``(n, 1, D, H, W)`` in HU; case i depends only on (seed, i)."""
-    n_ab = round(n * abnormal_fraction)
-    findings = ["normal"] * (n - n_ab) + [FINDINGS[i % len(FINDINGS)] for i in range(n_ab)]
-    order = np.random.default_rng(seed).permutation(n)
-    findings = [findings[i] for i in order]
-    images = np.zeros((n, 1, *shape), np.float32)
-    masks = np.zeros((n, 1, *shape), bool)
-    for i, f in enumerate(findings):
-        images[i, 0], masks[i, 0] = _one(np.random.default_rng([seed, i]), shape, f)
-    labels = np.array([f != "normal" for f in findings], np.int64)
-    zero = (images <= -1000).reshape(n, -1).mean(1)
-    return PhantomSet(images, labels, findings, masks, zero, SPACING, meta={"generator": "bench.althead"})
+    return alt_set(n, shape, FINDINGS, abnormal_fraction, seed, lambda rng, f: _one(rng, shape, f),
+                   spacing=SPACING, background=-1000.0, meta={"generator": "bench.althead"})
