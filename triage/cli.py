@@ -270,7 +270,7 @@ def evaluate(
                            extra={"bundle": b.name, "preset": b.manifest.get("preset"),
                                   "data": str(data)})
         if maps is not None:
-            _radiograph_overlays(b, imgs, s.score, ps.findings, out)
+            _radiograph_overlays(imgs, maps, s.score, ps.findings, out)
             loc = _radiograph_localisation(b, maps, ps, out)
     except (ValueError, FileNotFoundError, BundleError) as e:
         raise _fail(str(e)) from e
@@ -303,7 +303,7 @@ def _radiograph_localisation(b: object, maps: object, ps: object, out: Path) -> 
 
     m = np.asarray(maps)[:, 0] if np.asarray(maps).ndim == 4 else np.asarray(maps)
     truth = np.asarray(ps.masks)[:, 0]  # type: ignore[attr-defined]
-    if truth.shape[1:] != m.shape[1:]:  # phantom grid -> model grid: a pixel is lesion if any part is
+    if truth.shape[1:] != m.shape[1:]:  # phantom grid -> model grid: lesion where >= 1/4 of a pixel is
         zoom = [m.shape[1] / truth.shape[1], m.shape[2] / truth.shape[2]]
         truth = np.array([ndimage.zoom(t.astype(np.float32), zoom, order=1) > 0.25 for t in truth])
     threshold = POSTERIOR_MAP_Z if b.map_reference is not None else None  # type: ignore[attr-defined]
@@ -314,21 +314,18 @@ def _radiograph_localisation(b: object, maps: object, ps: object, out: Path) -> 
     return loc
 
 
-def _radiograph_overlays(b: object, imgs: object, score: object, findings: list[str],
+def _radiograph_overlays(imgs: object, maps: object, score: object, findings: list[str],
                          out: Path, n: int = 12) -> None:
-    """Posterior-ratio maps (the exact decomposition) over the most abnormal radiographs."""
+    """The node's abnormality maps (those it sends as overlays) over the most abnormal radiographs."""
     import numpy as np
 
-    from flows.densitymap import log_p_maps, smooth
     from flows.mapeval import map_montage
 
-    arr = np.asarray(imgs)
+    arr, m = np.asarray(imgs), np.asarray(maps)
     top = np.argsort(-np.asarray(score))[:n]
-    nb = b.preprocessing.n_bits  # type: ignore[attr-defined]
-    maps = log_p_maps(b.m1, arr[top], nb) - log_p_maps(b.m0, arr[top], nb)  # type: ignore[attr-defined]
     titles = [f"#{k + 1} case {i}: {findings[i]}" for k, i in enumerate(top)]
-    map_montage(arr[top, 0], smooth(maps, 1.0), titles, out / "overlays_most_abnormal.png",
-                title="posterior-ratio map (log p1 - log p0 per pixel), most abnormal first")
+    map_montage(arr[top, 0], m[top].reshape(arr[top, 0].shape), titles, out / "overlays_most_abnormal.png",
+                title="abnormality map as the node computes it, most abnormal first")
 
 
 def _evaluate_patch_bundle(b: object, data: Path, out: Path, n_boot: int) -> None:
