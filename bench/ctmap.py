@@ -4,6 +4,7 @@
     .venv/bin/python bench/ctmap.py TAG bct '{"preset": "cpu-bct-patch"}'
     .venv/bin/python bench/ctmap.py TAG chestct '{"bits": 5}'     # input quantised to 5 bits
     .venv/bin/python bench/ctmap.py TAG chestct '{"source": "alt"}'  # bench/altchest.py's phantoms
+    .venv/bin/python bench/ctmap.py TAG bct '{"seed": 1, "freeze": 1}'  # training seed; shared finest level
 
 Normal set seed 21, mixture seed 22 (50 % abnormal), validation seed 23, test seed 24
 (50 % abnormal each); sizes ``n`` (normal and mixture), ``nv``, ``nt``. A patch bundle is
@@ -84,7 +85,8 @@ def main() -> None:
             patches_per_volume=cfg.get("per", 64), overlap=cfg.get("overlap"), log=print,
             min_mask_fraction=cfg.get("min_mask", 0.1),
             options=BuildOptions(epochs=cfg.get("ep"), finetune_epochs=cfg.get("fep"),
-                                 freeze_levels=cfg.get("freeze"), progress=False))
+                                 freeze_levels=cfg.get("freeze"), seed=cfg.get("seed", 0),
+                                 progress=False))
     t1 = time.time()
     vols, sps = _volumes(test)
     for source in ("likelihood", "posterior", "likelihood:voxel", "posterior:voxel"):
