@@ -105,13 +105,14 @@ def main() -> None:
                                           label=int(test.labels[i]), finding=test.findings[i],
                                           truth=truth, spacing=sp))
         s = summarise(cases, n_boot=500)
-        res: dict[str, Any] = {"tag": tag, "kind": kind, "cfg": cfg, "map": source,
-               "chosen": source == PatchMapScorer(b).cal.name, "T_cm3": scorer.cal.size_threshold_cm3,
-               **{k: s[k] for k in ("auroc_abnormal_volume", "auroc_peak", "f1", "accuracy",
-                                    "hit_rate_ge_1cm3", "dice_abnormal_mean", "lesion_hit_rate",
-                                    "auroc_volume_per_finding") if k in s},
-               "rho_noise_map_mean": spearmanr(noise, means).statistic,
-               "train_s": round(t1 - t0), "map_s": round(time.time() - t1)}
+        res: dict[str, Any] = {
+            "tag": tag, "kind": kind, "cfg": cfg, "map": source,
+            "chosen": source == PatchMapScorer(b).cal.name, "T_cm3": scorer.cal.size_threshold_cm3,
+            **{k: s[k] for k in ("auroc_abnormal_volume", "auroc_peak", "f1", "accuracy",
+                                 "hit_rate_ge_1cm3", "dice_abnormal_mean", "lesion_hit_rate",
+                                 "auroc_volume_per_finding") if k in s},
+            "rho_noise_map_mean": spearmanr(noise, means).statistic,
+            "train_s": round(t1 - t0), "map_s": round(time.time() - t1)}
         line = json.dumps(res, default=lambda x: round(float(x), 3))
         print(line, flush=True)
         Path("runs").mkdir(exist_ok=True)
