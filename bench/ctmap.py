@@ -5,6 +5,7 @@
     .venv/bin/python bench/ctmap.py TAG chestct '{"bits": 5}'     # input quantised to 5 bits
     .venv/bin/python bench/ctmap.py TAG chestct '{"source": "alt"}'  # bench/altchest.py's phantoms
     .venv/bin/python bench/ctmap.py TAG bct '{"seed": 1, "freeze": 1}'  # training seed; shared finest level
+    .venv/bin/python bench/ctmap.py TAG bct '{"floor": "auto"}'  # noise floor from the training set (or HU)
 
 Normal set seed 21, mixture seed 22 (50 % abnormal), validation seed 23, test seed 24
 (50 % abnormal each); sizes ``n`` (normal and mixture), ``nv``, ``nt``. A patch bundle is
@@ -68,6 +69,13 @@ def main() -> None:
     preset = get_preset(cfg.get("preset", "cpu-chestct" if kind == "chestct" else "cpu-bct-patch"))
     if "bits" in cfg:  # quantisation depth of the model's input (the noise floor it has to model)
         preset = replace(preset, preprocessing=replace(preset.preprocessing, n_bits=int(cfg["bits"])))
+    if cfg.get("floor") == "auto":  # noise floor from the training volumes (choose_noise_floor)
+        preset = replace(preset, noise_floor_percentile=95.0)
+    elif "floor" in cfg:  # noise harmonisation: HU SD on the model grid (harmonise_noise)
+        preset = replace(preset, preprocessing=replace(preset.preprocessing,
+                                                       noise_floor=float(cfg["floor"])))
+    else:
+        preset = replace(preset, noise_floor_percentile=0.0)
     n, nv, nt = cfg.get("n", 150), cfg.get("nv", 60), cfg.get("nt", 100)
     t0 = time.time()
     src = cfg.get("source", "")
@@ -92,7 +100,8 @@ def main() -> None:
     # the nuisance a density model measures first: the scanner's noise level (docs/results.md,
     # session 5: r 0.98 with the likelihood's per-volume mean), from the windowed volume where
     # the window does not clip (bone and air carry no noise)
-    windowed = [b.preprocessing.intensities(v) for v in vols]
+    raw = replace(b.preprocessing, noise_floor=None)  # the scan's own noise, not the harmonised
+    windowed = [raw.intensities(v) for v in vols]
     laplace = [np.abs(ndimage.laplace(w)) for w in windowed]
     for source in ("likelihood", "posterior", "likelihood:voxel", "posterior:voxel"):
         scorer = PatchMapScorer(b, source=source)

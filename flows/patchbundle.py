@@ -27,7 +27,7 @@ from flows.bundle import Bundle, BundleError, add_extra, load_bundle
 from flows.lesions import Lesion, abnormal_size, choose_size_threshold, find_lesions, voxel_threshold
 from flows.masks import intracranial_mask, lung_mask
 from flows.patchmap import glow_patch_scorer, patch_map, sample_patches, to_source_grid
-from flows.preprocess import resample_to_spacing
+from flows.preprocess import Preprocessing, noise_sd, resample_to_spacing
 from flows.presets import Preset
 
 PATCHMAP_FILE = "patchmap.json"
@@ -88,17 +88,40 @@ def _prepared(bundle_or_preset: Bundle | Preset, volume_hu: np.ndarray,
     prep = bundle_or_preset.preprocessing
     if prep.spacing is None:
         raise BundleError(f"{prep.kind}: preprocessing has no spacing; not a patch model")
+    grid, m = _grid(prep.spacing, volume_hu, spacing, mask)
+    return prep.intensities(grid, m), m, prep.spacing
+
+
+def _grid(iso: float, volume_hu: np.ndarray, spacing: tuple[float, float, float], mask: str
+          ) -> tuple[np.ndarray, np.ndarray | None]:
+    """The volume in HU on the isotropic model grid, and its mask there (None: no mask)."""
     vol = np.asarray(volume_hu, dtype=np.float32)
     if vol.ndim != 3:
         raise ValueError(f"a patch map needs a 3D volume, got shape {vol.shape}")
     if not np.isfinite(vol).all():
         raise ValueError(f"volume holds {int((~np.isfinite(vol)).sum())} NaN/inf voxel(s)")
-    grid = resample_to_spacing(vol, spacing, prep.spacing)
-    iso = (prep.spacing,) * 3
-    m = MASKS[mask](grid, iso) if mask != "none" else None
+    grid = resample_to_spacing(vol, spacing, iso)
+    m = MASKS[mask](grid, (iso,) * 3) if mask != "none" else None
     if m is not None and not m.any():
         m = None  # documented fallback: no mask found, score the whole volume
-    return prep.intensities(grid), m, prep.spacing
+    return grid, m
+
+
+def choose_noise_floor(volumes: Sequence[np.ndarray], spacings: Sequence[tuple[float, float, float]],
+                       prep: Preprocessing, mask: str, percentile: float = 95.0,
+                       margin: float = 1.2) -> float:
+    """The noise floor (HU on the model grid) for :func:`flows.preprocess.harmonise_noise`:
+    ``margin`` times the ``percentile`` of the training volumes' own noise, so that nearly
+    every scan is topped up to one level while one unusually noisy scan cannot set it."""
+    assert prep.spacing is not None
+    est = []
+    for v, sp in zip(volumes, spacings, strict=True):
+        grid, m = _grid(prep.spacing, v, sp, mask)
+        est.append(noise_sd(grid, prep.window, m))
+    ok = np.asarray([e for e in est if np.isfinite(e)])
+    if ok.size == 0:
+        raise ValueError("no training volume has enough unclipped tissue to measure its noise")
+    return round(float(margin * np.percentile(ok, percentile)), 3)
 
 
 def _maps(bundle: Bundle, prepared: Sequence[tuple[np.ndarray, np.ndarray | None]], source: str,
@@ -141,6 +164,13 @@ def build_patch_bundle(out: str | Path, *, preset: Preset, normal: Sequence[np.n
     patch = prep.shape[0]
     overlap = patch // 2 if overlap is None else overlap
     rng = np.random.default_rng((options or BuildOptions()).seed)
+    if preset.noise_floor_percentile and prep.noise_floor is None:
+        floor = choose_noise_floor([*normal, *mixture], [*normal_spacing, *mixture_spacing], prep,
+                                   mask, preset.noise_floor_percentile)
+        prep = replace(prep, noise_floor=floor)
+        preset = replace(preset, preprocessing=prep)
+        log(f"noise floor {floor} HU ({preset.noise_floor_percentile:g}th percentile of the "
+            "training volumes' noise × 1.2): every volume is topped up to it")
 
     def patches(vols: Sequence[np.ndarray], sps: Sequence[tuple[float, float, float]]) -> np.ndarray:
         got = []

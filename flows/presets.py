@@ -33,6 +33,9 @@ class Preset:
     finetune_freeze: int = 0  # finest levels M0 and M1 keep shared while fine-tuning
     strategy: str = "independent"  # how a bundle's two models are trained (flows.build)
     ema_decay: float = 0.0  # weight averaging while training (flows.train.TrainOptions.ema_decay)
+    # CT patch models: > 0 sets the preprocessing's noise floor from the training volumes
+    # (this percentile of their noise, flows.patchbundle.choose_noise_floor)
+    noise_floor_percentile: float = 0.0
 
     @property
     def kind(self) -> str:

@@ -124,7 +124,13 @@ def test_chest_ct_patch_bundle_synth_train_evaluate(tmp_path: Path) -> None:
                               "--mixture", str(d / "m.npz"), "--out", str(d / "b")])
     assert res.exit_code == 2 and "--validation" in res.output
     _ok(["train", "--preset", "tiny-chestct", "--normal", str(d / "n.npz"), "--mixture",
-         str(d / "m.npz"), "--validation", str(d / "v.npz"), "--out", str(d / "b")])
+         str(d / "m.npz"), "--validation", str(d / "v.npz"), "--out", str(d / "b"),
+         "--noise-floor", "95"])
+    floor = json.loads((d / "b" / "manifest.json").read_text())["preprocessing"]["noise_floor"]
+    assert floor > 0  # chosen on the training volumes, recorded for inference
+    res = runner.invoke(app, ["train", "--preset", "tiny-cxr", "--normal", str(d / "n.npz"),
+                              "--mixture", str(d / "m.npz"), "--noise-floor", "95"])
+    assert res.exit_code == 2 and "--noise-floor" in res.output
     _ok(["evaluate", "--bundle", str(d / "b"), "--data", str(d / "v.npz"), "--out",
          str(d / "e"), "--n-boot", "20"])
     summary = json.loads((d / "e" / "summary.json").read_text())

@@ -10,7 +10,7 @@ import pytest
 
 from flows.build import BuildOptions
 from flows.bundle import Bundle, BundleError
-from flows.patchbundle import PatchMapScorer, build_patch_bundle, map_calibration
+from flows.patchbundle import PatchMapScorer, build_patch_bundle, choose_noise_floor, map_calibration
 from flows.phantoms.chestct import make_chestct
 from flows.presets import get_preset
 
@@ -26,7 +26,9 @@ def patch_bundle(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
         return [v[0] for v in s.images], [s.spacing] * len(s)
 
     out = tmp_path_factory.mktemp("pb") / "bundle"
-    return build_patch_bundle(out, preset=get_preset("tiny-chestct"),
+    # the noise floor is set from the training volumes (flows.patchbundle.choose_noise_floor)
+    preset = replace(get_preset("tiny-chestct"), noise_floor_percentile=95.0)
+    return build_patch_bundle(out, preset=preset,
                               normal=vols(nor)[0], normal_spacing=vols(nor)[1],
                               mixture=vols(mix)[0], mixture_spacing=vols(mix)[1],
                               validation=(*vols(val), val.labels), name="pb",
@@ -46,6 +48,20 @@ def test_patch_bundle_records_its_map_calibration(patch_bundle: Bundle) -> None:
                                  seed=3).labels == 0).sum())
     assert len(cal.reference_cm3) == n_normal and cal.reference_cm3 == sorted(cal.reference_cm3)
     assert all(len(v["reference_cm3"]) == n_normal for v in cal.validation.values())
+
+
+def test_noise_floor_is_chosen_on_the_training_volumes_and_recorded(patch_bundle: Bundle) -> None:
+    shape = (16, 24, 32)
+    train = [v[0] for seed, af in ((1, 0.0), (2, 0.5))
+             for v in make_chestct(6, shape=shape, spacing_mm=8.0, abnormal_fraction=af, seed=seed).images]
+    prep = replace(patch_bundle.preprocessing, noise_floor=None)
+    floor = choose_noise_floor(train, [(8.0, 8.0, 8.0)] * len(train), prep, "lung")
+    assert floor > 0 and patch_bundle.preprocessing.noise_floor == floor
+    # a volume is harmonised the same way every time it is scored
+    vol = train[0]
+    a = PatchMapScorer(patch_bundle).score(vol, (8.0,) * 3).values
+    b = PatchMapScorer(patch_bundle).score(vol, (8.0,) * 3).values
+    np.testing.assert_array_equal(a, b)
 
 
 def test_map_percentile_reads_the_abnormal_volume_against_validation_normals(patch_bundle: Bundle) -> None:

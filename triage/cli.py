@@ -158,6 +158,10 @@ def train(
     members: Annotated[int, typer.Option(
         help="train this many (M0, M1) pairs with different seeds and average their "
              "log-densities (an ensemble: less training noise in the score, k times the time)")] = 1,
+    noise_floor: Annotated[float, typer.Option(
+        help="CT patch presets: top every volume's noise up to this percentile (0-100) of the "
+             "training volumes' noise x 1.2, so scans of different dose look alike to the "
+             "models (recorded in the bundle; 0: off)")] = 0.0,
 ) -> None:
     """Train a bundle (--normal + --mixture) or a single model (--data)."""
     from flows.build import BuildOptions, build_bundle
@@ -179,6 +183,10 @@ def train(
             return
         if normal is None or mixture is None:
             raise ValueError("give --normal and --mixture for a bundle, or --data for one model")
+        if noise_floor:
+            if p.preprocessing.spacing is None or not 0 < noise_floor <= 100:
+                raise ValueError("--noise-floor is a percentile in (0, 100] and only for CT patch presets")
+            p = p.with_overrides(noise_floor_percentile=noise_floor)
         if p.preprocessing.spacing is not None:  # a patch preset: volumes on their own grids
             _train_patch_bundle(p, out, normal, mixture, validation, name or out.name, version,
                                 BuildOptions(strategy=strategy, seed=seed, epochs=epochs,  # type: ignore[arg-type]
