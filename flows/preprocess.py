@@ -31,8 +31,8 @@ class Preprocessing:
     window: tuple[float, float] | None = None
     # Patch models: the isotropic voxel size (mm) volumes are resampled to before patching.
     spacing: float | None = None
-    # CT: every volume's high-frequency noise is raised to this SD (HU, on the model grid)
-    # before the window, so scans of different dose look alike to the model (harmonise_noise)
+    # CT patch models (intensities(); whole-image apply() ignores it): every volume's noise is
+    # raised to this SD (HU, model grid) before the window, so doses look alike (harmonise_noise)
     noise_floor: float | None = None
 
     def __post_init__(self) -> None:
