@@ -14,8 +14,9 @@ strategy, map calibration on the validation set); then the test set is mapped wi
 likelihood map and with the posterior-ratio map, each with its own validation-calibrated
 voxel threshold and T. Prints one JSON line per map and appends them to runs/ctmap.jsonl;
 ``rho_noise_map_mean`` is the Spearman correlation, over the test volumes, of the map's mean
-with the volume's noise level (median absolute Laplacian of the windowed volume where the map
-is defined and the window does not clip): near 1, the map measures the scanner, not the anatomy.
+with the volume's own noise level (:func:`flows.preprocess.noise_sd` on its source grid; runs
+before 2026-12-01 used the median absolute Laplacian where the map is defined, the same
+quantity up to scale): near 1, the map measures the scanner, not the anatomy.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench.alt*
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from scipy import ndimage  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 
 from bench.altchest import make_alt_chestct  # noqa: E402
@@ -44,6 +44,7 @@ from flows.mapeval import case_from_result, summarise  # noqa: E402
 from flows.patchbundle import PatchMapScorer, build_patch_bundle, calibrate_patch_bundle  # noqa: E402
 from flows.phantoms import PhantomSet, make_headct  # noqa: E402
 from flows.phantoms.chestct import make_chestct  # noqa: E402
+from flows.preprocess import noise_sd  # noqa: E402
 from flows.presets import get_preset  # noqa: E402
 
 
@@ -74,8 +75,6 @@ def main() -> None:
     elif "floor" in cfg:  # noise harmonisation: HU SD on the model grid (harmonise_noise)
         preset = replace(preset, preprocessing=replace(preset.preprocessing,
                                                        noise_floor=float(cfg["floor"])))
-    else:
-        preset = replace(preset, noise_floor_percentile=0.0)
     n, nv, nt = cfg.get("n", 150), cfg.get("nv", 60), cfg.get("nt", 100)
     t0 = time.time()
     src = cfg.get("source", "")
@@ -97,20 +96,15 @@ def main() -> None:
                                  progress=False))
     t1 = time.time()
     vols, sps = _volumes(test)
-    # the nuisance a density model measures first: the scanner's noise level (docs/results.md,
-    # session 5: r 0.98 with the likelihood's per-volume mean), from the windowed volume where
-    # the window does not clip (bone and air carry no noise)
-    raw = replace(b.preprocessing, noise_floor=None)  # the scan's own noise, not the harmonised
-    windowed = [raw.intensities(v) for v in vols]
-    laplace = [np.abs(ndimage.laplace(w)) for w in windowed]
+    # the nuisance a density model measures first: the scan's own noise level (docs/results.md,
+    # session 5: r 0.98 with the likelihood's per-volume mean), before any harmonisation
+    noise = [noise_sd(v, b.preprocessing.window) for v in vols]
     for source in ("likelihood", "posterior", "likelihood:voxel", "posterior:voxel"):
         scorer = PatchMapScorer(b, source=source)
-        cases, means, noise = [], [], []
+        cases, means = [], []
         for i, (v, sp) in enumerate(zip(vols, sps, strict=True)):
             r = scorer.score(v, sp)
-            inside = np.isfinite(r.values) & (windowed[i] > 0) & (windowed[i] < 1)
             means.append(float(np.nanmean(r.values)))
-            noise.append(float(np.median(laplace[i][inside])))
             truth = test.masks[i, 0]
             cases.append(case_from_result(v, r, scorer.cal.voxel_threshold,
                                           label=int(test.labels[i]), finding=test.findings[i],
