@@ -27,9 +27,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from flows.bundle import Bundle, Calibration, load_bundle, save_bundle
+from flows.bundle import MAX_TEST_TIME_SHIFT, Bundle, Calibration, load_bundle, save_bundle
 from flows.densitymap import ScoreChoice, abnormality_maps, choose_score, log_p_maps, map_scores
-from flows.glow import Averaged, Conditioned, FlowModel
+from flows.glow import Averaged, Conditioned, FlowModel, Translated
 from flows.posterior import two_model_scores
 from flows.presets import Preset
 from flows.train import TrainOptions, TrainResult, fingerprint, train
@@ -63,6 +63,7 @@ class BuildOptions:
     # independently trained (M0, M1) pairs whose log-densities are averaged (flows.glow.Averaged);
     # member k trains with seeds + 1000 k. Each member costs one more training.
     members: int = 1
+    test_time_shift: int | None = None  # None: the preset's (flows.glow.Translated)
 
 
 def split_reference(mixture: np.ndarray, fraction: float, minimum: int, seed: int
@@ -147,6 +148,9 @@ def build_bundle(out: str | Path, *, preset: Preset, normal: np.ndarray, mixture
 
     if opts.members < 1:
         raise ValueError(f"members must be >= 1, got {opts.members}")
+    shift = preset.test_time_shift if opts.test_time_shift is None else opts.test_time_shift
+    if not 0 <= shift <= MAX_TEST_TIME_SHIFT:
+        raise ValueError(f"test-time shift must be 0-{MAX_TEST_TIME_SHIFT} pixels, got {shift}")
     pairs = []
     for k in range(opts.members):
         if opts.members > 1:
@@ -159,6 +163,10 @@ def build_bundle(out: str | Path, *, preset: Preset, normal: np.ndarray, mixture
     else:  # the mean log-density of the members (flows.glow.Averaged)
         m0, m1 = Averaged([p[0] for p in pairs]), Averaged([p[1] for p in pairs])  # type: ignore[misc]
         metrics = {**pairs[0][2], "member_metrics": [p[2] for p in pairs]}
+    if shift:  # calibrate on the scores the node will compute
+        n_shifts = (2 * shift + 1) ** len(preset.preprocessing.shape)
+        log(f"scores are means over {n_shifts} translations within {shift} pixel(s) of each image")
+        m0, m1 = Translated(m0, shift).eval(), Translated(m1, shift).eval()
     n_bits = preset.preprocessing.n_bits
     choice, map_ref = ScoreChoice(None, {}), None
     val_labels = val_scores = None

@@ -31,12 +31,13 @@ import torch
 
 from flows.atomic import torch_save, write_bytes
 from flows.densitymap import MapReference, ScoreChoice
-from flows.glow import Averaged, Conditioned, FlowModel, Glow, GlowConfig
+from flows.glow import Averaged, Conditioned, FlowModel, Glow, GlowConfig, Translated
 from flows.preprocess import Preprocessing
 
 FORMAT_VERSION = 1
 WEIGHT_FILES = ("m0.pt", "m1.pt")
 MAP_REFERENCE = "map_reference.npz"  # per-position median/spread, when the score needs it
+MAX_TEST_TIME_SHIFT = 4  # translations (2 r + 1)^ndim: 81 at r 4 in 2D, the most worth paying for
 
 
 class BundleError(ValueError):
@@ -172,7 +173,12 @@ def member_file(role: str, k: int) -> str:
 
 
 def _members(model: FlowModel) -> list[Glow | Conditioned]:
-    return list(model._each()) if isinstance(model, Averaged) else [model]
+    inner = model.model if isinstance(model, Translated) else model
+    return list(inner._each()) if isinstance(inner, Averaged) else [inner]
+
+
+def _radius(model: FlowModel) -> int:
+    return model.radius if isinstance(model, Translated) else 0
 
 
 def save_bundle(path: str | Path, *, m0: FlowModel, m1: FlowModel, preset: str,
@@ -190,6 +196,10 @@ def save_bundle(path: str | Path, *, m0: FlowModel, m1: FlowModel, preset: str,
     n0, n1 = _members(m0), _members(m1)
     if len(n0) != len(n1):
         raise BundleError(f"M0 has {len(n0)} member(s) and M1 {len(n1)}; they must match")
+    shift = _radius(m0)
+    if _radius(m1) != shift:
+        raise BundleError(f"M0 is scored over translations within {shift} and M1 within "
+                          f"{_radius(m1)}; they must match")
     for role, nets in (("m0", n0), ("m1", n1)):
         for k, model in enumerate(nets):
             fname = member_file(role, k)
@@ -218,6 +228,7 @@ def save_bundle(path: str | Path, *, m0: FlowModel, m1: FlowModel, preset: str,
         "training": training or {},
         "conditions": conditions,
         **({"members": len(n0)} if len(n0) > 1 else {}),
+        **({"test_time_shift": shift} if shift else {}),
         "files": files,
     }
     write_bytes(out / "manifest.json", json.dumps(manifest, indent=2).encode())
@@ -264,6 +275,10 @@ def load_bundle(path: str | Path, *, expect: Preprocessing | None = None,
     n_members = manifest.get("members", 1)
     if not isinstance(n_members, int) or not 1 <= n_members <= 64:
         raise BundleError(f"{root}: manifest 'members' must be a whole number 1-64, not {n_members!r}")
+    shift = manifest.get("test_time_shift", 0)
+    if isinstance(shift, bool) or not isinstance(shift, int) or not 0 <= shift <= MAX_TEST_TIME_SHIFT:
+        raise BundleError(f"{root}: manifest 'test_time_shift' must be a whole number "
+                          f"0-{MAX_TEST_TIME_SHIFT}, not {shift!r}")
     weights = tuple(member_file(r, k) for r in ("m0", "m1") for k in range(n_members))
     optional = tuple(f for f in files if f not in (*weights, "calibration.json"))
     for fname in optional:
@@ -302,6 +317,8 @@ def load_bundle(path: str | Path, *, expect: Preprocessing | None = None,
             nets.append(model)
     models: list[FlowModel] = [nets[0], nets[n_members]] if n_members == 1 else [
         Averaged(nets[:n_members]).eval(), Averaged(nets[n_members:]).eval()]
+    if shift:
+        models = [Translated(m, shift).eval() for m in models]
     cal = Calibration(**json.loads((root / "calibration.json").read_text()))
     ref = None
     if MAP_REFERENCE in files:

@@ -36,6 +36,9 @@ class Preset:
     # CT patch models: > 0 sets the preprocessing's noise floor from the training volumes
     # (this percentile of their noise, flows.patchbundle.choose_noise_floor)
     noise_floor_percentile: float = 0.0
+    # whole-image bundles: score as the mean over translations within this many pixels/voxels
+    # (flows.glow.Translated; (2 r + 1)^ndim times the scoring cost; 0: off)
+    test_time_shift: int = 0
 
     @property
     def kind(self) -> str:

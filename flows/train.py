@@ -24,7 +24,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from flows.atomic import torch_save
-from flows.glow import Glow
+from flows.glow import Glow, translate
 from flows.presets import Preset
 from flows.quantize import bits_per_dim, dequantize
 
@@ -170,12 +170,8 @@ def _shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tenso
     """Random integer translation with edge replication (no wrap-around)."""
     if max_shift <= 0:
         return x
-    nd = x.dim() - 2
-    pad = [max_shift] * (2 * nd)
-    xp = torch.nn.functional.pad(x, pad, mode="replicate")
-    offs = torch.randint(0, 2 * max_shift + 1, (nd,), generator=gen).tolist()
-    sl = [slice(None), slice(None)] + [slice(o, o + s) for o, s in zip(offs, x.shape[2:], strict=True)]
-    return xp[tuple(sl)]
+    offs = torch.randint(0, 2 * max_shift + 1, (x.dim() - 2,), generator=gen).tolist()
+    return translate(x, [o - max_shift for o in offs])
 
 
 def _cond(conditions: np.ndarray | None, idx: np.ndarray | slice, dev: torch.device

@@ -162,6 +162,10 @@ def train(
         help="CT patch presets: top every volume's noise up to this percentile (0-100) of the "
              "training volumes' noise x 1.2, so scans of different dose look alike to the "
              "models (recorded in the bundle; 0: off)")] = 0.0,
+    test_time_shift: Annotated[int | None, typer.Option(
+        help="whole-image presets: score every image as the mean over its translations within "
+             "this many pixels ((2r+1)^2 per radiograph, (2r+1)^3 per volume: that many times the "
+             "scoring time; recorded in the bundle; default: the preset's, 0: off)")] = None,
 ) -> None:
     """Train a bundle (--normal + --mixture) or a single model (--data)."""
     from flows.build import BuildOptions, build_bundle
@@ -187,6 +191,9 @@ def train(
             if p.preprocessing.spacing is None or not 0 < noise_floor <= 100:
                 raise ValueError("--noise-floor is a percentile in (0, 100] and only for CT patch presets")
             p = p.with_overrides(noise_floor_percentile=noise_floor)
+        if test_time_shift and p.preprocessing.spacing is not None:
+            raise ValueError("--test-time-shift is for whole-image presets; a patch map already "
+                             "averages overlapping patches")
         if p.preprocessing.spacing is not None:  # a patch preset: volumes on their own grids
             _train_patch_bundle(p, out, normal, mixture, validation, name or out.name, version,
                                 BuildOptions(strategy=strategy, seed=seed, epochs=epochs,  # type: ignore[arg-type]
@@ -205,7 +212,8 @@ def train(
                      version=version, validation=val,  # type: ignore[arg-type]
                      options=BuildOptions(strategy=strategy, seed=seed, epochs=epochs,  # type: ignore[arg-type]
                                           finetune_epochs=finetune_epochs, batch_size=batch_size,
-                                          device=device, members=members),
+                                          device=device, members=members,
+                                          test_time_shift=test_time_shift),
                      log=console.print)
     except (ValueError, FileNotFoundError) as e:
         raise _fail(str(e)) from e
