@@ -5,7 +5,11 @@
 KIND is cxr or bct. JSON overrides the cpu-KIND preset and the run:
 ``{"strategy": "conditional", "glow": {"coords": true}, "prep": {"n_bits": 5}, "ep": 4,
 "fep": 2, "freeze": 1, "n": 1500, "nt": 600, "nv": 400, "seed": 0, "ema": 0.98,
-"members": 1, "source": "alt"}``; ``source`` "alt" trains and tests on the
+"members": 1, "source": "alt", "tta": 1, "shift": 2, "from": "TAG0"}``; ``shift`` trains
+with random translations of up to that many pixels; ``tta`` scores each image as the
+mean over its translations within that many pixels (flows.glow.Translated); ``from`` re-scores
+the bundle runs/accuracy/TAG0 (e.g. with another ``tta``) instead of training one (its
+calibration is not redone: AUROCs do not need it); ``source`` "alt" trains and tests on the
 independently made phantoms of bench/altcxr.py or bench/althead.py instead of flows/phantoms; with ``nv``
 a labelled validation set (seed 14) lets the bundle choose its score (whole-image posterior
 or a map score), and the chosen score is reported beside the whole-image posterior and the
@@ -24,7 +28,9 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench.altcxr
@@ -36,10 +42,12 @@ from scipy.stats import spearmanr  # noqa: E402
 from bench.altcxr import make_alt_cxr  # noqa: E402
 from bench.althead import make_alt_headct  # noqa: E402
 from flows.build import BuildOptions, build_bundle  # noqa: E402
+from flows.bundle import Bundle, load_bundle  # noqa: E402
 from flows.evaluate import roc_auc_ci  # noqa: E402
+from flows.glow import Translated  # noqa: E402
 from flows.phantoms import PhantomSet, make_cxr, make_headct  # noqa: E402
 from flows.posterior import PosteriorScorer  # noqa: E402
-from flows.presets import get_preset  # noqa: E402
+from flows.presets import Preset, get_preset  # noqa: E402
 
 
 def main() -> None:
@@ -47,7 +55,8 @@ def main() -> None:
     tag, kind = sys.argv[1], sys.argv[2]
     cfg = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
     p = get_preset(f"cpu-{kind}")
-    prep_over = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.get("prep", {}).items()}
+    prep_over: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v
+                                 for k, v in cfg.get("prep", {}).items()}
     p = dataclasses.replace(p, glow=dataclasses.replace(p.glow, **cfg.get("glow", {})),
                             preprocessing=dataclasses.replace(p.preprocessing, **prep_over))
     n, nt = cfg.get("n", 1500), cfg.get("nt", 600)
@@ -63,24 +72,43 @@ def main() -> None:
 
     t0 = time.time()
     prep = p.preprocessing
-    normal = prep.apply(make(n, seed=11).images)
-    mixture = prep.apply(make(n, abnormal_fraction=0.5, seed=12).images)
     test = make(nt, abnormal_fraction=0.5, seed=13)
     timg = prep.apply(test.images)
+    out = Path("runs/accuracy") / tag
+    if cfg.get("from"):
+        b = load_bundle(Path("runs/accuracy") / cfg["from"])
+        if cfg.get("tta"):
+            b.m0, b.m1 = Translated(b.m0, cfg["tta"]).eval(), Translated(b.m1, cfg["tta"]).eval()
+        out.mkdir(parents=True, exist_ok=True)
+    else:
+        b = train_bundle(tag, out, p, cfg, make, n)
+    report(tag, kind, cfg, p, b, test, timg, out, t0)
+
+
+def train_bundle(tag: str, out: Path, p: Preset, cfg: dict[str, Any], make: Callable[..., PhantomSet],
+                 n: int) -> Bundle:
+    prep = p.preprocessing
+    normal = prep.apply(make(n, seed=11).images)
+    mixture = prep.apply(make(n, abnormal_fraction=0.5, seed=12).images)
     nv = cfg.get("nv", 0)
     validation = None
     if nv:  # the bundle chooses its score (whole-image or map) on this labelled set
         vset = make(nv, abnormal_fraction=0.5, seed=14)
         validation = (prep.apply(vset.images), vset.labels)
-    out = Path("runs/accuracy") / tag
-    b = build_bundle(out, preset=p, normal=normal, mixture=mixture, name=tag, log=print,
+    return build_bundle(out, preset=p, normal=normal, mixture=mixture, name=tag, log=print,
                      validation=validation,
                      options=BuildOptions(strategy=cfg.get("strategy"),
                                           epochs=cfg.get("ep"), finetune_epochs=cfg.get("fep"),
                                           freeze_levels=cfg.get("freeze"),
                                           seed=cfg.get("seed", 0), ema_decay=cfg.get("ema"),
                                           members=cfg.get("members", 1),
+                                          test_time_shift=cfg.get("tta"),
+                                          augment_shift=cfg.get("shift", 0),
                                           progress=False))
+
+
+def report(tag: str, kind: str, cfg: dict[str, Any], p: Preset, b: Bundle, test: PhantomSet,
+           timg: np.ndarray, out: Path, t0: float) -> None:
     scored = PosteriorScorer(b).score(timg)
     l0 = scored.log_p_normal
     post = scored.abnormality
@@ -90,9 +118,9 @@ def main() -> None:
     for name, s in (("posterior", post), ("likelihood", -l0), ("chosen", scored.score)):
         ci = roc_auc_ci(test.labels, s, n_boot=500)
         res[name] = [round(ci.auc, 3), round(ci.lo, 3), round(ci.hi, 3)]
-        for f in sorted(set(test.findings) - {"normal"}):
-            sel = np.array([x in ("normal", f) for x in test.findings])
-            res[f"{name}:{f}"] = round(roc_auc_ci(test.labels[sel], s[sel], n_boot=10).auc, 3)
+        for fd in sorted(set(test.findings) - {"normal"}):
+            sel = np.array([x in ("normal", fd) for x in test.findings])
+            res[f"{name}:{fd}"] = round(roc_auc_ci(test.labels[sel], s[sel], n_boot=10).auc, 3)
         res[f"rho_zero:{name}"] = round(float(spearmanr(test.zero_fraction, s)[0]), 3)
     res["seconds"] = round(time.time() - t0)
     # per-case scores, so that runs (e.g. seeds) can be combined afterwards

@@ -666,9 +666,10 @@ class Translated(nn.Module):
     A CPU-sized model's log-density of one image moves with a one-pixel shift almost as much
     as between cases (the posterior of a case and of its 1-pixel shift correlate at r ~0.3,
     docs/results.md): part of every score is where the anatomy happens to fall on the pixel
-    grid. Averaging over the ``(2 r + 1)^ndim`` translations within ``radius`` (the models
-    are trained with random shifts of that size) removes that part, like a test-time
-    ensemble, at that many times the scoring cost. A map is the mean of the translated maps,
+    grid. Averaging over the ``(2 r + 1)^ndim`` translations within ``radius`` removes that
+    part, like a test-time ensemble, at that many times the scoring cost; a shift of a pixel
+    or two moves no anatomy out of the field, so every translated copy is still an image
+    the models know. A map is the mean of the translated maps,
     each moved back onto the input's grid (so it still sums to the mean log-density).
     Sampling is the wrapped model's.
     """
