@@ -8,6 +8,7 @@ accumulated in float64 whatever the layers run in: with 512x512 inputs the total
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -575,6 +576,13 @@ class Conditioned(nn.Module):
         return self.glow.sample(n, shape, temperature, generator, cond=self.condition)
 
 
+def _mean_output(outs: Sequence[FlowOutput]) -> FlowOutput:
+    """The mean log-density of several passes (latents: the first pass's)."""
+    return FlowOutput(zs=outs[0].zs, log_p=torch.stack([o.log_p for o in outs]).mean(0),
+                      logdet=torch.stack([o.logdet for o in outs]).mean(0),
+                      log_pz=torch.stack([o.log_pz for o in outs]).mean(0))
+
+
 class Averaged(nn.Module):
     """Several independently trained models used as one: the mean of their log-densities.
 
@@ -604,10 +612,7 @@ class Averaged(nn.Module):
         return all(m.initialized for m in self._each())
 
     def forward(self, x: Tensor) -> FlowOutput:
-        outs = [m(x) for m in self._each()]
-        return FlowOutput(zs=outs[0].zs, log_p=torch.stack([o.log_p for o in outs]).mean(0),
-                          logdet=torch.stack([o.logdet for o in outs]).mean(0),
-                          log_pz=torch.stack([o.log_pz for o in outs]).mean(0))
+        return _mean_output([m(x) for m in self._each()])
 
     def log_p_map(self, x: Tensor) -> Tensor:
         return torch.stack([m.log_p_map(x) for m in self._each()]).mean(0)
@@ -621,8 +626,7 @@ def translations(radius: int, ndim: int) -> list[tuple[int, ...]]:
     """Every integer offset within ``radius`` along each of ``ndim`` axes, (0, ...) first."""
     if isinstance(radius, bool) or not isinstance(radius, int) or radius < 0:
         raise ValueError(f"translation radius must be a whole number >= 0, got {radius!r}")
-    grid = [tuple(int(v) for v in o) for o in np.ndindex(*(2 * radius + 1,) * ndim)]
-    offs = [tuple(v - radius for v in o) for o in grid]
+    offs = itertools.product(range(-radius, radius + 1), repeat=ndim)
     return sorted(offs, key=lambda o: (max(map(abs, o), default=0), o))
 
 
@@ -669,9 +673,8 @@ class Translated(nn.Module):
     grid. Averaging over the ``(2 r + 1)^ndim`` translations within ``radius`` removes that
     part, like a test-time ensemble, at that many times the scoring cost; a shift of a pixel
     or two moves no anatomy out of the field, so every translated copy is still an image
-    the models know. A map is the mean of the translated maps,
-    each moved back onto the input's grid (so it still sums to the mean log-density).
-    Sampling is the wrapped model's.
+    the models know. A map is the mean of the translated maps, each moved back onto the
+    input's grid (so it still sums to the mean log-density). Sampling is the wrapped model's.
     """
 
     def __init__(self, model: FlowModel, radius: int) -> None:
@@ -695,10 +698,7 @@ class Translated(nn.Module):
         return translations(self.radius, x.dim() - 2)
 
     def forward(self, x: Tensor) -> FlowOutput:
-        outs = [self.model(translate(x, o)) for o in self._offsets(x)]
-        return FlowOutput(zs=outs[0].zs, log_p=torch.stack([o.log_p for o in outs]).mean(0),
-                          logdet=torch.stack([o.logdet for o in outs]).mean(0),
-                          log_pz=torch.stack([o.log_pz for o in outs]).mean(0))
+        return _mean_output([self.model(translate(x, o)) for o in self._offsets(x)])
 
     def log_p_map(self, x: Tensor) -> Tensor:
         maps = []
