@@ -28,9 +28,9 @@ from typing import Any, Literal
 import numpy as np
 
 from flows.bundle import MAX_TEST_TIME_SHIFT, Bundle, Calibration, load_bundle, save_bundle
-from flows.densitymap import ScoreChoice, abnormality_maps, choose_score, log_p_maps, map_scores
+from flows.densitymap import ScoreChoice, choose_score, pair_log_p_maps
 from flows.glow import Averaged, Conditioned, FlowModel, Translated
-from flows.posterior import two_model_scores
+from flows.posterior import map_pair_scores, two_model_scores
 from flows.presets import Preset
 from flows.train import TrainOptions, TrainResult, fingerprint, train
 
@@ -169,25 +169,27 @@ def build_bundle(out: str | Path, *, preset: Preset, normal: np.ndarray, mixture
         m0, m1 = Translated(m0, shift).eval(), Translated(m1, shift).eval()
     n_bits = preset.preprocessing.n_bits
     choice, map_ref = ScoreChoice(None, {}), None
-    val_labels = val_scores = None
+    val_labels = val_scores = ref = None
     if validation is not None:
         vimg, val_labels = validation
         if opts.map_scores and len(np.unique(val_labels)) == 2:
             rng = np.random.default_rng(opts.seed)
-            sub = reference[np.sort(rng.choice(len(reference), min(len(reference),
-                                                                   opts.max_reference_maps), replace=False))]
-            v0, v1 = log_p_maps(m0, vimg, n_bits), log_p_maps(m1, vimg, n_bits)
-            choice, map_ref = choose_score(v0, v1, val_labels, log_p_maps(m0, sub, n_bits),
-                                           log_p_maps(m1, sub, n_bits))
+            pick = np.sort(rng.choice(len(reference), min(len(reference), opts.max_reference_maps),
+                                      replace=False))
+            v0, v1 = pair_log_p_maps(m0, m1, vimg, n_bits)
+            r0, r1 = pair_log_p_maps(m0, m1, reference[pick], n_bits)
+            choice, map_ref = choose_score(v0, v1, val_labels, r0, r1)
             log(f"score chosen on validation: {choice.name} (AUROC "
                 f"{choice.validation_auroc[choice.name]:.3f}; whole-image posterior "
                 f"{choice.validation_auroc['whole']:.3f})")
-            # the validation maps are at hand: score them once, the same way the scorer will
-            val_scores = (map_scores(abnormality_maps(v0, v1, choice.map.source), choice.map, map_ref)
-                          if choice.map is not None else (v1 - v0).reshape(len(v0), -1).sum(1))
+            # the maps are at hand: score them the same way the scorer will
+            val_scores = map_pair_scores(v0, v1, choice, map_ref)[2]
+            if len(pick) == len(reference):
+                ref = map_pair_scores(r0, r1, choice, map_ref)[2]
         else:
             val_scores = two_model_scores(m0, m1, vimg, n_bits, choice, map_ref)[2]
-    ref = two_model_scores(m0, m1, reference, n_bits, choice, map_ref)[2]
+    if ref is None:
+        ref = two_model_scores(m0, m1, reference, n_bits, choice, map_ref)[2]
     cal = Calibration.from_scores(ref, labels=val_labels, scores=val_scores,
                                   percentile=opts.threshold_percentile, choice=choice)
     training: dict[str, Any] = {

@@ -15,6 +15,7 @@ abnormal in a different place, barely move the reference.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -23,6 +24,7 @@ from scipy.ndimage import gaussian_filter
 
 from flows.errors import ScoringError
 from flows.glow import FlowModel
+from flows.pair import ModelPair
 from flows.quantize import dequantize
 
 MAD_TO_SD = 1.4826
@@ -36,16 +38,41 @@ def log_p_maps(model: FlowModel, images01: np.ndarray, n_bits: int, *,
     Returns ``(N, *shape)`` float64 maps; each sums to the image's log p(x).
     """
     model.eval()
-    dev = next(model.parameters()).device
-    out = np.empty((len(images01), *images01.shape[2:]), dtype=np.float64)
+    return _maps(lambda x: (model.log_p_map(x),), images01, n_bits, batch_size, _device(model))[0]
+
+
+@torch.no_grad()
+def pair_log_p_maps(m0: FlowModel, m1: FlowModel, images01: np.ndarray, n_bits: int, *,
+                    batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`log_p_maps` of both models of a bundle, running their shared levels once
+    (:class:`flows.pair.ModelPair`); the same maps as two separate calls."""
+    m0.eval()
+    m1.eval()
+    pair = ModelPair(m0, m1)
+    a, b = _maps(pair.log_p_maps, images01, n_bits, batch_size, _device(m0))
+    return a, b
+
+
+def _device(model: FlowModel) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _maps(run: Callable[[torch.Tensor], tuple[torch.Tensor, ...]], images01: np.ndarray, n_bits: int,
+          batch_size: int, device: torch.device) -> list[np.ndarray]:
+    outs: list[np.ndarray] = []
     for i in range(0, len(images01), batch_size):
         x01 = torch.from_numpy(np.ascontiguousarray(images01[i:i + batch_size], dtype=np.float32))
-        out[i:i + len(x01)] = model.log_p_map(dequantize(x01, n_bits, noise=False).to(dev)).cpu().numpy()
-    bad = ~np.isfinite(out.reshape(len(out), -1)).all(axis=1)
-    if bad.any():
-        raise ScoringError(f"{int(bad.sum())} image(s) got a non-finite log-likelihood map "
-                           f"(first index {int(np.argmax(bad))}); the model or input is broken")
-    return out
+        maps = run(dequantize(x01, n_bits, noise=False).to(device))
+        if not outs:
+            outs = [np.empty((len(images01), *images01.shape[2:]), dtype=np.float64) for _ in maps]
+        for out, m in zip(outs, maps, strict=True):
+            out[i:i + len(x01)] = m.cpu().numpy()
+    for out in outs:
+        bad = ~np.isfinite(out.reshape(len(out), -1)).all(axis=1)
+        if bad.any():
+            raise ScoringError(f"{int(bad.sum())} image(s) got a non-finite log-likelihood map "
+                               f"(first index {int(np.argmax(bad))}); the model or input is broken")
+    return outs
 
 
 @dataclass(frozen=True)

@@ -437,10 +437,20 @@ class Glow(nn.Module):
         The terms are per sample ``(N,)``, or with ``per_position`` maps ``(N, *grid_i)`` on
         level i's grid (the input grid divided by 2**(i+1)); all in float64.
         """
+        _, zs, terms = self.run_levels(x, onehot, per_position, 0, len(self.levels))
+        return zs, terms
+
+    def run_levels(self, h: Tensor, onehot: Tensor | None, per_position: bool, start: int,
+                   stop: int) -> tuple[Tensor, list[Tensor], list[tuple[Tensor, Tensor]]]:
+        """Levels ``start`` to ``stop - 1`` of :meth:`_pass` from the state ``h`` entering
+        level ``start`` (the input for 0): the state after them, their latents and terms.
+
+        Split so that two models sharing their finest levels can run those once
+        (:mod:`flows.pair`).
+        """
         zs: list[Tensor] = []
         terms: list[tuple[Tensor, Tensor]] = []
-        h = x
-        for i in range(len(self.levels)):
+        for i in range(start, stop):
             h = squeeze(h)
             logdet: Tensor | None = None
             for step in self._steps(i):
@@ -458,14 +468,31 @@ class Glow(nn.Module):
             zs.append(z)
             terms.append((logdet, lp.to(torch.float64).sum(dim=1) if per_position
                           else _sum_per_sample(lp)))
-        return zs, terms
+        return h, zs, terms
 
-    def forward(self, x: Tensor, cond: Tensor | int | None = None) -> FlowOutput:
-        self.check_input(x)
-        zs, terms = self._pass(x, self._onehot(cond, x.shape[0], x.device), False)
+    @staticmethod
+    def output(zs: list[Tensor], terms: list[tuple[Tensor, Tensor]]) -> FlowOutput:
+        """A :class:`FlowOutput` from every level's latents and per-sample terms."""
         logdet = torch.stack([t[0] for t in terms]).sum(dim=0)
         log_pz = torch.stack([t[1] for t in terms]).sum(dim=0)
         return FlowOutput(zs=zs, log_p=log_pz + logdet, logdet=logdet, log_pz=log_pz)
+
+    def position_map(self, terms: list[tuple[Tensor, Tensor]], x: Tensor) -> Tensor:
+        """Every level's per-position terms spread over the input grid of ``x`` (see
+        :meth:`log_p_map`)."""
+        ndim = self.config.ndim
+        total = torch.zeros(x.shape[0], *x.shape[2:], dtype=torch.float64, device=x.device)
+        for i, (logdet, log_pz) in enumerate(terms):
+            f = 2 ** (i + 1)
+            m = (logdet + log_pz) / f ** ndim
+            for axis in range(1, ndim + 1):
+                m = m.repeat_interleave(f, dim=axis)
+            total = total + m
+        return total
+
+    def forward(self, x: Tensor, cond: Tensor | int | None = None) -> FlowOutput:
+        self.check_input(x)
+        return self.output(*self._pass(x, self._onehot(cond, x.shape[0], x.device), False))
 
     def log_p_map(self, x: Tensor, cond: Tensor | int | None = None) -> Tensor:
         """log p(x) decomposed exactly over input positions: ``(N, *spatial)``, float64.
@@ -477,15 +504,7 @@ class Glow(nn.Module):
         """
         self.check_input(x)
         _, terms = self._pass(x, self._onehot(cond, x.shape[0], x.device), True)
-        ndim = self.config.ndim
-        total = torch.zeros(x.shape[0], *x.shape[2:], dtype=torch.float64, device=x.device)
-        for i, (logdet, log_pz) in enumerate(terms):
-            f = 2 ** (i + 1)
-            m = (logdet + log_pz) / f ** ndim
-            for axis in range(1, ndim + 1):
-                m = m.repeat_interleave(f, dim=axis)
-            total = total + m
-        return total
+        return self.position_map(terms, x)
 
     def log_prob(self, x: Tensor, cond: Tensor | int | None = None) -> Tensor:
         return self.forward(x, cond).log_p

@@ -22,6 +22,7 @@ from scipy import ndimage
 
 from flows.errors import ScoringError
 from flows.glow import FlowModel
+from flows.pair import ModelPair
 from flows.quantize import dequantize
 
 PatchScorer = Callable[[torch.Tensor], torch.Tensor]
@@ -161,16 +162,16 @@ def glow_patch_scorer(m0: FlowModel, m1: FlowModel | None, n_bits: int,
 
     Higher is more abnormal in every case.
     """
+    pair = ModelPair(m0, m1) if m1 is not None else None
+
     def score(x01: torch.Tensor) -> torch.Tensor:
         x = dequantize(x01, n_bits, noise=False)
-        if per_voxel:
-            lp0 = m0.log_p_map(x)
-            return -lp0 if m1 is None else m1.log_p_map(x) - lp0
-        v = float(np.prod(x.shape[2:]))
-        lp0 = m0(x).log_p
-        if m1 is None:
-            return -lp0 / v
-        return (m1(x).log_p - lp0) / v
+        if pair is None:
+            s = -(m0.log_p_map(x) if per_voxel else m0(x).log_p)
+        else:
+            lp0, lp1 = pair.log_p_maps(x) if per_voxel else pair.log_p(x)
+            s = lp1 - lp0
+        return s if per_voxel else s / float(np.prod(x.shape[2:]))
     return score
 
 

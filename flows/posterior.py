@@ -9,6 +9,7 @@ configured number of seeded dequantisation draws.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,12 +21,13 @@ from flows.densitymap import (
     MapScore,
     ScoreChoice,
     abnormality_maps,
-    log_p_maps,
     map_scores,
+    pair_log_p_maps,
     prepared_maps,
 )
 from flows.errors import ScoringError
 from flows.glow import FlowModel
+from flows.pair import ModelPair
 from flows.quantize import dequantize
 
 
@@ -52,45 +54,74 @@ def log_likelihood(model: FlowModel, images01: np.ndarray, n_bits: int, *, batch
                    draws: int = 0, seed: int = 0) -> np.ndarray:
     """log p(x) for preprocessed images ``(N, 1, *shape)`` in [0, 1], in float64."""
     model.eval()
+    return _log_ps(lambda x: (model(x).log_p,), model, images01, n_bits, batch_size, draws, seed)[0]
+
+
+@torch.no_grad()
+def pair_log_likelihoods(m0: FlowModel, m1: FlowModel, images01: np.ndarray, n_bits: int, *,
+                         batch_size: int = 32, draws: int = 0,
+                         seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`log_likelihood` of both models on the same dequantised inputs, running their
+    shared fine levels once (:class:`flows.pair.ModelPair`)."""
+    m0.eval()
+    m1.eval()
+    lp0, lp1 = _log_ps(ModelPair(m0, m1).log_p, m0, images01, n_bits, batch_size, draws, seed)
+    return lp0, lp1
+
+
+def _log_ps(run: Callable[[torch.Tensor], tuple[torch.Tensor, ...]], model: FlowModel,
+            images01: np.ndarray, n_bits: int, batch_size: int, draws: int,
+            seed: int) -> list[np.ndarray]:
     dev = next(model.parameters()).device
-    out = np.empty(len(images01), dtype=np.float64)
+    outs: list[np.ndarray] = []
     gen = torch.Generator().manual_seed(seed)
     for i in range(0, len(images01), batch_size):
         x01 = torch.from_numpy(np.ascontiguousarray(images01[i:i + batch_size], dtype=np.float32))
         if draws <= 0:
-            lp = model(dequantize(x01, n_bits, noise=False).to(dev)).log_p
+            lps = run(dequantize(x01, n_bits, noise=False).to(dev))
         else:
-            lp = torch.stack([model(dequantize(x01, n_bits, noise=True, generator=gen).to(dev)).log_p
-                              for _ in range(draws)]).mean(0)
-        out[i:i + len(x01)] = lp.cpu().numpy()
-    bad = ~np.isfinite(out)
-    if bad.any():
-        raise ScoringError(f"{int(bad.sum())} image(s) got a non-finite log-likelihood "
-                           f"(first index {int(np.argmax(bad))}); the model or input is broken")
-    return out
+            each = [run(dequantize(x01, n_bits, noise=True, generator=gen).to(dev)) for _ in range(draws)]
+            lps = tuple(torch.stack(d).mean(0) for d in zip(*each, strict=True))
+        if not outs:
+            outs = [np.empty(len(images01), dtype=np.float64) for _ in lps]
+        for out, lp in zip(outs, lps, strict=True):
+            out[i:i + len(x01)] = lp.cpu().numpy()
+    for out in outs:
+        bad = ~np.isfinite(out)
+        if bad.any():
+            raise ScoringError(f"{int(bad.sum())} image(s) got a non-finite log-likelihood "
+                               f"(first index {int(np.argmax(bad))}); the model or input is broken")
+    return outs
 
 
 @torch.no_grad()
 def two_model_scores(m0: FlowModel, m1: FlowModel, images01: np.ndarray, n_bits: int,
                      choice: ScoreChoice, reference: MapReference | None, *,
                      batch_size: int = 32, draws: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(log p0, log p1, abnormality score)`` under a score choice, in one pass per model.
+    """``(log p0, log p1, abnormality score)`` under a score choice, in one joint pass.
 
     A map score needs the per-position maps; they sum to the log-densities, so the
     whole-image terms come with them at no extra cost.
     """
     if choice.map is None:
-        lp0 = log_likelihood(m0, images01, n_bits, batch_size=batch_size, draws=draws)
-        lp1 = log_likelihood(m1, images01, n_bits, batch_size=batch_size, draws=draws)
+        lp0, lp1 = pair_log_likelihoods(m0, m1, images01, n_bits, batch_size=batch_size, draws=draws)
         return lp0, lp1, lp1 - lp0
     lp0, lp1, score = (np.empty(len(images01)) for _ in range(3))
-    for i in range(0, len(images01), batch_size):
-        batch = images01[i:i + batch_size]
-        a, b = log_p_maps(m0, batch, n_bits), log_p_maps(m1, batch, n_bits)
-        lp0[i:i + len(batch)] = a.reshape(len(a), -1).sum(1)
-        lp1[i:i + len(batch)] = b.reshape(len(b), -1).sum(1)
-        score[i:i + len(batch)] = map_scores(abnormality_maps(a, b, choice.map.source),
-                                             choice.map, reference)
+    for i in range(0, len(images01), batch_size):  # batch by batch: 3D maps are large
+        batch = slice(i, i + batch_size)
+        a, b = pair_log_p_maps(m0, m1, images01[batch], n_bits, batch_size=batch_size)
+        lp0[batch], lp1[batch], score[batch] = map_pair_scores(a, b, choice, reference)
+    return lp0, lp1, score
+
+
+def map_pair_scores(a: np.ndarray, b: np.ndarray, choice: ScoreChoice,
+                    reference: MapReference | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(log p0, log p1, score)`` from both models' maps: the whole-image posterior, or the
+    chosen map score."""
+    lp0, lp1 = a.reshape(len(a), -1).sum(1), b.reshape(len(b), -1).sum(1)
+    if choice.map is None:
+        return lp0, lp1, lp1 - lp0
+    score = map_scores(abnormality_maps(a, b, choice.map.source), choice.map, reference)
     if not np.isfinite(score).all():
         raise ScoringError(f"{int((~np.isfinite(score)).sum())} image(s) got a non-finite map score")
     return lp0, lp1, score
@@ -147,8 +178,7 @@ class PosteriorScorer:
             raise ValueError("maps use bin-centre dequantisation; draws must be 0")
         arr = self._checked(images01)
         n_bits = self.bundle.preprocessing.n_bits
-        a = log_p_maps(self.bundle.m0, arr, n_bits, batch_size=self.batch_size)
-        b = log_p_maps(self.bundle.m1, arr, n_bits, batch_size=self.batch_size)
+        a, b = pair_log_p_maps(self.bundle.m0, self.bundle.m1, arr, n_bits, batch_size=self.batch_size)
         lp0, lp1 = a.reshape(len(a), -1).sum(1), b.reshape(len(b), -1).sum(1)
         ref = self.bundle.map_reference
         how = self.choice.map or MapScore(source="posterior", sigma=1.0, standardise=ref is not None)
