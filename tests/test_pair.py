@@ -100,8 +100,8 @@ def test_the_shared_levels_run_once() -> None:
     base = _glow()
     m1 = _finetuned(base, 2)
     calls = {"m0": 0, "m1": 0}
-    base.levels[0][0].register_forward_hook(lambda *_: calls.__setitem__("m0", calls["m0"] + 1))
-    m1.levels[0][0].register_forward_hook(lambda *_: calls.__setitem__("m1", calls["m1"] + 1))
+    base._steps(0)[0].register_forward_hook(lambda *_: calls.__setitem__("m0", calls["m0"] + 1))
+    m1._steps(0)[0].register_forward_hook(lambda *_: calls.__setitem__("m1", calls["m1"] + 1))
     pair = ModelPair(base, m1)
     assert pair.shared == 2
     with torch.no_grad():
