@@ -722,9 +722,11 @@ def user_token(username: Annotated[str, typer.Argument()],
 def demo(
     out: Annotated[Path, typer.Option(help="working folder: studies, node data, PACS, report")] = Path(
         "runs/demo"),
-    cxr: Annotated[int, typer.Option(help="chest radiograph studies")] = 8,
-    bct: Annotated[int, typer.Option(help="head CT studies")] = 4,
-    chestct: Annotated[int, typer.Option(help="chest CT studies")] = 4,
+    cxr: Annotated[int, typer.Option(help="chest radiograph studies")] = 16,
+    bct: Annotated[int, typer.Option(help="head CT studies")] = 6,
+    chestct: Annotated[int, typer.Option(help="chest CT studies")] = 6,
+    seed: Annotated[int, typer.Option(help="seed of the synthetic studies (the demo bundles were "
+                                          "trained on seeds 1-4)")] = 2026,
     models: Annotated[Path | None, typer.Option(help="bundle folder with cxr/, bct/, chestct/ "
                                                      "(default: the demo bundles in models/)")] = None,
     pacs: Annotated[str, typer.Option(help="auto (Orthanc when installed), orthanc, or scp "
@@ -742,7 +744,7 @@ def demo(
         raise _fail("--pacs must be auto, orthanc or scp")
     opts = DemoOptions(out=out, counts={"cxr": cxr, "bct": bct, "chestct": chestct},
                        models=models or DEFAULT_MODELS, pacs=pacs, web_port=web_port, timeout=timeout,
-                       keep_running=keep_running)
+                       keep_running=keep_running, seed=seed)
     try:
         run_demo(opts, Console())
     except (OSError, TimeoutError, RuntimeError) as exc:  # OSError: files, folders, connections
