@@ -2,18 +2,18 @@
 
     .venv/bin/python bench/accuracy.py TAG KIND 'JSON'
 
-KIND is cxr or bct. JSON overrides the cpu-KIND preset and the run:
-``{"strategy": "conditional", "glow": {"coords": true}, "prep": {"n_bits": 5}, "ep": 4,
-"fep": 2, "freeze": 1, "n": 1500, "nt": 600, "nv": 400, "seed": 0, "ema": 0.98,
-"members": 1, "source": "alt", "tta": 1, "shift": 2, "from": "TAG0"}``; ``shift`` trains
-with random translations of up to that many pixels; ``tta`` scores each image as the
-mean over its translations within that many pixels (flows.glow.Translated); ``from`` re-scores
-the bundle runs/accuracy/TAG0 (e.g. with another ``tta``) instead of training one (its
-calibration is not redone: AUROCs do not need it); ``source`` "alt" trains and tests on the
-independently made phantoms of bench/altcxr.py or bench/althead.py instead of flows/phantoms; with ``nv``
-a labelled validation set (seed 14) lets the bundle choose its score (whole-image posterior
-or a map score), and the chosen score is reported beside the whole-image posterior and the
-likelihood.
+KIND is cxr or bct. JSON overrides the cpu-KIND preset and the run: ``{"strategy": "conditional",
+"glow": {"coords": true}, "prep": {"n_bits": 5}, "ep": 4, "fep": 2, "freeze": 1, "n": 1500, "nt":
+600, "nv": 400, "seed": 0, "ema": 0.98, "members": 1, "source": "alt", "tta": 1, "shift": 2,
+"mirror": true, "ttm": true, "from": "TAG0"}``; ``shift`` trains with random translations of up to
+that many pixels; ``mirror`` / ``ttm`` mirror images along the preset's mirror axis in training / at
+scoring; ``tta`` scores each image as the mean over its translations within that many pixels
+(flows.glow.Translated); ``from`` re-scores the bundle runs/accuracy/TAG0 (e.g. with another
+``tta``) instead of training one (its calibration is not redone: AUROCs do not need it); ``source``
+"alt" trains and tests on the independently made phantoms of bench/altcxr.py or bench/althead.py
+instead of flows/phantoms; with ``nv`` a labelled validation set (seed 14) lets the bundle choose
+its score (whole-image posterior or a map score), and the chosen score is reported beside the
+whole-image posterior and the likelihood.
 Normal set seed 11, mixture seed 12 (50 % abnormal), test seed 13 (50 % abnormal). Prints
 one JSON line (AUROC overall and per finding, Spearman rho of each score with the
 zero-pixel fraction) and appends it to runs/accuracy.jsonl; the per-case test scores go to
@@ -77,8 +77,9 @@ def main() -> None:
     out = Path("runs/accuracy") / tag
     if cfg.get("from"):
         b = load_bundle(Path("runs/accuracy") / cfg["from"])
-        if cfg.get("tta"):
-            b.m0, b.m1 = Translated(b.m0, cfg["tta"]).eval(), Translated(b.m1, cfg["tta"]).eval()
+        if cfg.get("tta") or cfg.get("ttm"):
+            mirror = p.mirror_axis if cfg.get("ttm") else None
+            b.m0, b.m1 = (Translated(m, cfg.get("tta", 0), mirror).eval() for m in (b.m0, b.m1))
         out.mkdir(parents=True, exist_ok=True)
     else:
         b = train_bundle(tag, out, p, cfg, make, n)
@@ -104,6 +105,7 @@ def train_bundle(tag: str, out: Path, p: Preset, cfg: dict[str, Any], make: Call
                                           members=cfg.get("members", 1),
                                           test_time_shift=cfg.get("tta"),
                                           augment_shift=cfg.get("shift", 0),
+                                          train_mirror=cfg.get("mirror"), test_time_mirror=cfg.get("ttm"),
                                           progress=False))
 
 

@@ -64,6 +64,9 @@ class BuildOptions:
     # member k trains with seeds + 1000 k. Each member costs one more training.
     members: int = 1
     test_time_shift: int | None = None  # None: the preset's (flows.glow.Translated)
+    # mirror images along the preset's mirror_axis in training / at scoring; None: the preset's
+    train_mirror: bool | None = None
+    test_time_mirror: bool | None = None
 
 
 def split_reference(mixture: np.ndarray, fraction: float, minimum: int, seed: int
@@ -75,6 +78,12 @@ def split_reference(mixture: np.ndarray, fraction: float, minimum: int, seed: in
         return mixture, None
     order = np.random.default_rng(seed + 7919).permutation(n)
     return mixture[np.sort(order[k:])], mixture[np.sort(order[:k])]
+
+
+def _mirror_axis(preset: Preset, on: bool) -> int | None:
+    if on and preset.mirror_axis is None:
+        raise ValueError(f"preset {preset.name} has no mirror axis: its anatomy is not mirror-symmetric")
+    return preset.mirror_axis if on else None
 
 
 def build_bundle(out: str | Path, *, preset: Preset, normal: np.ndarray, mixture: np.ndarray,
@@ -105,6 +114,9 @@ def build_bundle(out: str | Path, *, preset: Preset, normal: np.ndarray, mixture
         seed=opts.seed + 1, augment_shift=opts.augment_shift, warmup_steps=1,
         max_seconds=opts.max_seconds_per_model, keep_best=False, patience=10**6, ema_decay=opts.ema_decay,
         freeze_levels=opts.freeze_levels if opts.freeze_levels is not None else preset.finetune_freeze)
+    train_mirror = preset.train_mirror if opts.train_mirror is None else opts.train_mirror
+    mirror = _mirror_axis(preset, train_mirror)
+    scratch, tune = replace(scratch, augment_mirror=mirror), replace(tune, augment_mirror=mirror)
 
     def fit(images: np.ndarray, label: str, o: TrainOptions, init: TrainResult | None,
             init_name: str = "", work: Path = out / "work") -> TrainResult:
@@ -163,10 +175,13 @@ def build_bundle(out: str | Path, *, preset: Preset, normal: np.ndarray, mixture
     else:  # the mean log-density of the members (flows.glow.Averaged)
         m0, m1 = Averaged([p[0] for p in pairs]), Averaged([p[1] for p in pairs])  # type: ignore[misc]
         metrics = {**pairs[0][2], "member_metrics": [p[2] for p in pairs]}
-    if shift:  # calibrate on the scores the node will compute
-        n_shifts = (2 * shift + 1) ** len(preset.preprocessing.shape)
-        log(f"scores are means over {n_shifts} translations within {shift} pixel(s) of each image")
-        m0, m1 = Translated(m0, shift).eval(), Translated(m1, shift).eval()
+    tt_mirror = _mirror_axis(preset, preset.test_time_mirror if opts.test_time_mirror is None
+                             else opts.test_time_mirror)
+    if shift or tt_mirror is not None:  # calibrate on the scores the node will compute
+        n_views = (2 * shift + 1) ** len(preset.preprocessing.shape) * (1 if tt_mirror is None else 2)
+        log(f"scores are means over {n_views} copies of each image (translations within {shift} "
+            f"pixel(s){'' if tt_mirror is None else ', each also mirrored'})")
+        m0, m1 = Translated(m0, shift, tt_mirror).eval(), Translated(m1, shift, tt_mirror).eval()
     n_bits = preset.preprocessing.n_bits
     choice, map_ref = ScoreChoice(None, {}), None
     val_labels = val_scores = ref = None

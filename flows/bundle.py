@@ -177,8 +177,9 @@ def _members(model: FlowModel) -> list[Glow | Conditioned]:
     return list(inner._each()) if isinstance(inner, Averaged) else [inner]
 
 
-def _radius(model: FlowModel) -> int:
-    return model.radius if isinstance(model, Translated) else 0
+def _views(model: FlowModel) -> tuple[int, int | None]:
+    """(translation radius, mirror axis) the model is averaged over."""
+    return (model.radius, model.mirror_axis) if isinstance(model, Translated) else (0, None)
 
 
 def save_bundle(path: str | Path, *, m0: FlowModel, m1: FlowModel, preset: str,
@@ -196,10 +197,10 @@ def save_bundle(path: str | Path, *, m0: FlowModel, m1: FlowModel, preset: str,
     n0, n1 = _members(m0), _members(m1)
     if len(n0) != len(n1):
         raise BundleError(f"M0 has {len(n0)} member(s) and M1 {len(n1)}; they must match")
-    shift = _radius(m0)
-    if _radius(m1) != shift:
-        raise BundleError(f"M0 is scored over translations within {shift} and M1 within "
-                          f"{_radius(m1)}; they must match")
+    shift, mirror = _views(m0)
+    if _views(m1) != (shift, mirror):
+        raise BundleError(f"M0 is scored over (translation radius, mirror axis) {(shift, mirror)} "
+                          f"and M1 over {_views(m1)}; they must match")
     for role, nets in (("m0", n0), ("m1", n1)):
         for k, model in enumerate(nets):
             fname = member_file(role, k)
@@ -229,6 +230,7 @@ def save_bundle(path: str | Path, *, m0: FlowModel, m1: FlowModel, preset: str,
         "conditions": conditions,
         **({"members": len(n0)} if len(n0) > 1 else {}),
         **({"test_time_shift": shift} if shift else {}),
+        **({"test_time_mirror": mirror} if mirror is not None else {}),
         "files": files,
     }
     write_bytes(out / "manifest.json", json.dumps(manifest, indent=2).encode())
@@ -279,6 +281,12 @@ def load_bundle(path: str | Path, *, expect: Preprocessing | None = None,
     if isinstance(shift, bool) or not isinstance(shift, int) or not 0 <= shift <= MAX_TEST_TIME_SHIFT:
         raise BundleError(f"{root}: manifest 'test_time_shift' must be a whole number "
                           f"0-{MAX_TEST_TIME_SHIFT}, not {shift!r}")
+    mirror = manifest.get("test_time_mirror")
+    ndim = len(prep.shape)
+    if mirror is not None and (isinstance(mirror, bool) or not isinstance(mirror, int)
+                               or not 0 <= mirror < ndim):
+        raise BundleError(f"{root}: manifest 'test_time_mirror' must be a spatial axis 0-{ndim - 1}, "
+                          f"not {mirror!r}")
     weights = tuple(member_file(r, k) for r in ("m0", "m1") for k in range(n_members))
     optional = tuple(f for f in files if f not in (*weights, "calibration.json"))
     for fname in optional:
@@ -317,8 +325,8 @@ def load_bundle(path: str | Path, *, expect: Preprocessing | None = None,
             nets.append(model)
     models: list[FlowModel] = [nets[0], nets[n_members]] if n_members == 1 else [
         Averaged(nets[:n_members]).eval(), Averaged(nets[n_members:]).eval()]
-    if shift:
-        models = [Translated(m, shift).eval() for m in models]
+    if shift or mirror is not None:
+        models = [Translated(m, shift, mirror).eval() for m in models]
     cal = Calibration(**json.loads((root / "calibration.json").read_text()))
     ref = None
     if MAP_REFERENCE in files:

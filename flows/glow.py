@@ -641,6 +641,9 @@ class Averaged(nn.Module):
         return self._each()[0].sample(n, shape, temperature, generator)
 
 
+View = tuple[tuple[int, ...], bool]  # (offset, mirrored) of one copy averaged by Translated
+
+
 def translations(radius: int, ndim: int) -> list[tuple[int, ...]]:
     """Every integer offset within ``radius`` along each of ``ndim`` axes, (0, ...) first."""
     if isinstance(radius, bool) or not isinstance(radius, int) or radius < 0:
@@ -694,16 +697,46 @@ class Translated(nn.Module):
     or two moves no anatomy out of the field, so every translated copy is still an image
     the models know. A map is the mean of the translated maps, each moved back onto the
     input's grid (so it still sums to the mean log-density). Sampling is the wrapped model's.
+
+    ``mirror_axis`` (a spatial axis, e.g. 2 = left-right of a ``(D, H, W)`` head CT) adds the
+    mirror image of every translated copy: for anatomy that is mirror-symmetric across that
+    axis a mirrored normal head is another normal head, so the average over both halves the
+    part of the score that depends on the image's handedness. ``radius`` may then be 0.
     """
 
-    def __init__(self, model: FlowModel, radius: int) -> None:
+    def __init__(self, model: FlowModel, radius: int, mirror_axis: int | None = None) -> None:
         super().__init__()
         if isinstance(model, Translated):
             raise ValueError("the model is already scored over translations")
-        if isinstance(radius, bool) or not isinstance(radius, int) or radius < 1:
-            raise ValueError(f"a translation average needs radius >= 1, got {radius!r}")
+        least = 0 if mirror_axis is not None else 1
+        if isinstance(radius, bool) or not isinstance(radius, int) or radius < least:
+            raise ValueError(f"a translation average needs radius >= {least}, got {radius!r}")
+        if mirror_axis is not None and not 0 <= mirror_axis < model.config.ndim:
+            raise ValueError(f"mirror axis {mirror_axis} is not a spatial axis of the model")
         self.model = model
         self.radius = radius
+        self.mirror_axis = mirror_axis
+
+    def same_views(self, other: Translated) -> bool:
+        """Whether ``other`` averages over the same translations and mirror images."""
+        return (self.radius, self.mirror_axis) == (other.radius, other.mirror_axis)
+
+    def views(self, x: Tensor) -> list[View]:
+        """The (offset, mirrored) copies of ``x`` that are averaged, the identity first."""
+        offs = translations(self.radius, x.dim() - 2)
+        mirrored = [(o, True) for o in offs] if self.mirror_axis is not None else []
+        return [(o, False) for o in offs] + mirrored
+
+    def view(self, x: Tensor, v: View) -> Tensor:
+        """``x`` translated by ``v``'s offset, then mirrored if ``v`` says so."""
+        y = translate(x, v[0])
+        return y.flip(2 + self.mirror_axis) if v[1] and self.mirror_axis is not None else y
+
+    def unview_map(self, m: Tensor, v: View) -> Tensor:
+        """A view's map ``(N, *spatial)`` moved back onto the input's grid (sum kept)."""
+        if v[1] and self.mirror_axis is not None:
+            m = m.flip(1 + self.mirror_axis)
+        return untranslate_map(m, v[0])
 
     @property
     def config(self) -> GlowConfig:
@@ -713,16 +746,11 @@ class Translated(nn.Module):
     def initialized(self) -> bool:
         return self.model.initialized
 
-    def _offsets(self, x: Tensor) -> list[tuple[int, ...]]:
-        return translations(self.radius, x.dim() - 2)
-
     def forward(self, x: Tensor) -> FlowOutput:
-        return _mean_output([self.model(translate(x, o)) for o in self._offsets(x)])
+        return _mean_output([self.model(self.view(x, v)) for v in self.views(x)])
 
     def log_p_map(self, x: Tensor) -> Tensor:
-        maps = []
-        for o in self._offsets(x):
-            maps.append(untranslate_map(self.model.log_p_map(translate(x, o)), o))
+        maps = [self.unview_map(self.model.log_p_map(self.view(x, v)), v) for v in self.views(x)]
         return torch.stack(maps).mean(0)
 
     def sample(self, n: int, shape: tuple[int, ...], temperature: float = 0.7,

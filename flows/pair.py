@@ -7,8 +7,8 @@ the two finest levels of ``cpu-cxr`` are 94 % of its convolutions), and their te
 in the posterior anyway. :class:`ModelPair` finds the shared prefix by comparing the weights
 (never by trusting a flag), runs it once and continues each model from the state it leaves;
 the result is the same two log-densities or maps as scoring each model on its own, at about
-half the cost. Wrappers are followed: two :class:`~flows.glow.Translated` of one radius pair
-their inner models per translation, two :class:`~flows.glow.Averaged` pair member with
+half the cost. Wrappers are followed: two :class:`~flows.glow.Translated` with the same views pair
+their inner models per view (translation, mirror image), two :class:`~flows.glow.Averaged` pair member with
 member. Anything else (a conditional Glow, mismatched wrappers) is scored model by model.
 """
 
@@ -22,9 +22,6 @@ from flows.glow import (
     FlowModel,
     Glow,
     Translated,
-    translate,
-    translations,
-    untranslate_map,
 )
 
 
@@ -65,7 +62,7 @@ class ModelPair:
         """Shared fine levels of the (first) underlying Glow pair; 0 when scored separately."""
         a, b = self.m0, self.m1
         while True:
-            if isinstance(a, Translated) and isinstance(b, Translated) and a.radius == b.radius:
+            if isinstance(a, Translated) and isinstance(b, Translated) and a.same_views(b):
                 a, b = a.model, b.model
             elif isinstance(a, Averaged) and isinstance(b, Averaged) and len(a.members) == len(b.members):
                 a, b = a._each()[0], b._each()[0]
@@ -81,11 +78,11 @@ class ModelPair:
         return self._run(self.m0, self.m1, x, True)
 
     def _run(self, a: FlowModel, b: FlowModel, x: Tensor, maps: bool) -> tuple[Tensor, Tensor]:
-        if isinstance(a, Translated) and isinstance(b, Translated) and a.radius == b.radius:
+        if isinstance(a, Translated) and isinstance(b, Translated) and a.same_views(b):
             outs = []
-            for o in translations(a.radius, x.dim() - 2):
-                pa, pb = self._run(a.model, b.model, translate(x, o), maps)
-                outs.append((untranslate_map(pa, o), untranslate_map(pb, o)) if maps else (pa, pb))
+            for v in a.views(x):
+                pa, pb = self._run(a.model, b.model, a.view(x, v), maps)
+                outs.append((a.unview_map(pa, v), a.unview_map(pb, v)) if maps else (pa, pb))
             return _mean_pairs(outs)
         if isinstance(a, Averaged) and isinstance(b, Averaged) and len(a.members) == len(b.members):
             return _mean_pairs([self._run(ma, mb, x, maps)

@@ -39,6 +39,13 @@ class Preset:
     # whole-image bundles: score as the mean over translations within this many pixels/voxels
     # (flows.glow.Translated; (2 r + 1)^ndim times the scoring cost; 0: off)
     test_time_shift: int = 0
+    # The spatial axis across which the anatomy is mirror-symmetric (head CT: 2, the patient's
+    # left-right); with train_mirror training mirrors each image along it at random (a second,
+    # equally normal head for every one), with test_time_mirror scoring averages each image
+    # and its mirror image (flows.glow.Translated).
+    mirror_axis: int | None = None
+    train_mirror: bool = False
+    test_time_mirror: bool = False
 
     @property
     def kind(self) -> str:
@@ -73,7 +80,7 @@ PRESETS: dict[str, Preset] = {
                _cxr((512, 512)), batch_size=128, lr=1e-3, epochs=200),
         Preset("paper-bct", "Shibata et al. head CT: 32x128x128, L4 K32, width 512, 7-bit (GPU)",
                GlowConfig(1, 3, levels=4, steps=32, hidden=512, scale_fn="paper", checkpoint=True),
-               _bct((32, 128, 128)), batch_size=1, lr=1e-4, epochs=200),
+               _bct((32, 128, 128)), batch_size=1, lr=1e-4, epochs=200, mirror_axis=2),
         Preset("ct3dflow", "CT-3DFlow chest-CT patches: 48^3 at 2 mm, L4 K64 (GPU)",
                # 48 is divisible by 2**4.
                GlowConfig(1, 3, levels=4, steps=64, hidden=512, scale_fn="glow", checkpoint=True),
@@ -92,7 +99,7 @@ PRESETS: dict[str, Preset] = {
         Preset("cpu-bct", "small head-CT model for a 2-core CPU: 16x64x64, L3 K6, width 48",
                GlowConfig(1, 3, levels=3, steps=6, hidden=48, scale_fn="paper"),
                _bct((16, 64, 64)), batch_size=8, lr=1e-3, epochs=3, warmup_steps=100,
-               finetune_epochs=2, finetune_lr=2e-4, finetune_freeze=1, strategy="shared"),
+               finetune_epochs=2, finetune_lr=2e-4, finetune_freeze=1, strategy="shared", mirror_axis=2),
         Preset("cpu-chestct", "small chest-CT patch model for a 2-core CPU: 16^3 at 4 mm, L2 K6, width 48",
                GlowConfig(1, 3, levels=2, steps=6, hidden=48, scale_fn="glow"),
                _patches("chestct", 16, 4.0),
@@ -115,7 +122,7 @@ PRESETS: dict[str, Preset] = {
         Preset("tiny-bct", "a toy model for unit tests: 8x16x16, L2 K2, width 8",
                GlowConfig(1, 3, levels=2, steps=2, hidden=8, scale_fn="paper"),
                _bct((8, 16, 16)), batch_size=4, lr=1e-3, epochs=2, warmup_steps=5,
-               finetune_epochs=1, finetune_lr=5e-4),
+               finetune_epochs=1, finetune_lr=5e-4, mirror_axis=2),
     ]
 }
 

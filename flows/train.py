@@ -142,6 +142,7 @@ class TrainOptions:
     checkpoint_every: int = 500  # steps; a checkpoint is also written at every epoch end
     max_bad_steps: int = 50  # consecutive non-finite steps before giving up
     augment_shift: int = 0  # random translation (pixels/voxels) during training
+    augment_mirror: int | None = None  # spatial axis along which half the images are mirrored
     max_seconds: float | None = None
     keep_best: bool = True  # end with the best-validation weights (else the last ones)
     freeze_levels: int = 0  # fine-tuning: keep the k finest levels as loaded
@@ -155,7 +156,8 @@ class TrainOptions:
         base: dict[str, Any] = dict(epochs=preset.epochs, lr=preset.lr, batch_size=preset.batch_size,
                                     weight_decay=preset.weight_decay,
                                     warmup_steps=preset.warmup_steps, grad_clip=preset.grad_clip,
-                                    ema_decay=preset.ema_decay)
+                                    ema_decay=preset.ema_decay,
+                                    augment_mirror=preset.mirror_axis if preset.train_mirror else None)
         base.update({k: v for k, v in kw.items() if v is not None})
         return cls(**base)
 
@@ -172,6 +174,17 @@ def _shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tenso
         return x
     offs = torch.randint(0, 2 * max_shift + 1, (x.dim() - 2,), generator=gen).tolist()
     return translate(x, [o - max_shift for o in offs])
+
+
+def _mirror(x: torch.Tensor, axis: int | None, gen: torch.Generator) -> torch.Tensor:
+    """Each image of the batch mirrored along spatial ``axis`` with probability 1/2."""
+    if axis is None:
+        return x
+    flip = torch.rand(len(x), generator=gen) < 0.5
+    if flip.any():
+        x = x.clone()
+        x[flip] = x[flip].flip(2 + axis)
+    return x
 
 
 def _cond(conditions: np.ndarray | None, idx: np.ndarray | slice, dev: torch.device
@@ -300,6 +313,7 @@ def train(images: np.ndarray, preset: Preset, *, out_dir: str | Path | None = No
             run_loss, run_n = 0.0, 0
             for idx in _batches(len(trn), opts.batch_size, rng):
                 x01 = _shift(torch.from_numpy(trn[idx]), opts.augment_shift, gen)
+                x01 = _mirror(x01, opts.augment_mirror, gen)
                 x = dequantize(x01, n_bits, noise=True, generator=gen).to(dev)
                 lr = opts.lr * min(1.0, (step + 1) / max(1, opts.warmup_steps))
                 for g in opt.param_groups:

@@ -72,6 +72,8 @@ def _pairs() -> dict[str, tuple[torch.nn.Module, torch.nn.Module, torch.Tensor]]
         "glow3d": (b3, _finetuned(b3, 1), x3),
         "unshared": (b2, _glow(seed=9), x2),
         "translated": (Translated(b2, 1), Translated(m1, 1), x2),
+        "mirrored": (Translated(b3, 0, 2), Translated(_finetuned(b3, 1), 0, 2), x3),
+        "mirror-mismatched": (Translated(b2, 1, 1), Translated(m1, 1), x2),
         "averaged": (Averaged([b2, b2b]), Averaged([m1, _finetuned(b2b, 1)]), x2),
         "translated-averaged": (Translated(Averaged([b2, b2b]), 1),
                                 Translated(Averaged([m1, _finetuned(b2b, 1)]), 1), x2),

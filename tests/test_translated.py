@@ -135,3 +135,77 @@ def test_build_calibrates_on_the_averaged_scores(tmp_path: Path) -> None:
         build_bundle(tmp_path / "x", preset=get_preset("tiny-cxr"), normal=normal, mixture=mixture,
                      name="x", log=lambda s: None,
                      options=BuildOptions(epochs=1, progress=False, test_time_shift=9))
+
+
+def test_mirrored_views_average_the_image_and_its_mirror() -> None:
+    cfg, shape = GlowConfig(1, 3, levels=2, steps=1, hidden=4, scale_fn="glow"), (4, 8, 8)
+    g = _model(cfg, shape)
+    t = Translated(g, 0, mirror_axis=2).eval()
+    x = torch.rand(3, 1, *shape, dtype=torch.float64) - 0.5
+    with torch.no_grad():
+        lp, m = t(x).log_p, t.log_p_map(x)
+        want = (g(x).log_p + g(x.flip(4)).log_p) / 2
+        want_map = (g.log_p_map(x) + g.log_p_map(x.flip(4)).flip(3)) / 2
+    assert torch.allclose(lp, want) and torch.allclose(m, want_map)
+    assert torch.allclose(m.flatten(1).sum(1), lp, rtol=1e-9, atol=1e-6)
+    with torch.no_grad():  # an image and its mirror image get the same score
+        assert torch.allclose(t(x.flip(4)).log_p, lp)
+    both = Translated(g, 1, mirror_axis=2)
+    assert len(both.views(x)) == 54 and both.views(x)[0] == ((0, 0, 0), False)
+    assert not both.same_views(Translated(g, 1)) and both.same_views(Translated(g, 1, 2))
+    with pytest.raises(ValueError, match="mirror axis"):
+        Translated(g, 0, mirror_axis=3)
+    with pytest.raises(ValueError, match="radius"):
+        Translated(g, 0)
+
+
+def test_bundle_records_and_restores_the_mirror(tiny_bundle: Bundle, tmp_path: Path) -> None:
+    src = tiny_bundle
+    out = save_bundle(tmp_path / "m", m0=Translated(src.m0, 0, 1), m1=Translated(src.m1, 0, 1),
+                      preset="tiny-cxr", preprocessing=src.preprocessing,
+                      calibration=src.calibration, name="m")
+    b = load_bundle(out)
+    assert b.manifest["test_time_mirror"] == 1 and "test_time_shift" not in b.manifest
+    assert isinstance(b.m0, Translated) and b.m0.mirror_axis == 1 and b.m0.radius == 0
+    with pytest.raises(BundleError, match="must match"):
+        save_bundle(tmp_path / "bad", m0=Translated(src.m0, 0, 1), m1=Translated(src.m1, 0, 0),
+                    preset="tiny-cxr", preprocessing=src.preprocessing, calibration=src.calibration,
+                    name="bad")
+    for bad in (-1, 2, "1", True):
+        copy = tmp_path / f"copy{bad}"
+        shutil.copytree(out, copy)
+        manifest = json.loads((copy / "manifest.json").read_text())
+        (copy / "manifest.json").write_text(json.dumps({**manifest, "test_time_mirror": bad}))
+        with pytest.raises(BundleError, match="test_time_mirror"):
+            load_bundle(copy)
+
+
+def test_training_mirrors_about_half_the_batch() -> None:
+    from flows.train import _mirror
+
+    x = torch.rand(400, 1, 2, 3, 5)
+    y = _mirror(x, 2, torch.Generator().manual_seed(0))
+    flipped = np.array([torch.equal(y[i], x[i].flip(3)) for i in range(len(x))])
+    kept = np.array([torch.equal(y[i], x[i]) for i in range(len(x))])
+    assert (flipped ^ kept).all() and 150 < flipped.sum() < 250
+    assert _mirror(x, None, torch.Generator()) is x
+
+
+def test_build_mirrors_only_where_the_preset_has_a_mirror_axis(tmp_path: Path) -> None:
+    from flows.build import BuildOptions, build_bundle
+    from flows.presets import get_preset
+
+    normal, _ = blobs(16, (8, 16, 16), seed=1)
+    mixture, _ = blobs(16, (8, 16, 16), abnormal=0.5, seed=2)
+    b = build_bundle(tmp_path / "b", preset=get_preset("tiny-bct"), normal=normal, mixture=mixture,
+                     name="b", log=lambda s: None,
+                     options=BuildOptions(epochs=1, finetune_epochs=1, progress=False,
+                                          train_mirror=True, test_time_mirror=True))
+    assert b.manifest["test_time_mirror"] == 2
+    img, _ = blobs(4, (8, 16, 16), seed=3)
+    s = PosteriorScorer(b)
+    np.testing.assert_allclose(s.score(img).score, s.score(img[..., ::-1].copy()).score, rtol=1e-5)
+    with pytest.raises(ValueError, match="mirror axis"):
+        flat, _ = blobs(16, (16, 16), seed=1)
+        build_bundle(tmp_path / "x", preset=get_preset("tiny-cxr"), normal=flat, mixture=flat, name="x",
+                     log=lambda s: None, options=BuildOptions(epochs=1, progress=False, train_mirror=True))
