@@ -117,23 +117,34 @@ def report(tag: str, kind: str, cfg: dict[str, Any], p: Preset, b: Bundle, test:
     res: dict[str, object] = {"tag": tag, "kind": kind, "cfg": cfg, "chosen_score": scored.method,
                               "ema_decay": cfg.get("ema", p.ema_decay),  # what was used
                               "validation_auroc": b.calibration.choice.validation_auroc}
-    for name, s in (("posterior", post), ("likelihood", -l0), ("chosen", scored.score)):
+    res.update(auroc_rows(test, {"posterior": post, "likelihood": -l0, "chosen": scored.score}))
+    res["seconds"] = round(time.time() - t0)
+    # per-case scores, so that runs (e.g. seeds) can be combined afterwards
+    np.savez(out / "test_scores.npz", log_p_normal=l0, log_p_mixture=scored.log_p_mixture,
+             chosen=scored.score, labels=test.labels, findings=np.array(test.findings))
+    record(res, "runs/accuracy.jsonl")
+
+
+def auroc_rows(test: PhantomSet, scores: dict[str, np.ndarray]) -> dict[str, object]:
+    """Per score: AUROC with its 95 % CI, AUROC per finding, Spearman rho with the zero fraction."""
+    res: dict[str, object] = {}
+    for name, s in scores.items():
         ci = roc_auc_ci(test.labels, s, n_boot=500)
         res[name] = [round(ci.auc, 3), round(ci.lo, 3), round(ci.hi, 3)]
         for fd in sorted(set(test.findings) - {"normal"}):
             sel = np.array([x in ("normal", fd) for x in test.findings])
             res[f"{name}:{fd}"] = round(roc_auc_ci(test.labels[sel], s[sel], n_boot=10).auc, 3)
         res[f"rho_zero:{name}"] = round(float(spearmanr(test.zero_fraction, s)[0]), 3)
-    res["seconds"] = round(time.time() - t0)
-    # per-case scores, so that runs (e.g. seeds) can be combined afterwards
-    np.savez(out / "test_scores.npz", log_p_normal=l0, log_p_mixture=scored.log_p_mixture,
-             chosen=scored.score, labels=test.labels, findings=np.array(test.findings))
+    return res
+
+
+def record(res: dict[str, object], jsonl: str) -> None:
+    """Print the result as one JSON line and append it to ``jsonl``."""
     line = json.dumps(res)
     print(line)
-    Path("runs").mkdir(exist_ok=True)
-    with open("runs/accuracy.jsonl", "a") as f:
+    Path(jsonl).parent.mkdir(parents=True, exist_ok=True)
+    with open(jsonl, "a") as f:
         f.write(line + "\n")
-
 
 if __name__ == "__main__":
     main()

@@ -23,13 +23,13 @@ import time
 from pathlib import Path
 
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench.accuracy
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from scipy.stats import spearmanr  # noqa: E402
 
+from bench.accuracy import auroc_rows, record  # noqa: E402
 from flows.build import BuildOptions, build_bundle  # noqa: E402
-from flows.evaluate import roc_auc_ci  # noqa: E402
 from flows.phantoms import make_headct  # noqa: E402
 from flows.posterior import PosteriorScorer  # noqa: E402
 from flows.presets import get_preset  # noqa: E402
@@ -63,20 +63,9 @@ def main() -> None:
     ratio = (s.log_p_mixture - s.log_p_normal).reshape(nt, depth)
     lik = -s.log_p_normal.reshape(nt, depth).sum(1)
     res: dict[str, object] = {"tag": tag, "cfg": cfg}
-    for name, score in (("sum", ratio.sum(1)), ("max", ratio.max(1)), ("likelihood", lik)):
-        ci = roc_auc_ci(test.labels, score, n_boot=500)
-        res[name] = [round(ci.auc, 3), round(ci.lo, 3), round(ci.hi, 3)]
-        for fd in sorted(set(test.findings) - {"normal"}):
-            sel = np.array([x in ("normal", fd) for x in test.findings])
-            res[f"{name}:{fd}"] = round(roc_auc_ci(test.labels[sel], score[sel], n_boot=10).auc, 3)
-        res[f"rho_zero:{name}"] = round(float(spearmanr(test.zero_fraction, score)[0]), 3)
+    res.update(auroc_rows(test, {"sum": ratio.sum(1), "max": ratio.max(1), "likelihood": lik}))
     res["seconds"] = round(time.time() - t0)
-    line = json.dumps(res)
-    print(line)
-    Path("runs").mkdir(exist_ok=True)
-    with open("runs/bctslices.jsonl", "a") as f:
-        f.write(line + "\n")
-
+    record(res, "runs/bctslices.jsonl")
 
 if __name__ == "__main__":
     main()

@@ -27,6 +27,16 @@ def _model(cfg: GlowConfig, shape: tuple[int, ...], seed: int = 0) -> Glow:
     return g.eval()
 
 
+def _refuses_manifest_values(bundle: Path, tmp_path: Path, key: str, bads: tuple[object, ...]) -> None:
+    for bad in bads:
+        copy = tmp_path / f"copy-{key}-{bad}"
+        shutil.copytree(bundle, copy)
+        manifest = json.loads((copy / "manifest.json").read_text())
+        (copy / "manifest.json").write_text(json.dumps({**manifest, key: bad}))
+        with pytest.raises(BundleError, match=key):
+            load_bundle(copy)
+
+
 def test_translations_cover_the_square_and_start_at_zero() -> None:
     offs = translations(1, 2)
     assert offs[0] == (0, 0) and len(offs) == len(set(offs)) == 9
@@ -105,13 +115,7 @@ def test_bundle_records_and_restores_the_shift(tiny_bundle: Bundle, tmp_path: Pa
     with pytest.raises(BundleError, match="must match"):
         save_bundle(tmp_path / "bad", m0=Translated(src.m0, 1), m1=src.m1, preset="tiny-cxr",
                     preprocessing=src.preprocessing, calibration=src.calibration, name="bad")
-    for bad in (-1, 99, "1", True):
-        copy = tmp_path / f"copy{bad}"
-        shutil.copytree(out, copy)
-        manifest = json.loads((copy / "manifest.json").read_text())
-        (copy / "manifest.json").write_text(json.dumps({**manifest, "test_time_shift": bad}))
-        with pytest.raises(BundleError, match="test_time_shift"):
-            load_bundle(copy)
+    _refuses_manifest_values(out, tmp_path, "test_time_shift", (-1, 99, "1", True))
 
 
 def test_build_calibrates_on_the_averaged_scores(tmp_path: Path) -> None:
@@ -171,13 +175,7 @@ def test_bundle_records_and_restores_the_mirror(tiny_bundle: Bundle, tmp_path: P
         save_bundle(tmp_path / "bad", m0=Translated(src.m0, 0, 1), m1=Translated(src.m1, 0, 0),
                     preset="tiny-cxr", preprocessing=src.preprocessing, calibration=src.calibration,
                     name="bad")
-    for bad in (-1, 2, "1", True):
-        copy = tmp_path / f"copy{bad}"
-        shutil.copytree(out, copy)
-        manifest = json.loads((copy / "manifest.json").read_text())
-        (copy / "manifest.json").write_text(json.dumps({**manifest, "test_time_mirror": bad}))
-        with pytest.raises(BundleError, match="test_time_mirror"):
-            load_bundle(copy)
+    _refuses_manifest_values(out, tmp_path, "test_time_mirror", (-1, 2, "1", True))
 
 
 def test_training_mirrors_about_half_the_batch() -> None:
