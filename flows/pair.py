@@ -61,13 +61,9 @@ class ModelPair:
     def shared(self) -> int:
         """Shared fine levels of the (first) underlying Glow pair; 0 when scored separately."""
         a, b = self.m0, self.m1
-        while True:
-            if isinstance(a, Translated) and isinstance(b, Translated) and a.same_views(b):
-                a, b = a.model, b.model
-            elif isinstance(a, Averaged) and isinstance(b, Averaged) and len(a.members) == len(b.members):
-                a, b = a._each()[0], b._each()[0]
-            else:
-                return self._k(a, b) if isinstance(a, Glow) and isinstance(b, Glow) else 0
+        while (inner := _inner_pairs(a, b)) is not None:
+            a, b = inner[0]
+        return self._k(a, b) if isinstance(a, Glow) and isinstance(b, Glow) else 0
 
     def log_p(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(log p0(x), log p1(x))`` per sample, float64."""
@@ -78,15 +74,15 @@ class ModelPair:
         return self._run(self.m0, self.m1, x, True)
 
     def _run(self, a: FlowModel, b: FlowModel, x: Tensor, maps: bool) -> tuple[Tensor, Tensor]:
-        if isinstance(a, Translated) and isinstance(b, Translated) and a.same_views(b):
-            outs = []
+        inner = _inner_pairs(a, b)
+        if inner is not None and isinstance(a, Translated):
+            (ia, ib), outs = inner[0], []
             for v in a.views(x):
-                pa, pb = self._run(a.model, b.model, a.view(x, v), maps)
+                pa, pb = self._run(ia, ib, a.view(x, v), maps)
                 outs.append((a.unview_map(pa, v), a.unview_map(pb, v)) if maps else (pa, pb))
             return _mean_pairs(outs)
-        if isinstance(a, Averaged) and isinstance(b, Averaged) and len(a.members) == len(b.members):
-            return _mean_pairs([self._run(ma, mb, x, maps)
-                                for ma, mb in zip(a._each(), b._each(), strict=True)])
+        if inner is not None:
+            return _mean_pairs([self._run(ma, mb, x, maps) for ma, mb in inner])
         if isinstance(a, Glow) and isinstance(b, Glow) and self._k(a, b):
             return self._glows(a, b, x, maps)
         if maps:
@@ -103,6 +99,15 @@ class ModelPair:
             out.append(m.position_map(terms + terms_m, x) if maps
                        else Glow.output(zs + zs_m, terms + terms_m).log_p)
         return out[0], out[1]
+
+
+def _inner_pairs(a: FlowModel, b: FlowModel) -> list[tuple[FlowModel, FlowModel]] | None:
+    """The model pairs inside two like wrappers (same views, same member count), else None."""
+    if isinstance(a, Translated) and isinstance(b, Translated) and a.same_views(b):
+        return [(a.model, b.model)]
+    if isinstance(a, Averaged) and isinstance(b, Averaged) and len(a.members) == len(b.members):
+        return list(zip(a._each(), b._each(), strict=True))
+    return None
 
 
 def _mean_pairs(pairs: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
