@@ -9,7 +9,9 @@ KIND is cxr or bct. JSON overrides the cpu-KIND preset and the run: ``{"strategy
 that many pixels; ``mirror`` / ``ttm`` mirror images along the preset's mirror axis in training / at
 scoring; ``tta`` scores each image as the mean over its translations within that many pixels
 (flows.glow.Translated); ``from`` re-scores the bundle runs/accuracy/TAG0 (e.g. with another
-``tta``) instead of training one (its calibration is not redone: AUROCs do not need it); ``source``
+``tta``) instead of training one (its calibration is not redone: AUROCs do not need it);
+``base_from`` starts from TAG0's trained base (``shared``: only M0 and M1 are trained, e.g. with
+other fine-tuning settings); ``source``
 "alt" trains and tests on the independently made phantoms of bench/altcxr.py or bench/althead.py
 instead of flows/phantoms; with ``nv`` a labelled validation set (seed 14) lets the bundle choose
 its score (whole-image posterior or a map score), and the chosen score is reported beside the
@@ -26,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -96,6 +99,9 @@ def train_bundle(tag: str, out: Path, p: Preset, cfg: dict[str, Any], make: Call
     if nv:  # the bundle chooses its score (whole-image or map) on this labelled set
         vset = make(nv, abnormal_fraction=0.5, seed=14)
         validation = (prep.apply(vset.images), vset.labels)
+    if cfg.get("base_from"):  # reuse a trained base: M0 and M1 are fine-tuned afresh from it
+        shutil.copytree(Path("runs/accuracy") / cfg["base_from"] / "work" / "base", out / "work" / "base",
+                        dirs_exist_ok=True)
     return build_bundle(out, preset=p, normal=normal, mixture=mixture, name=tag, log=print,
                      validation=validation,
                      options=BuildOptions(strategy=cfg.get("strategy"),
@@ -106,7 +112,7 @@ def train_bundle(tag: str, out: Path, p: Preset, cfg: dict[str, Any], make: Call
                                           test_time_shift=cfg.get("tta"),
                                           augment_shift=cfg.get("shift", 0),
                                           train_mirror=cfg.get("mirror"), test_time_mirror=cfg.get("ttm"),
-                                          progress=False))
+                                          resume=bool(cfg.get("base_from")), progress=False))
 
 
 def report(tag: str, kind: str, cfg: dict[str, Any], p: Preset, b: Bundle, test: PhantomSet,

@@ -32,7 +32,7 @@ from flows.densitymap import ScoreChoice, choose_score, pair_log_p_maps
 from flows.glow import Averaged, Conditioned, FlowModel, Translated
 from flows.posterior import map_pair_scores, two_model_scores
 from flows.presets import Preset
-from flows.train import TrainOptions, TrainResult, fingerprint, train
+from flows.train import TrainOptions, TrainResult, checkpoint_step, fingerprint, train
 
 Strategy = Literal["conditional", "independent", "finetune-m1", "finetune-m0", "shared"]
 STRATEGIES: tuple[str, ...] = ("conditional", "independent", "finetune-m1", "finetune-m0", "shared")
@@ -67,6 +67,9 @@ class BuildOptions:
     # mirror images along the preset's mirror_axis in training / at scoring; None: the preset's
     train_mirror: bool | None = None
     test_time_mirror: bool | None = None
+    # continue each model from its checkpoint under out/work (an interrupted build, or more
+    # epochs); a model fine-tuned from one that trained further in this run starts afresh
+    resume: bool = False
 
 
 def split_reference(mixture: np.ndarray, fraction: float, minimum: int, seed: int
@@ -118,13 +121,23 @@ def build_bundle(out: str | Path, *, preset: Preset, normal: np.ndarray, mixture
     mirror = _mirror_axis(preset, train_mirror)
     scratch, tune = replace(scratch, augment_mirror=mirror), replace(tune, augment_mirror=mirror)
 
+    advanced: set[int] = set()  # results that took training steps in this run
+
     def fit(images: np.ndarray, label: str, o: TrainOptions, init: TrainResult | None,
             init_name: str = "", work: Path = out / "work") -> TrainResult:
         how = f"fine-tuned from {init_name}" if init else "from scratch"
+        d = work / label.lower()
+        resume = opts.resume and (init is None or id(init) not in advanced)
+        done = checkpoint_step(d) if resume else None
+        if done is not None:
+            how += f", resumed at step {done}"
         log(f"training {label} on {len(images)} images ({preset.name}, {how})")
-        return train(images, preset, out_dir=work / label.lower(), options=o,
-                     init_state=init.model.state_dict() if init else None, device=opts.device,
-                     progress=opts.progress, label=label)
+        res = train(images, preset, out_dir=d, options=o,
+                    init_state=init.model.state_dict() if init else None, device=opts.device,
+                    progress=opts.progress, label=label, resume=resume)
+        if res.metrics.get("steps", 0) != done:
+            advanced.add(id(res))
+        return res
 
     def pair(k: int) -> tuple[FlowModel, FlowModel, dict[str, Any]]:
         """Member k's M0 and M1, by the strategy; member k > 0 differs only in its seeds."""

@@ -176,6 +176,14 @@ def _shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tenso
     return translate(x, [o - max_shift for o in offs])
 
 
+def checkpoint_step(out_dir: str | Path) -> int | None:
+    """The training step a checkpoint in ``out_dir`` was written at, or None without one."""
+    ckpt = Path(out_dir) / "checkpoint.pt"
+    if not ckpt.is_file():
+        return None
+    return int(torch.load(ckpt, map_location="cpu", weights_only=False)["step"])
+
+
 def _mirror(x: torch.Tensor, axis: int | None, gen: torch.Generator) -> torch.Tensor:
     """Each image of the batch mirrored along spatial ``axis`` with probability 1/2."""
     if axis is None:

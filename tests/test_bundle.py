@@ -240,3 +240,29 @@ def test_an_ensemble_bundle_averages_its_members(strategy: str, tmp_path: Path) 
     manifest = dict(b.manifest, files={**b.manifest["files"], "m0.1.pt": "0" * 64})
     assert Bundle(path=b.path, manifest=manifest, m0=b.m0, m1=b.m1,
                   calibration=b.calibration).fingerprint != b.fingerprint
+
+
+def test_an_interrupted_build_resumes_from_its_checkpoints(tmp_path: Path) -> None:
+    from flows.build import BuildOptions, build_bundle
+    from flows.presets import get_preset
+
+    normal, _ = blobs(32, (16, 16), seed=1)
+    mixture, _ = blobs(32, (16, 16), abnormal=0.5, seed=2)
+
+    def build(epochs: int, resume: bool) -> tuple[Bundle, list[str]]:
+        lines: list[str] = []
+        b = build_bundle(tmp_path / "b", preset=get_preset("tiny-cxr"), normal=normal, mixture=mixture,
+                         name="b", log=lines.append,
+                         options=BuildOptions(strategy="shared", epochs=epochs, finetune_epochs=1,
+                                              progress=False, resume=resume))
+        return b, [ln for ln in lines if ln.startswith("training")]
+
+    first, _ = build(1, False)
+    w0 = (first.path / "m0.pt").read_bytes()
+    again, log = build(1, True)  # every model complete: nothing is trained again
+    assert all("resumed at step" in ln for ln in log) and len(log) == 3
+    assert (again.path / "m0.pt").read_bytes() == w0
+    longer, log = build(2, True)  # the base trains one more epoch; M0 and M1 start afresh from it
+    assert "resumed at step" in log[0] and not any("resumed" in ln for ln in log[1:])
+    assert longer.manifest["training"]["base"]["epochs"] == 2
+    assert (longer.path / "m0.pt").read_bytes() != w0

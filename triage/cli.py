@@ -154,7 +154,10 @@ def train(
     batch_size: Annotated[int | None, typer.Option(help="override the preset's batch size")] = None,
     seed: Annotated[int, typer.Option(help="random seed (initialisation, order, dequantisation)")] = 0,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 (default: auto)")] = None,
-    resume: Annotated[bool, typer.Option(help="continue from out/checkpoint.pt (single model)")] = False,
+    resume: Annotated[bool, typer.Option(
+        help="continue an interrupted run from its checkpoints: out/checkpoint.pt for one model, "
+             "out/work/*/checkpoint.pt for each model of a bundle (a model fine-tuned from one "
+             "that trained further starts afresh)")] = False,
     members: Annotated[int, typer.Option(
         help="train this many (M0, M1) pairs with different seeds and average their "
              "log-densities (an ensemble: less training noise in the score, k times the time)")] = 1,
@@ -198,7 +201,8 @@ def train(
             _train_patch_bundle(p, out, normal, mixture, validation, name or out.name, version,
                                 BuildOptions(strategy=strategy, seed=seed, epochs=epochs,  # type: ignore[arg-type]
                                              finetune_epochs=finetune_epochs,
-                                             batch_size=batch_size, device=device, members=members))
+                                             batch_size=batch_size, device=device, members=members,
+                                             resume=resume))
             return
         n_imgs, _, _ = _load_set(normal, preset)
         m_imgs, _, _ = _load_set(mixture, preset)
@@ -213,7 +217,7 @@ def train(
                      options=BuildOptions(strategy=strategy, seed=seed, epochs=epochs,  # type: ignore[arg-type]
                                           finetune_epochs=finetune_epochs, batch_size=batch_size,
                                           device=device, members=members,
-                                          test_time_shift=test_time_shift),
+                                          test_time_shift=test_time_shift, resume=resume),
                      log=console.print)
     except (ValueError, FileNotFoundError) as e:
         raise _fail(str(e)) from e
