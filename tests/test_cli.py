@@ -82,6 +82,18 @@ def test_synth_train_evaluate_sample(tmp_path: Path) -> None:
     assert (d / "one" / "model.pt").exists()
 
 
+def test_head_ct_bundle_with_mirror_views(tmp_path: Path) -> None:
+    d = tmp_path
+    _ok(["synth", "bct", str(d / "n.npz"), "--n", "12", "--seed", "1"])
+    _ok(["synth", "bct", str(d / "m.npz"), "--n", "12", "--seed", "2", "--abnormal-fraction", "0.5"])
+    _ok(["train", "--preset", "tiny-bct", "--normal", str(d / "n.npz"), "--mixture", str(d / "m.npz"),
+         "--out", str(d / "b"), "--epochs", "1", "--finetune-epochs", "1", "--mirror"])
+    manifest = json.loads((d / "b" / "manifest.json").read_text())
+    assert manifest["test_time_mirror"] == 2
+    trained = [v for v in manifest["training"].values() if isinstance(v, dict) and "options" in v]
+    assert trained and all(v["options"]["augment_mirror"] == 2 for v in trained)
+
+
 @pytest.mark.parametrize(
     "args,msg",
     [
@@ -90,6 +102,8 @@ def test_synth_train_evaluate_sample(tmp_path: Path) -> None:
         (["train", "--preset", "nope", "--data", "x.npz"], "unknown preset"),
         (["train", "--preset", "tiny-cxr"], "--normal and --mixture"),
         (["train", "--preset", "tiny-cxr", "--data", "missing.npz"], "not found"),
+        (["train", "--preset", "tiny-cxr", "--normal", "a.npz", "--mixture", "b.npz", "--mirror"],
+         "no mirror axis"),
         (["evaluate", "--bundle", "nowhere", "--data", "x.npz"], "not a model bundle"),
     ],
 )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from dataclasses import replace
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -169,6 +170,11 @@ def train(
         help="whole-image presets: score every image as the mean over its translations within "
              "this many pixels ((2r+1)^2 per radiograph, (2r+1)^3 per volume: that many times the "
              "scoring time; recorded in the bundle; default: the preset's, 0: off)")] = None,
+    mirror: Annotated[bool | None, typer.Option(
+        "--mirror/--no-mirror",
+        help="head-CT presets: mirror half the training volumes left-right and score every "
+             "volume as the mean over it and its mirror image (2x the scoring time; recorded in "
+             "the bundle; default: the preset's, off)")] = None,
 ) -> None:
     """Train a bundle (--normal + --mixture) or a single model (--data)."""
     from flows.build import BuildOptions, build_bundle
@@ -178,9 +184,14 @@ def train(
 
     try:
         p = get_preset(preset)
+        if mirror and p.mirror_axis is None:
+            raise ValueError(f"--mirror: preset {p.name} has no mirror axis (its anatomy is not "
+                             "left-right symmetric)")
         if data is not None:
             imgs, _, _ = _load_set(data, preset)
             opts = TrainOptions.from_preset(p, epochs=epochs, batch_size=batch_size, seed=seed)
+            if mirror is not None:
+                opts = replace(opts, augment_mirror=p.mirror_axis if mirror else None)
             res = train_one(imgs, p, out_dir=out, options=opts, resume=resume, device=device)  # type: ignore[arg-type]
             import torch
 
@@ -217,7 +228,8 @@ def train(
                      options=BuildOptions(strategy=strategy, seed=seed, epochs=epochs,  # type: ignore[arg-type]
                                           finetune_epochs=finetune_epochs, batch_size=batch_size,
                                           device=device, members=members,
-                                          test_time_shift=test_time_shift, resume=resume),
+                                          test_time_shift=test_time_shift, resume=resume,
+                                          train_mirror=mirror, test_time_mirror=mirror),
                      log=console.print)
     except (ValueError, FileNotFoundError) as e:
         raise _fail(str(e)) from e
