@@ -11,11 +11,10 @@ scoring; ``tta`` scores each image as the mean over its translations within that
 (flows.glow.Translated); ``from`` re-scores the bundle runs/accuracy/TAG0 (e.g. with another
 ``tta``) instead of training one (its calibration is not redone: AUROCs do not need it);
 ``base_from`` starts from TAG0's trained base (``shared``: only M0 and M1 are trained, e.g. with
-other fine-tuning settings); ``source``
-"alt" trains and tests on the independently made phantoms of bench/altcxr.py or bench/althead.py
-instead of flows/phantoms; with ``nv`` a labelled validation set (seed 14) lets the bundle choose
-its score (whole-image posterior or a map score), and the chosen score is reported beside the
-whole-image posterior and the likelihood.
+other fine-tuning settings); ``source`` "alt" trains and tests on the independently made phantoms of
+bench/altcxr.py or bench/althead.py instead of flows/phantoms; with ``nv`` a labelled validation set
+(seed 14) lets the bundle choose its score (whole-image posterior or a map score), and the chosen
+score is reported beside the whole-image posterior and the likelihood.
 Normal set seed 11, mixture seed 12 (50 % abnormal), test seed 13 (50 % abnormal). Prints
 one JSON line (AUROC overall and per finding, Spearman rho of each score with the
 zero-pixel fraction) and appends it to runs/accuracy.jsonl; the per-case test scores go to
@@ -151,6 +150,7 @@ def record(res: dict[str, object], jsonl: str) -> None:
     Path(jsonl).parent.mkdir(parents=True, exist_ok=True)
     with open(jsonl, "a") as f:
         f.write(line + "\n")
+
 
 if __name__ == "__main__":
     main()
