@@ -32,7 +32,7 @@ from flows.densitymap import ScoreChoice, choose_score, pair_log_p_maps
 from flows.glow import Averaged, Conditioned, FlowModel, Translated
 from flows.posterior import map_pair_scores, two_model_scores
 from flows.presets import Preset
-from flows.train import TrainOptions, TrainResult, checkpoint_step, fingerprint, train
+from flows.train import TrainOptions, TrainResult, fingerprint, train
 
 Strategy = Literal["conditional", "independent", "finetune-m1", "finetune-m0", "shared"]
 STRATEGIES: tuple[str, ...] = ("conditional", "independent", "finetune-m1", "finetune-m0", "shared")
@@ -126,16 +126,15 @@ def build_bundle(out: str | Path, *, preset: Preset, normal: np.ndarray, mixture
     def fit(images: np.ndarray, label: str, o: TrainOptions, init: TrainResult | None,
             init_name: str = "", work: Path = out / "work") -> TrainResult:
         how = f"fine-tuned from {init_name}" if init else "from scratch"
-        d = work / label.lower()
-        resume = opts.resume and (init is None or id(init) not in advanced)
-        done = checkpoint_step(d) if resume else None
-        if done is not None:
-            how += f", resumed at step {done}"
         log(f"training {label} on {len(images)} images ({preset.name}, {how})")
-        res = train(images, preset, out_dir=d, options=o,
+        res = train(images, preset, out_dir=work / label.lower(), options=o,
                     init_state=init.model.state_dict() if init else None, device=opts.device,
-                    progress=opts.progress, label=label, resume=resume)
-        if res.metrics.get("steps", 0) != done:
+                    progress=opts.progress, label=label,
+                    resume=opts.resume and (init is None or id(init) not in advanced))
+        done = res.metrics["resumed_at_step"]
+        if done is not None:
+            log(f"{label}: resumed at step {done}, now at step {res.metrics['steps']}")
+        if res.metrics["steps"] != done:
             advanced.add(id(res))
         return res
 

@@ -176,14 +176,6 @@ def _shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tenso
     return translate(x, [o - max_shift for o in offs])
 
 
-def checkpoint_step(out_dir: str | Path) -> int | None:
-    """The training step a checkpoint in ``out_dir`` was written at, or None without one."""
-    ckpt = Path(out_dir) / "checkpoint.pt"
-    if not ckpt.is_file():
-        return None
-    return int(torch.load(ckpt, map_location="cpu", weights_only=False)["step"])
-
-
 def _mirror(x: torch.Tensor, axis: int | None, gen: torch.Generator) -> torch.Tensor:
     """Each image of the batch mirrored along spatial ``axis`` with probability 1/2."""
     if axis is None:
@@ -383,7 +375,8 @@ def train(images: np.ndarray, preset: Preset, *, out_dir: str | Path | None = No
                          steps=step, seconds=time.monotonic() - t0, stopped_early=stopped_early)
     result.metrics = {"best_val_bpd": best_val, "skipped_steps": skipped, "steps": step,
                       "epochs": len(history), "seconds": round(result.seconds, 1),
-                      "stopped_early": stopped_early, "options": asdict(opts)}
+                      "stopped_early": stopped_early, "options": asdict(opts),
+                      "resumed_at_step": None if st is None else st["step"]}
     if out_dir is not None:
         summary = result.metrics | {"history": history}
         (Path(out_dir) / "history.json").write_text(json.dumps(summary, indent=2))
