@@ -227,3 +227,30 @@ def test_an_average_needs_two_members_of_one_configuration() -> None:
         # the map of the mean sums to the mean log-density, as each member's does
         assert torch.allclose(avg.log_p_map(x).flatten(1).sum(1), avg(x).log_p, rtol=1e-5)
     assert avg.sample(2, (8, 8)).shape == (2, 1, 8, 8)
+
+
+def test_folded_layers_and_channels_last_compute_the_same_flow(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The inference-speed paths (ActNorms folded into the adjacent convolutions, channels-last
+    activations for small 3D grids) change nothing but rounding."""
+    import flows.glow as glow
+
+    g = _trained_like(GlowConfig(1, 3, levels=2, steps=2, hidden=8, scale_fn="glow"), (1, 1, 8, 8, 8))
+    x = torch.rand(3, 1, 8, 8, 8, dtype=torch.float64) - 0.5
+    step = g._steps(0)[0]
+    h = squeeze(x)
+    with torch.no_grad():
+        folded, ld = step(h)
+        a, ld1 = step.actnorm(h)
+        b, ld2 = step.invconv(a)
+        c, ld3 = step.coupling(b)
+        net = step.coupling.net
+        hidden = torch.relu(net.n1(net.c1(b[:, : step.coupling.ca]))[0])
+        assert torch.allclose(torch.relu(glow._conv_then_norm(net.c1, net.n1, b[:, : step.coupling.ca])),
+                              hidden, atol=1e-12)
+        assert torch.allclose(folded, c, atol=1e-12)
+        assert torch.allclose(ld, ld1 + ld2 + ld3, atol=1e-9)
+        assert glow.fast_layout(h).is_contiguous(memory_format=torch.channels_last_3d)
+        with_cl = g(x).log_p
+        monkeypatch.setattr(glow, "_CHANNELS_LAST_MAX_POSITIONS", 0)
+        without = g(x).log_p
+    assert torch.allclose(with_cl, without, atol=1e-9)
