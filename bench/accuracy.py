@@ -5,16 +5,18 @@
 KIND is cxr or bct. JSON overrides the cpu-KIND preset and the run: ``{"strategy": "conditional",
 "glow": {"coords": true}, "prep": {"n_bits": 5}, "ep": 4, "fep": 2, "freeze": 1, "n": 1500, "nt":
 600, "nv": 400, "seed": 0, "ema": 0.98, "members": 1, "source": "alt", "tta": 1, "shift": 2,
-"mirror": true, "ttm": true, "from": "TAG0"}``; ``shift`` trains with random translations of up to
-that many pixels; ``mirror`` / ``ttm`` mirror images along the preset's mirror axis in training / at
-scoring; ``tta`` scores each image as the mean over its translations within that many pixels
-(flows.glow.Translated); ``from`` re-scores the bundle runs/accuracy/TAG0 (e.g. with another
-``tta``) instead of training one (its calibration is not redone: AUROCs do not need it);
-``base_from`` starts from TAG0's trained base (``shared``: only M0 and M1 are trained, e.g. with
-other fine-tuning settings); ``source`` "alt" trains and tests on the independently made phantoms of
-bench/altcxr.py or bench/althead.py instead of flows/phantoms; with ``nv`` a labelled validation set
-(seed 14) lets the bundle choose its score (whole-image posterior or a map score), and the chosen
-score is reported beside the whole-image posterior and the likelihood.
+"mirror": true, "ttm": true, "from": "TAG0", "resume": true}``; ``shift`` trains with random
+translations of up to that many pixels; ``mirror`` / ``ttm`` mirror images along the preset's mirror
+axis in training / at scoring; ``tta`` scores each image as the mean over its translations within
+that many pixels (flows.glow.Translated); ``from`` re-scores the bundle runs/accuracy/TAG0 (e.g.
+with another ``tta``) instead of training one (its calibration is not redone: AUROCs do not need
+it); ``resume`` continues an interrupted run of the same TAG from its checkpoints under
+runs/accuracy/TAG/work; ``base_from`` starts from TAG0's trained base (``shared``: only M0 and M1
+are trained, e.g. with other fine-tuning settings); ``source`` "alt" trains and tests on the
+independently made phantoms of bench/altcxr.py or bench/althead.py instead of flows/phantoms; with
+``nv`` a labelled validation set (seed 14) lets the bundle choose its score (whole-image posterior
+or a map score), and the chosen score is reported beside the whole-image posterior and the
+likelihood.
 Normal set seed 11, mixture seed 12 (50 % abnormal), test seed 13 (50 % abnormal). Prints
 one JSON line (AUROC overall and per finding, Spearman rho of each score with the
 zero-pixel fraction) and appends it to runs/accuracy.jsonl; the per-case test scores go to
@@ -111,7 +113,8 @@ def train_bundle(tag: str, out: Path, p: Preset, cfg: dict[str, Any], make: Call
                                           test_time_shift=cfg.get("tta"),
                                           augment_shift=cfg.get("shift", 0),
                                           train_mirror=cfg.get("mirror"), test_time_mirror=cfg.get("ttm"),
-                                          resume=bool(cfg.get("base_from")), progress=False))
+                                          resume=bool(cfg.get("base_from") or cfg.get("resume")),
+                                          progress=False))
 
 
 def report(tag: str, kind: str, cfg: dict[str, Any], p: Preset, b: Bundle, test: PhantomSet,
