@@ -152,16 +152,14 @@ class InvConvLU(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         w = self.weight(self.log_s.dtype).to(x.dtype)
-        conv = F.conv2d if self.ndim == 2 else F.conv3d
-        return conv(x, self._kernel(w)), self.logdet(x)
+        return _conv_fn(x)(x, self._kernel(w)), self.logdet(x)
 
     def forward_after(self, norm: ActNorm, x: Tensor) -> tuple[Tensor, Tensor]:
         """``norm`` then this convolution as one convolution with a bias:
         ``W (x s + o) = (W diag(s)) x + W o``; the log-determinant of both."""
         scale, offset = norm.folded()
         w = self.weight(offset.dtype)
-        conv = F.conv2d if self.ndim == 2 else F.conv3d
-        y = conv(x, self._kernel((w * scale).to(x.dtype)), (w @ offset).to(x.dtype))
+        y = _conv_fn(x)(x, self._kernel((w * scale).to(x.dtype)), (w @ offset).to(x.dtype))
         return y, norm.logdet(x) + self.logdet(x)
 
     def logdet(self, x: Tensor) -> Tensor:
@@ -170,8 +168,7 @@ class InvConvLU(nn.Module):
 
     def inverse(self, y: Tensor) -> Tensor:
         w_inv = torch.linalg.inv(self.weight(torch.float64)).to(y.dtype)
-        conv = F.conv2d if self.ndim == 2 else F.conv3d
-        return conv(y, self._kernel(w_inv))
+        return _conv_fn(y)(y, self._kernel(w_inv))
 
 
 class ZeroConv(nn.Module):

@@ -248,6 +248,11 @@ def test_folded_layers_and_channels_last_compute_the_same_flow(monkeypatch: pyte
         assert torch.allclose(torch.relu(glow._conv_then_norm(net.c1, net.n1, b[:, : step.coupling.ca])),
                               hidden, atol=1e-12)
         assert torch.allclose(folded, c, atol=1e-12)
+        with torch.no_grad():  # the coupling's last layer: a trained-like, non-zero output scale
+            net.c3.logs.fill_(0.1)
+            net.c3.conv.weight.normal_(std=0.1)
+        plain = net.c3.conv(hidden) * torch.exp(net.c3.logs * 3.0)
+        assert plain.abs().max() > 1e-3 and torch.allclose(net.c3(hidden), plain, atol=1e-12)
         assert torch.allclose(ld, ld1 + ld2 + ld3, atol=1e-9)
         assert glow.fast_layout(h).is_contiguous(memory_format=torch.channels_last_3d)
         with_cl = g(x).log_p
