@@ -6,6 +6,7 @@
     .venv/bin/python bench/ctmap.py TAG chestct '{"source": "alt"}'  # bench/altchest.py's phantoms
     .venv/bin/python bench/ctmap.py TAG bct '{"seed": 1, "freeze": 1}'  # training seed; shared finest level
     .venv/bin/python bench/ctmap.py TAG bct '{"floor": "auto"}'  # noise floor from the training set (or HU)
+    .venv/bin/python bench/ctmap.py TAG chestct '{"reference": "body"}'  # M1: general-domain body patches
 
 Normal set seed 21, mixture seed 22 (50 % abnormal), validation seed 23, test seed 24
 (50 % abnormal each); sizes ``n`` (normal and mixture), ``nv``, ``nt``. A patch bundle is
@@ -90,7 +91,7 @@ def main() -> None:
             normal_spacing=_volumes(nor)[1], mixture=_volumes(mix)[0],
             mixture_spacing=_volumes(mix)[1], validation=(*_volumes(val), val.labels), name=tag,
             patches_per_volume=cfg.get("per", 64), overlap=cfg.get("overlap"), log=print,
-            min_mask_fraction=cfg.get("min_mask", 0.1),
+            min_mask_fraction=cfg.get("min_mask", 0.1), reference=cfg.get("reference", "mixture"),
             options=BuildOptions(epochs=cfg.get("ep"), finetune_epochs=cfg.get("fep"),
                                  freeze_levels=cfg.get("freeze"), seed=cfg.get("seed", 0),
                                  progress=False))

@@ -114,6 +114,20 @@ def lung_mask(hu: np.ndarray, spacing: tuple[float, float, float], *,
     return mask
 
 
+def body_mask(hu: np.ndarray, spacing: tuple[float, float, float], *,
+              threshold_hu: float = -400.0, seal_mm: float = 8.0) -> np.ndarray:
+    """The patient: tissue sealed and filled slice by slice (lungs, airways and skull inside),
+    the largest component only, so the table and other objects in air are left out."""
+    vol = _check(hu, spacing)
+    body = _sealed_body(vol >= threshold_hu, spacing, seal_mm)
+    labels, n = ndimage.label(body)
+    if n == 0:
+        return body
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    sizes[0] = 0
+    return np.asarray(labels == int(np.argmax(sizes)))
+
+
 def intracranial_mask(hu: np.ndarray, spacing: tuple[float, float, float], *,
                       bone_hu: float = 300.0, min_cm3: float = 20.0) -> np.ndarray:
     """The space enclosed by the skull: the largest soft-tissue component inside the bone.

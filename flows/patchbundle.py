@@ -25,14 +25,14 @@ import numpy as np
 from flows.build import BuildOptions, build_bundle
 from flows.bundle import Bundle, BundleError, add_extra, load_bundle
 from flows.lesions import Lesion, abnormal_size, choose_size_threshold, find_lesions, voxel_threshold
-from flows.masks import intracranial_mask, lung_mask
-from flows.patchmap import glow_patch_scorer, patch_map, sample_patches, to_source_grid
+from flows.masks import body_mask, intracranial_mask, lung_mask
+from flows.patchmap import PatchScorer, glow_patch_scorer, patch_map, sample_patches, to_source_grid
 from flows.preprocess import Preprocessing, noise_sd, resample_to_spacing
 from flows.presets import Preset
 
 PATCHMAP_FILE = "patchmap.json"
 MASKS: dict[str, Callable[[np.ndarray, tuple[float, float, float]], np.ndarray]] = {
-    "lung": lung_mask, "intracranial": intracranial_mask}
+    "lung": lung_mask, "intracranial": intracranial_mask, "body": body_mask}
 DEFAULT_MASK = {"chestct": "lung", "bct": "intracranial"}
 
 
@@ -53,6 +53,9 @@ class MapCalibration:
     # abnormal volumes (cm³) of the validation set's normal volumes: the reference a new
     # volume's percentile is read against (empty in bundles calibrated before it existed)
     reference_cm3: list[float] = field(default_factory=list)
+    # what M1 was trained on: "mixture" (the mixture's patches under ``mask``: the posterior
+    # ratio) or "body" (the mixture's patches anywhere in the body: a general-domain reference)
+    reference: str = "mixture"
 
     @property
     def name(self) -> str:
@@ -126,10 +129,10 @@ def choose_noise_floor(volumes: Sequence[np.ndarray], spacings: Sequence[tuple[f
 
 def _maps(bundle: Bundle, prepared: Sequence[tuple[np.ndarray, np.ndarray | None]], source: str,
           patch: int, overlap: int, per_voxel: bool = False,
-          min_mask_fraction: float = 0.1) -> list[np.ndarray]:
+          min_mask_fraction: float = 0.1, scorer: PatchScorer | None = None) -> list[np.ndarray]:
     """Maps of volumes already resampled, windowed and masked (:func:`_prepared`)."""
-    scorer = glow_patch_scorer(bundle.m0, bundle.m1 if source == "posterior" else None,
-                               bundle.preprocessing.n_bits, per_voxel=per_voxel)
+    scorer = scorer or glow_patch_scorer(bundle.m0, bundle.m1 if source == "posterior" else None,
+                                         bundle.preprocessing.n_bits, per_voxel=per_voxel)
     return [patch_map(grid01, scorer, patch=patch, overlap=overlap, mask=m,
                       min_mask_fraction=min_mask_fraction, batch_size=64).values
             for grid01, m in prepared]
@@ -150,14 +153,24 @@ def build_patch_bundle(out: str | Path, *, preset: Preset, normal: Sequence[np.n
                        patches_per_volume: int = 64, overlap: int | None = None,
                        mask: str | None = None, min_mask_fraction: float = 0.1,
                        voxel_percentile: float = 99.0, min_size_cm3: float = 0.2,
+                       reference: str = "mixture",
                        log: Callable[[str], None] = print) -> Bundle:
-    """Train M0/M1 patch models on mask-guided patches, then :func:`calibrate_patch_bundle`."""
+    """Train M0/M1 patch models on mask-guided patches, then :func:`calibrate_patch_bundle`.
+
+    ``reference="body"`` trains M1 on the mixture's patches from anywhere in the body rather
+    than under ``mask``: a general-domain model in the sense of Schirrmeister et al. (2020).
+    Its ratio to M0 cancels what makes any patch likely to any flow (smoothness, noise
+    level) and keeps what makes it unlike the organ M0 knows (soft tissue where lung
+    should be), without needing abnormal cases in the mixture.
+    """
     prep = preset.preprocessing
     if prep.spacing is None or len(prep.shape) != 3 or len(set(prep.shape)) != 1:
         raise ValueError(f"preset {preset.name} is not a cubic 3D patch preset with a spacing")
     mask = mask or DEFAULT_MASK.get(prep.kind, "none")
     if mask not in (*MASKS, "none"):
-        raise ValueError(f"unknown mask {mask!r}; use lung, intracranial or none")
+        raise ValueError(f"unknown mask {mask!r}; use lung, intracranial, body or none")
+    if reference not in ("mixture", "body"):
+        raise ValueError(f"unknown reference {reference!r}; use mixture or body")
     y = np.asarray(validation[2]).astype(bool)
     if y.all() or not y.any():
         raise ValueError("the validation set needs normal and abnormal volumes")
@@ -172,30 +185,34 @@ def build_patch_bundle(out: str | Path, *, preset: Preset, normal: Sequence[np.n
         log(f"noise floor {floor} HU ({preset.noise_floor_percentile:g}th percentile of the "
             "training volumes' noise × 1.2): every volume is topped up to it")
 
-    def patches(vols: Sequence[np.ndarray], sps: Sequence[tuple[float, float, float]]) -> np.ndarray:
+    def patches(vols: Sequence[np.ndarray], sps: Sequence[tuple[float, float, float]],
+                where: str, fraction: float) -> np.ndarray:
         got = []
         for v, sp in zip(vols, sps, strict=True):
-            grid01, m, _ = _prepared(preset, v, sp, mask)
+            grid01, m, _ = _prepared(preset, v, sp, where)
             got.append(sample_patches(grid01[None], m[None] if m is not None else None, patch,
-                                      patches_per_volume, rng, min_mask_fraction=min_mask_fraction))
+                                      patches_per_volume, rng, min_mask_fraction=fraction))
         return np.concatenate(got)
 
-    pn, pm = patches(normal, normal_spacing), patches(mixture, mixture_spacing)
-    log(f"{len(pn)} normal and {len(pm)} mixture patches of {patch}³ at {prep.spacing} mm")
+    pn = patches(normal, normal_spacing, mask, min_mask_fraction)
+    pm = (patches(mixture, mixture_spacing, mask, min_mask_fraction) if reference == "mixture"
+          else patches(mixture, mixture_spacing, "body", 0.5))
+    log(f"{len(pn)} normal and {len(pm)} mixture patches ({reference}) of {patch}³ at "
+        f"{prep.spacing} mm")
     opts = replace(options or BuildOptions(), map_scores=False)
     b = build_bundle(out, preset=preset, normal=pn, mixture=pm, name=name, version=version,
                      options=opts, log=log)
     return calibrate_patch_bundle(b, validation, overlap=overlap, mask=mask,
                                   min_mask_fraction=min_mask_fraction,
                                   voxel_percentile=voxel_percentile, min_size_cm3=min_size_cm3,
-                                  log=log)
+                                  reference=reference, log=log)
 
 
 def calibrate_patch_bundle(b: Bundle, validation: tuple[Sequence[np.ndarray],
                                                         Sequence[tuple[float, float, float]], np.ndarray],
                            *, overlap: int | None = None, mask: str | None = None,
                            min_mask_fraction: float = 0.1, voxel_percentile: float = 99.0,
-                           min_size_cm3: float = 0.2,
+                           min_size_cm3: float = 0.2, reference: str | None = None,
                            log: Callable[[str], None] = print) -> Bundle:
     """(Re)calibrate a patch bundle's map on a labelled validation set; rewrites the bundle.
 
@@ -212,6 +229,9 @@ def calibrate_patch_bundle(b: Bundle, validation: tuple[Sequence[np.ndarray],
     patch = prep.shape[0]
     overlap = patch // 2 if overlap is None else overlap
     mask = mask or DEFAULT_MASK.get(prep.kind, "none")
+    if reference is None:  # recalibration keeps what M1 was trained on
+        reference = (map_calibration(b).reference if b.extra(PATCHMAP_FILE) is not None
+                     else "mixture")
     vvols, vsp, vlabels = validation
     y = np.asarray(vlabels).astype(bool)
     if y.all() or not y.any():
@@ -229,7 +249,8 @@ def calibrate_patch_bundle(b: Bundle, validation: tuple[Sequence[np.ndarray],
         auc = float(roc_auc_score(y, sizes))
         cal = MapCalibration(source=source, patch=patch, overlap=overlap, mask=mask,
                              voxel_threshold=thr, min_size_cm3=min_size_cm3, size_threshold_cm3=t,
-                             per_voxel=per_voxel, min_mask_fraction=min_mask_fraction)
+                             per_voxel=per_voxel, min_mask_fraction=min_mask_fraction,
+                             reference=reference)
         ref = sorted(float(v) for v, lab in zip(sizes, y, strict=True) if not lab)
         report[cal.name] = {"auroc_volume": round(auc, 4), "voxel_threshold": thr, "T_cm3": t,
                             "reference_cm3": ref}
@@ -270,6 +291,10 @@ class PatchMapScorer:
                                voxel_threshold=float(v["voxel_threshold"]),
                                size_threshold_cm3=float(v["T_cm3"]),
                                reference_cm3=list(v.get("reference_cm3", [])))
+        c = self.cal
+        # one scorer for every volume this scorer maps, so its trace is made once
+        self._scorer = glow_patch_scorer(bundle.m0, bundle.m1 if c.source == "posterior" else None,
+                                         bundle.preprocessing.n_bits, per_voxel=c.per_voxel)
 
     def score(self, volume_hu: np.ndarray, spacing: tuple[float, float, float],
               affine: np.ndarray | None = None) -> MapResult:
@@ -277,7 +302,7 @@ class PatchMapScorer:
         c = self.cal
         prepared = _prepared(self.bundle, volume_hu, spacing, c.mask)[:2]
         vals = _maps(self.bundle, [prepared], c.source, c.patch, c.overlap, c.per_voxel,
-                     c.min_mask_fraction)[0]
+                     c.min_mask_fraction, self._scorer)[0]
         iso = self.bundle.preprocessing.spacing
         assert iso is not None
         les = find_lesions(vals, c.voxel_threshold, (iso,) * 3, min_size=c.min_size_cm3)

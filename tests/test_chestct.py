@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from flows.masks import _ball, ball_closing, intracranial_mask, lung_mask
+from flows.masks import _ball, ball_closing, body_mask, intracranial_mask, lung_mask
 from flows.patchmap import PatchMapError, sample_patches
 from flows.phantoms import make_headct
 from flows.phantoms.chestct import CHESTCT_FINDINGS, make_chestct
@@ -128,6 +128,17 @@ def test_intracranial_mask_holds_the_head_ct_lesions() -> None:
         assert 0.1 < m.mean() < 0.6
         les = h.masks[i, 0]
         assert (m & les).sum() / les.sum() > 0.8
+
+
+def test_body_mask_holds_the_lungs_and_leaves_out_the_air_and_the_table() -> None:
+    vol, lungs = _simple_chest()
+    vol = np.pad(vol, ((0, 0), (0, 10), (0, 0)), constant_values=-1000.0)
+    lungs = np.pad(lungs, ((0, 0), (0, 10), (0, 0)))
+    vol[:, -3:, :] = 200.0  # a table below the patient, 28 mm of air between
+    body = body_mask(vol, (4.0, 4.0, 4.0))
+    assert body[lungs].all()  # lungs and everything else inside the body wall
+    assert not body[:, -3:, :].any() and not body[:, 0, :].any()
+    assert body[:, 32, 40].all() and body.mean() < 0.7
 
 
 def test_masks_refuse_bad_input() -> None:

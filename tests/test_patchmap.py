@@ -182,6 +182,38 @@ def test_per_voxel_patch_maps_average_to_the_per_patch_scores() -> None:
         assert b.values.std() > a.values.std() * 0.5  # voxel detail survives aggregation
 
 
+def test_traced_scorer_agrees_with_the_eager_one_at_any_batch_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    import flows.patchmap as pm
+
+    made: list[object] = []
+    real = pm._trace
+
+    def counting(*a, **k):  # type: ignore[no-untyped-def]
+        made.append(real(*a, **k))
+        return made[-1]
+
+    monkeypatch.setattr(pm, "_trace", counting)
+    torch.manual_seed(0)
+    for shape in ((8, 8, 8), (8, 8)):
+        g0, g1 = (Glow(GlowConfig(1, len(shape), levels=2, steps=1, hidden=4), seed=s) for s in (0, 1))
+        for g in (g0, g1):
+            g.initialize(torch.rand(4, 1, *shape) - 0.5)
+            g.eval()
+        for m1, per_voxel in ((None, False), (g1, False), (None, True), (g1, True)):
+            made.clear()
+            traced = glow_patch_scorer(g0, m1, 8, per_voxel=per_voxel)
+            eager = glow_patch_scorer(g0, m1, 8, per_voxel=per_voxel, trace=False)
+            with torch.no_grad():
+                for n in (5, 1, 9):
+                    x = torch.rand(n, 1, *shape)
+                    torch.testing.assert_close(traced(x), eager(x), rtol=1e-5, atol=1e-6)
+            assert len(made) == 1 and made[0] is not None  # one trace per patch shape, used
+    with torch.enable_grad():  # training or gradients: never the trace
+        x = torch.rand(2, 1, 8, 8).requires_grad_()
+        glow_patch_scorer(g0, None, 8)(x).sum().backward()
+        assert x.grad is not None
+
+
 def test_per_patch_maps_aggregate_to_a_constant_when_constant() -> None:
     grid = PatchGrid.plan((20, 20), 8, 3)
     starts = grid.starts()

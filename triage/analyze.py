@@ -81,6 +81,7 @@ class Models:
     def __init__(self, cfg: ModelSettings) -> None:
         self.cfg = cfg
         self._cache: dict[str, Bundle] = {}
+        self._scorers: dict[str, PatchMapScorer] = {}
         self._lock = threading.Lock()
 
     def path(self, name: str) -> Path | None:
@@ -100,6 +101,14 @@ class Models:
                 raise AnalysisError(f"model bundle for {name!r} cannot be loaded: {exc}") from exc
             self._cache[name] = b
             return b
+
+    def patch_scorer(self, name: str) -> PatchMapScorer:
+        """The patch bundle's scorer, kept with the bundle (its traced model is made once)."""
+        bundle = self.get(name)
+        with self._lock:
+            if name not in self._scorers:
+                self._scorers[name] = PatchMapScorer(bundle)
+            return self._scorers[name]
 
     def loaded(self) -> dict[str, str]:
         with self._lock:
@@ -138,10 +147,10 @@ def _posterior(kind: str, bundle: Bundle, s: Series, levels: RankSettings | None
                              "map_threshold": POSTERIOR_MAP_Z if bundle.map_reference is not None else None})
 
 
-def _patch_map(kind: str, bundle: Bundle, s: Series, levels: RankSettings | None) -> Analysis:
+def _patch_map(kind: str, scorer: PatchMapScorer, s: Series, levels: RankSettings | None) -> Analysis:
     if not s.is_volume:
         raise AnalysisError(f"{kind}: a patch bundle needs a volume")
-    scorer = PatchMapScorer(bundle)
+    bundle = scorer.bundle
     res = scorer.score(s.array, (float(s.spacing[0]), float(s.spacing[1]), float(s.spacing[2])),
                        volume_affine(s))
     cal = scorer.cal
@@ -197,10 +206,10 @@ def analyse_series(files: Sequence[Path], kind: str, models: Models,
     bundle = models.get(kind)
     t1 = time.perf_counter()
     try:
-        out = (_patch_map(kind, bundle, s, levels) if _is_patch_bundle(bundle)
+        out = (_patch_map(kind, models.patch_scorer(kind), s, levels) if _is_patch_bundle(bundle)
                else _posterior(kind, bundle, s, levels))
         if kind == "bct" and models.path("bct_patch") is not None:
-            extra = _patch_map(kind, models.get("bct_patch"), s, levels)
+            extra = _patch_map(kind, models.patch_scorer("bct_patch"), s, levels)
             # the map, its threshold and lesions come from the patch bundle; the decision and
             # the level are the more urgent of the two
             out.abnormal_cm3, out.lesions, out.map = extra.abnormal_cm3, extra.lesions, extra.map
