@@ -186,27 +186,32 @@ def main() -> None:
     ap.add_argument("--source-spacing", type=float, nargs=3, default=[1.25, 0.7, 0.7],
                     help="node: its spacing in mm")
     ap.add_argument("--spacing", type=float, default=2.0, help="node: the model grid's spacing in mm")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per method; the median is shown")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
         print(json.dumps(run_one(args.one, args)))
         return
-    rows = {}
-    for m in args.methods.split(","):
-        cmd = [sys.executable, __file__, "--one", m, *sys.argv[1:]]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if out.returncode != 0:
-            print(f"{m}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
-            continue
-        rows[m] = json.loads(out.stdout.strip().splitlines()[-1])
+    runs: dict[str, list[dict[str, float]]] = {}
+    for _ in range(args.repeat):  # interleaved, so a slow minute on a shared machine hits all
+        for m in args.methods.split(","):
+            cmd = [sys.executable, __file__, "--one", m, *sys.argv[1:]]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if out.returncode != 0:
+                print(f"{m}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
+                continue
+            runs.setdefault(m, []).append(json.loads(out.stdout.strip().splitlines()[-1]))
+    # each method's median run by total seconds
+    rows = {m: sorted(rs, key=lambda r: r["seconds"])[(len(rs) - 1) // 2] for m, rs in runs.items()}
     cpu = platform.processor() or platform.machine()
     print(f"\n{args.preset}, volume {tuple(args.shape)}, patch {args.patch}, overlap "
           f"{args.overlap}, batch {args.batch}, {args.device} ({cpu}, {args.threads} threads), "
-          f"{'two models' if args.ratio else 'one model'}\n")
-    print("| method | patches | seconds | patches/s | model s | overhead | peak RSS GB |")
-    print("|---|---|---|---|---|---|---|")
+          f"{'two models' if args.ratio else 'one model'}, median of {args.repeat} run(s)\n")
+    print("| method | patches | seconds | (all runs) | patches/s | model s | overhead | peak RSS GB |")
+    print("|---|---|---|---|---|---|---|---|")
     for m, r in rows.items():
-        print(f"| {m} | {r['patches']} | {r['seconds']:.1f} | {r['patches_per_s']:.0f} | "
+        every = ", ".join(f"{x['seconds']:.1f}" for x in runs[m])
+        print(f"| {m} | {r['patches']} | {r['seconds']:.1f} | {every} | {r['patches_per_s']:.0f} | "
               f"{r['model_seconds']:.1f} | {100 * r['overhead']:.0f}% | {r['peak_rss_gb']:.2f} |")
     if "node" in rows:
         r = rows["node"]

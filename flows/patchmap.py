@@ -13,8 +13,6 @@ depends only on the grid, so aggregation is one weighted scatter-add per patch.
 from __future__ import annotations
 
 import itertools
-import logging
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -26,9 +24,9 @@ from flows.errors import ScoringError
 from flows.glow import FlowModel
 from flows.pair import ModelPair
 from flows.quantize import dequantize
+from flows.trace import ShapeTraced
 
 PatchScorer = Callable[[torch.Tensor], torch.Tensor]
-log = logging.getLogger(__name__)
 
 
 class PatchMapError(ValueError):
@@ -164,10 +162,9 @@ def glow_patch_scorer(m0: FlowModel, m1: FlowModel | None, n_bits: int,
     decomposition, :meth:`flows.glow.Glow.log_p_map`, whose mean is the per-patch value).
 
     Higher is more abnormal in every case. With ``trace`` (the default) CPU batches run
-    through a TorchScript trace of this function, made once per patch shape and kept with
-    the scorer: a patch Glow is hundreds of small operations, and on CPU the Python between
-    them costs as much as a fifth of the model's time. The trace keeps no input checks, which
-    is why it is only used here, behind :func:`patch_map`'s own.
+    through a TorchScript trace made once per patch shape and kept with the scorer
+    (:class:`flows.trace.ShapeTraced`); it keeps no input checks, so it belongs behind
+    :func:`patch_map`'s own.
     """
     pair = ModelPair(m0, m1) if m1 is not None else None
 
@@ -180,50 +177,7 @@ def glow_patch_scorer(m0: FlowModel, m1: FlowModel | None, n_bits: int,
             s = lp1 - lp0
         return s if per_voxel else s / float(np.prod(x.shape[2:]))
 
-    if not trace:
-        return eager
-    traced: dict[tuple[object, ...], Callable[[torch.Tensor], torch.Tensor] | None] = {}
-
-    def score(x01: torch.Tensor) -> torch.Tensor:
-        if x01.device.type != "cpu" or torch.is_grad_enabled():
-            return eager(x01)
-        key = (tuple(x01.shape[1:]), x01.dtype)
-        if key not in traced:
-            traced[key] = _trace(eager, [m for m in (m0, m1) if isinstance(m, torch.nn.Module)], x01)
-        fn = traced[key]
-        return eager(x01) if fn is None else fn(x01)
-    return score
-
-
-class _Traced(torch.nn.Module):
-    """Holds the models, so that the trace sees their weights as parameters."""
-
-    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], models: list[torch.nn.Module]) -> None:
-        super().__init__()
-        self.fn = fn
-        self.models = torch.nn.ModuleList(models)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fn(x)
-
-
-def _trace(fn: Callable[[torch.Tensor], torch.Tensor], models: list[torch.nn.Module],
-           example: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """A trace of ``fn`` with a free batch size that agrees with it, or None (use ``fn``)."""
-    one = example[:1]
-    x, probe = torch.cat([one] * 2), torch.cat([one.flip(-1)] * 3)  # two batch sizes
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # TracerWarnings for the dropped input checks
-            t = torch.jit.trace(_Traced(fn, models).eval(), x, check_trace=False)
-            same = torch.allclose(t(probe), fn(probe), rtol=1e-4, atol=1e-5)
-    except Exception as e:  # any failure to trace just means no trace
-        log.info("patch scorer runs eagerly: tracing failed (%s)", e)
-        return None
-    if not same:
-        log.warning("patch scorer runs eagerly: its trace disagrees with it")
-        return None
-    return t
+    return ShapeTraced(eager, [m0, m1], "patch scorer") if trace else eager
 
 
 @torch.no_grad()

@@ -19,6 +19,7 @@ from flows.patchmap import (
     patch_map,
     to_source_grid,
 )
+from flows.trace import ShapeTraced
 
 
 @pytest.mark.parametrize("length,patch,overlap", [(48, 48, 10), (100, 48, 10), (97, 16, 4),
@@ -182,17 +183,7 @@ def test_per_voxel_patch_maps_average_to_the_per_patch_scores() -> None:
         assert b.values.std() > a.values.std() * 0.5  # voxel detail survives aggregation
 
 
-def test_traced_scorer_agrees_with_the_eager_one_at_any_batch_size(monkeypatch: pytest.MonkeyPatch) -> None:
-    import flows.patchmap as pm
-
-    made: list[object] = []
-    real = pm._trace
-
-    def counting(*a, **k):  # type: ignore[no-untyped-def]
-        made.append(real(*a, **k))
-        return made[-1]
-
-    monkeypatch.setattr(pm, "_trace", counting)
+def test_traced_scorer_agrees_with_the_eager_one_at_any_batch_size() -> None:
     torch.manual_seed(0)
     for shape in ((8, 8, 8), (8, 8)):
         g0, g1 = (Glow(GlowConfig(1, len(shape), levels=2, steps=1, hidden=4), seed=s) for s in (0, 1))
@@ -200,18 +191,32 @@ def test_traced_scorer_agrees_with_the_eager_one_at_any_batch_size(monkeypatch: 
             g.initialize(torch.rand(4, 1, *shape) - 0.5)
             g.eval()
         for m1, per_voxel in ((None, False), (g1, False), (None, True), (g1, True)):
-            made.clear()
             traced = glow_patch_scorer(g0, m1, 8, per_voxel=per_voxel)
             eager = glow_patch_scorer(g0, m1, 8, per_voxel=per_voxel, trace=False)
+            assert isinstance(traced, ShapeTraced) and not isinstance(eager, ShapeTraced)
             with torch.no_grad():
                 for n in (5, 1, 9):
                     x = torch.rand(n, 1, *shape)
                     torch.testing.assert_close(traced(x), eager(x), rtol=1e-5, atol=1e-6)
-            assert len(made) == 1 and made[0] is not None  # one trace per patch shape, used
+            assert traced.traced and len(traced._traces) == 1  # one trace per patch shape, used
     with torch.enable_grad():  # training or gradients: never the trace
+        scorer = glow_patch_scorer(g0, None, 8)
         x = torch.rand(2, 1, 8, 8).requires_grad_()
-        glow_patch_scorer(g0, None, 8)(x).sum().backward()
-        assert x.grad is not None
+        scorer(x).sum().backward()
+        assert x.grad is not None and not scorer._traces  # type: ignore[attr-defined]
+
+
+def test_an_untraceable_scorer_runs_eagerly(caplog: pytest.LogCaptureFixture) -> None:
+    def moody(x: torch.Tensor) -> torch.Tensor:  # data-dependent control flow: no valid trace
+        flat = x.flatten(1)
+        return flat.sum(1) if bool(flat[0, 0] < flat[0, -1]) else -flat.sum(1)
+
+    s = ShapeTraced(moody, [], "moody")
+    with torch.no_grad():
+        up = torch.linspace(0, 1, 16).reshape(1, 1, 4, 4).repeat(3, 1, 1, 1)
+        down = up.flip(-1).flip(-2)
+        assert torch.equal(s(up), moody(up)) and torch.equal(s(down), moody(down))
+    assert not s.traced and "disagrees" in caplog.text
 
 
 def test_per_patch_maps_aggregate_to_a_constant_when_constant() -> None:
