@@ -45,9 +45,10 @@ class ShapeTraced(Generic[Out]):
 
     ``fn``'s control flow must depend on shapes only, as a Glow's does. The batch size
     stays free: each trace is made on a batch of two and checked against ``fn`` on a batch
-    of three of other data (which catches most, not all, violations) before it is used; a function that cannot be traced, or whose
-    trace disagrees, runs eagerly (logged once). Only CPU inputs without gradients are traced:
-    on a GPU the launch queue hides the interpreter, and training needs autograd.
+    of three of other data (which catches most, not all, violations) before it is used; a
+    function that cannot be traced, or whose trace disagrees, runs eagerly (logged once).
+    Only CPU inputs without gradients are traced: on a GPU the launch queue hides the
+    interpreter, and training needs autograd.
     """
 
     def __init__(self, fn: Callable[[torch.Tensor], Out], models: Sequence[object], name: str) -> None:
