@@ -131,3 +131,13 @@ def test_recipe_end_to_end_at_toy_size(tmp_path: Path) -> None:
     assert b.calibration.threshold_method == "youden"
     summary = json.loads((tmp_path / "eval" / "cxr" / "summary.json").read_text())
     assert 0.0 <= summary["scores"]["posterior"]["overall"]["auc"] <= 1.0
+
+
+def test_worker_keeps_one_patch_scorer_per_bundle() -> None:
+    """The traced patch model is made once per worker, not once per series."""
+    from triage.analyze import Models
+    from triage.config import ModelSettings
+
+    m = Models(ModelSettings(chestct=MODELS / BUNDLES["chestct"][0]))
+    a = m.patch_scorer("chestct")
+    assert m.patch_scorer("chestct") is a and a.bundle is m.get("chestct")

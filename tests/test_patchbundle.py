@@ -132,3 +132,27 @@ def test_patch_bundle_needs_a_labelled_validation_set(tmp_path: Path) -> None:
                            validation=(v, [s.spacing] * 2, np.zeros(2)), name="b",
                            options=BuildOptions(progress=False), patches_per_volume=4,
                            log=lambda m: None)
+
+
+def test_general_domain_reference_is_trained_on_body_patches_and_recorded(tmp_path: Path) -> None:
+    """``reference="body"``: M1 learns patches from anywhere in the body, and the bundle says so
+    (a recalibration keeps it)."""
+    from flows.patchbundle import calibrate_patch_bundle
+
+    shape = (16, 24, 32)
+    nor = make_chestct(2, shape=shape, spacing_mm=8.0, seed=1)
+    val = make_chestct(4, shape=shape, spacing_mm=8.0, abnormal_fraction=0.5, seed=3)
+    v = [x[0] for x in nor.images]
+    sp = [nor.spacing] * len(v)
+    vv = ([x[0] for x in val.images], [val.spacing] * len(val), val.labels)
+    kw = dict(preset=get_preset("tiny-chestct"), normal=v, normal_spacing=sp, mixture=v,
+              mixture_spacing=sp, validation=vv, options=BuildOptions(progress=False),
+              patches_per_volume=4, overlap=4)
+    with pytest.raises(ValueError, match="unknown reference"):
+        build_patch_bundle(tmp_path / "x", name="x", reference="elsewhere", log=lambda m: None, **kw)
+    said: list[str] = []
+    b = build_patch_bundle(tmp_path / "b", name="b", reference="body", log=said.append, **kw)
+    assert any("mixture patches (body)" in m for m in said)
+    assert map_calibration(b).reference == "body"
+    again = calibrate_patch_bundle(b, vv, log=lambda m: None)
+    assert map_calibration(again).reference == "body"
