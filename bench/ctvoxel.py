@@ -4,11 +4,13 @@
     .venv/bin/python bench/ctvoxel.py runs/ctmap/TAG --n 40 --seed 7
 
 For each of the four maps (likelihood / posterior ratio, per patch / per voxel), over the
-lung-masked voxels on the model grid: the voxel AUROC of lesion voxels against the lung
-voxels of the normal volumes, the fraction of lesion voxels above the normal volumes' 99th
-percentile (what a voxel threshold can catch), and the patient AUROC of each volume's top
-0.5 % (what a tail statistic makes of it). A map can rank voxels well (AUROC 0.95) and still
-fail patients when every normal volume holds thousands of voxels as extreme as a lesion's.
+voxels inside the bundle's mask (the lungs) on the model grid: the voxel AUROC of lesion
+voxels against the lung voxels of the normal volumes, the fraction of lesion voxels above
+the normal volumes' 99th percentile (what a voxel threshold can catch), and the patient
+AUROC of each volume's top 0.5 % of lung voxels (what a tail statistic makes of it). Lesion
+voxels are all those of the ground-truth mask the map covers. A map can rank voxels well
+(AUROC 0.95) and still fail patients when every normal volume holds thousands of voxels as
+extreme as a lesion's.
 """
 
 from __future__ import annotations
@@ -51,11 +53,13 @@ def main() -> None:
     for source, per_voxel in (("likelihood", False), ("posterior", False),
                               ("likelihood", True), ("posterior", True)):
         maps = _maps(b, prepared, source, cal.patch, cal.overlap, per_voxel, cal.min_mask_fraction)
-        normal = np.concatenate([m[np.isfinite(m)] for m, lab in zip(maps, y, strict=True) if not lab])
+        inside = [np.isfinite(m) & (pm if pm is not None else True)
+                  for m, (_, pm) in zip(maps, prepared, strict=True)]
+        normal = np.concatenate([m[ok] for m, ok, lab in zip(maps, inside, y, strict=True) if not lab])
         lesion = np.concatenate([m[les & np.isfinite(m)]
                                  for m, les, lab in zip(maps, lesions, y, strict=True) if lab])
+        top = [float(np.percentile(m[ok], 99.5)) for m, ok in zip(maps, inside, strict=True)]
         voxel_auc = roc_auc_score(np.r_[np.ones(lesion.size), np.zeros(normal.size)], np.r_[lesion, normal])
-        top = [float(np.nanpercentile(m, 99.5)) for m in maps]
         print(json.dumps({
             "bundle": args.bundle, "map": f"{source}{':voxel' if per_voxel else ''}",
             "reference": cal.reference, "voxel_auroc": round(float(voxel_auc), 3),
