@@ -115,11 +115,11 @@ def run_one(method: str, args: argparse.Namespace) -> dict[str, float]:
     torch.set_num_threads(args.threads)
     g, n_bits = _model(args.preset, args.device)
     vol, body = _volume(tuple(args.shape))
-    # ours: the node's scorer (traced on CPU, flows.patchmap.glow_patch_scorer); naive and
+    # ours: the node's scorer (one model traced on CPU, flows.patchmap.glow_patch_scorer); naive and
     # monai call the plain nn.Module, as a user of either would; monai-traced hands MONAI our
     # traced scorer, to separate the windowing from the model engine
     inner = glow_patch_scorer(g, g if args.ratio else None, n_bits,
-                              trace=method in ("ours", "ours-masked", "monai-traced"))
+                              trace=None if method in ("ours", "ours-masked") else method == "monai-traced")
     model_s = 0.0
 
     def scorer(x: torch.Tensor) -> torch.Tensor:
