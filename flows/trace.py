@@ -55,6 +55,7 @@ class ShapeTraced(Generic[Out]):
         self.fn: Callable[[torch.Tensor], Out] = fn
         self.models, self.name = list(models), name
         self._traces: dict[tuple[object, ...], Callable[[torch.Tensor], Out] | None] = {}
+        self.eager_reason: str | None = None  # why the last trace was dropped, if one was
 
     def __call__(self, x: torch.Tensor) -> Out:
         if x.device.type != "cpu" or torch.is_grad_enabled() or x.shape[0] == 0:
@@ -80,9 +81,11 @@ class ShapeTraced(Generic[Out]):
                 t = torch.jit.trace(_Holder(self.fn, self.models).eval(), x, check_trace=False)
                 same = _same(t(probe), self.fn(probe))
         except Exception as e:  # any failure to trace just means running eagerly
-            log.info("%s runs eagerly: tracing failed (%s)", self.name, e)
+            self.eager_reason = f"tracing failed ({e})"
+            log.info("%s runs eagerly: %s", self.name, self.eager_reason)
             return None
         if not same:
-            log.warning("%s runs eagerly: its trace disagrees with it", self.name)
+            self.eager_reason = "its trace disagrees with it"
+            log.warning("%s runs eagerly: %s", self.name, self.eager_reason)
             return None
         return t

@@ -208,7 +208,7 @@ def test_traced_scorer_agrees_with_the_eager_one_at_any_batch_size() -> None:
         assert x.grad is not None and not scorer._traces  # type: ignore[attr-defined]
 
 
-def test_an_untraceable_scorer_runs_eagerly(caplog: pytest.LogCaptureFixture) -> None:
+def test_an_untraceable_scorer_runs_eagerly() -> None:
     def moody(x: torch.Tensor) -> torch.Tensor:  # data-dependent control flow: no valid trace
         flat = x.flatten(1)
         return flat.sum(1) if bool(flat[0, 0] < flat[0, -1]) else -flat.sum(1)
@@ -218,7 +218,7 @@ def test_an_untraceable_scorer_runs_eagerly(caplog: pytest.LogCaptureFixture) ->
         up = torch.linspace(0, 1, 16).reshape(1, 1, 4, 4).repeat(3, 1, 1, 1)
         down = up.flip(-1).flip(-2)
         assert torch.equal(s(up), moody(up)) and torch.equal(s(down), moody(down))
-    assert not s.traced and "disagrees" in caplog.text
+    assert not s.traced and "disagrees" in (s.eager_reason or "")
 
 
 def test_per_patch_maps_aggregate_to_a_constant_when_constant() -> None:
