@@ -4,9 +4,10 @@
     .venv/bin/python bench/patchmap.py            # CPU: cpu-chestct model on a chest-CT-sized volume
     .venv/bin/python bench/patchmap.py --preset ct3dflow --device cuda --patch 48 --overlap 10
 
-``ours`` and ``ours-masked`` score with the node's traced scorer, ``naive`` and ``monai`` with
-the plain ``nn.Module`` (what a user of either would write), ``monai-traced`` hands MONAI the
-node's traced scorer (so the windowing alone is compared). ``ours-masked`` evaluates only
+``ours`` and ``ours-masked`` score with the node's scorer (traced on CPU for one model, eager
+for a ``--ratio`` pair, where tracing gains nothing), ``naive`` and ``monai`` with the plain
+``nn.Module`` (what a user of either would write), ``monai-traced`` hands MONAI a traced
+scorer (so the windowing alone is compared). ``ours-masked`` evaluates only
 the patches inside the body mask (as the node does with its lung or intracranial mask); the
 others evaluate every patch. Each method runs in its own
 process on the same volume with the same (randomly initialised, seeded) patch model, so peak

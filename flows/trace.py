@@ -4,7 +4,7 @@ A Glow is hundreds of small tensor operations; on a CPU the Python interpreter b
 costs as much as a fifth to a third of the model's time (measured in docs/benchmarks.md). A
 trace of the scoring function replays the same operations without it. Traces keep no
 Python control flow, so the input checks inside the models are not in them: callers check
-their input before (the patch map and the posterior scorer both do).
+their input before (the patch map checks the whole volume before any patch is scored).
 """
 
 from __future__ import annotations
