@@ -135,12 +135,16 @@ def _posterior(kind: str, bundle: Bundle, s: Series, levels: RankSettings | None
     except ValueError as exc:
         raise AnalysisError(f"preprocessing failed: {exc}") from exc
     sc, maps = scorer.score_maps(images)
+    # the model saw only the preprocessing's crop box: its map goes there, the rest is unscored
+    box = bundle.preprocessing.crop_box(s.array)
+    source_map = np.full(s.array.shape, np.nan, dtype=np.float32)
+    source_map[box] = to_source_grid(maps[0], tuple(source_map[box].shape))
     pct = float(sc.percentile[0])
     abnormal = bool(sc.abnormal[0])
     return Analysis(kind=kind, bundle=bundle, method=sc.method, score=float(sc.score[0]),
                     abnormal=abnormal, priority=priority(abnormal=abnormal, percentile=pct, levels=levels),
                     log_posterior=float(sc.log_posterior[0]), log_p_normal=float(sc.log_p_normal[0]),
-                    percentile=pct, map=to_source_grid(maps[0], tuple(s.array.shape)).astype(np.float32),
+                    percentile=pct, map=source_map,
                     details={"threshold": bundle.calibration.threshold,
                              # the map is standardised per position when the bundle has a map
                              # reference: 3 robust SDs above the mixture marks "abnormal"

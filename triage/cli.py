@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 if TYPE_CHECKING:
+    from flows.preprocess import Preprocessing
     from triage.config import Settings
 
 app = typer.Typer(help="DICOM/PACS AI triage node: normalizing-flow anomaly scores for CXR and CT.",
@@ -84,15 +85,12 @@ def synth(
     console.print(f"wrote {n} {kind.value} cases to {out}: {counts}")
 
 
-def _load_set(path: Path, preset_name: str) -> tuple[object, object, object]:
+def _load_set(path: Path, prep: Preprocessing) -> tuple[object, object, object]:
     """(preprocessed images, labels or None, phantom set or None) from .npz / folder."""
     import triage.imaging  # noqa: F401  (registers the DICOM folder loader)
     from flows.phantoms import PhantomSet
-    from flows.presets import get_preset
     from flows.train import load_images
 
-    preset = get_preset(preset_name)
-    prep = preset.preprocessing
     if path.suffix == ".npz" and path.is_file():
         try:
             ps = PhantomSet.load_npz(path)
@@ -170,6 +168,11 @@ def train(
         help="whole-image presets: score every image as the mean over its translations within "
              "this many pixels ((2r+1)^2 per radiograph, (2r+1)^3 per volume: that many times the "
              "scoring time; recorded in the bundle; default: the preset's, 0: off)")] = None,
+    crop_above: Annotated[float | None, typer.Option(
+        help="whole-image CT presets: crop every volume to its foreground (the largest "
+             "connected region above this value, e.g. -300 HU) before resizing it onto the "
+             "model grid, so field of view and head size do not move the score (recorded in "
+             "the bundle; default: the preset's)")] = None,
     mirror: Annotated[bool | None, typer.Option(
         "--mirror/--no-mirror",
         help="head-CT presets: mirror half the training volumes left-right and score every "
@@ -184,11 +187,16 @@ def train(
 
     try:
         p = get_preset(preset)
+        if crop_above is not None:
+            if p.preprocessing.spacing is not None or p.preprocessing.intensity != "window":
+                raise ValueError("--crop-above is for whole-image CT presets (HU values); a patch "
+                                 "preset resamples volumes to its spacing instead")
+            p = p.with_overrides(preprocessing=replace(p.preprocessing, crop_above=crop_above))
         if mirror and p.mirror_axis is None:
             raise ValueError(f"--mirror: preset {p.name} has no mirror axis (its anatomy is not "
                              "left-right symmetric)")
         if data is not None:
-            imgs, _, _ = _load_set(data, preset)
+            imgs, _, _ = _load_set(data, p.preprocessing)
             opts = TrainOptions.from_preset(p, epochs=epochs, batch_size=batch_size, seed=seed)
             if mirror is not None:
                 opts = replace(opts, augment_mirror=p.mirror_axis if mirror else None)
@@ -215,11 +223,11 @@ def train(
                                              batch_size=batch_size, device=device, members=members,
                                              resume=resume))
             return
-        n_imgs, _, _ = _load_set(normal, preset)
-        m_imgs, _, _ = _load_set(mixture, preset)
+        n_imgs, _, _ = _load_set(normal, p.preprocessing)
+        m_imgs, _, _ = _load_set(mixture, p.preprocessing)
         val = None
         if validation is not None:
-            v_imgs, v_labels, _ = _load_set(validation, preset)
+            v_imgs, v_labels, _ = _load_set(validation, p.preprocessing)
             if v_labels is None:
                 raise ValueError(f"{validation}: no labels (use a phantom .npz or give none)")
             val = (v_imgs, v_labels)
@@ -335,9 +343,13 @@ def _radiograph_localisation(b: object, maps: object, ps: object, out: Path) -> 
 
     m = np.asarray(maps)[:, 0] if np.asarray(maps).ndim == 4 else np.asarray(maps)
     truth = np.asarray(ps.masks)[:, 0]  # type: ignore[attr-defined]
-    if truth.shape[1:] != m.shape[1:]:  # phantom grid -> model grid: lesion where >= 1/4 of a pixel is
-        zoom = [m.shape[1] / truth.shape[1], m.shape[2] / truth.shape[2]]
-        truth = np.array([ndimage.zoom(t.astype(np.float32), zoom, order=1) > 0.25 for t in truth])
+    prep = b.preprocessing  # type: ignore[attr-defined]
+    raw = np.asarray(ps.images)[:, 0]  # type: ignore[attr-defined]
+    seen = [t[prep.crop_box(r)] for t, r in zip(truth, raw, strict=True)]  # what the model saw
+    # phantom grid -> model grid: lesion where >= 1/4 of a pixel is
+    truth = np.array([t if t.shape == m.shape[1:] else ndimage.zoom(
+        t.astype(np.float32), [a / b for a, b in zip(m.shape[1:], t.shape, strict=True)], order=1) > 0.25
+        for t in seen])
     threshold = POSTERIOR_MAP_Z if b.map_reference is not None else None  # type: ignore[attr-defined]
     loc = radiograph_localisation(m, truth, list(ps.findings), threshold=threshold)  # type: ignore[attr-defined]
     (out / "localisation.json").write_text(json.dumps(loc, indent=2))
