@@ -5,7 +5,7 @@
 KIND is cxr or bct. JSON overrides the cpu-KIND preset and the run: ``{"strategy": "conditional",
 "glow": {"coords": true}, "prep": {"n_bits": 5}, "ep": 4, "fep": 2, "freeze": 1, "n": 1500, "nt":
 600, "nv": 400, "seed": 0, "ema": 0.98, "members": 1, "source": "alt", "tta": 1, "shift": 2,
-"mirror": true, "ttm": true, "from": "TAG0", "resume": true}``; ``shift`` trains with random
+"mirror": true, "ttm": true, "from": "TAG0", "resume": true, "test_fov": 280}``; ``shift`` trains with random
 translations of up to that many pixels; ``mirror`` / ``ttm`` mirror images along the preset's mirror
 axis in training / at scoring; ``tta`` scores each image as the mean over its translations within
 that many pixels (flows.glow.Translated); ``from`` re-scores the bundle runs/accuracy/TAG0 (e.g.
@@ -13,7 +13,9 @@ with another ``tta``) instead of training one (its calibration is not redone: AU
 it); ``resume`` continues an interrupted run of the same TAG from its checkpoints under
 runs/accuracy/TAG/work; ``base_from`` starts from TAG0's trained base (``shared``: only M0 and M1
 are trained, e.g. with other fine-tuning settings); ``source`` "alt" trains and tests on the
-independently made phantoms of bench/altcxr.py or bench/althead.py instead of flows/phantoms; with
+independently made phantoms of bench/altcxr.py or bench/althead.py instead of flows/phantoms;
+``test_fov`` renders the head-CT test set at that in-plane field of view (mm; training uses 230),
+as another site's protocol would; with
 ``nv`` a labelled validation set (seed 14) lets the bundle choose its score (whole-image posterior
 or a map score), and the chosen score is reported beside the whole-image posterior and the
 likelihood.
@@ -26,13 +28,14 @@ Set NT to the number of torch threads (two runs side by side: NT=1 each).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +79,8 @@ def main() -> None:
 
     t0 = time.time()
     prep = p.preprocessing
-    test = make(nt, abnormal_fraction=0.5, seed=13)
+    with field_of_view(cfg.get("test_fov"), kind, cfg.get("source")):
+        test = make(nt, abnormal_fraction=0.5, seed=13)
     timg = prep.apply(test.images)
     out = Path("runs/accuracy") / tag
     if cfg.get("from"):
@@ -88,6 +92,26 @@ def main() -> None:
     else:
         b = train_bundle(tag, out, p, cfg, make, n)
     report(tag, kind, cfg, p, b, test, timg, out, t0)
+
+
+@contextlib.contextmanager
+def field_of_view(mm: float | None, kind: str, source: str | None) -> Iterator[None]:
+    """Render head CTs at another in-plane field of view (another site's protocol)."""
+    if mm is None:
+        yield
+        return
+    if kind != "bct" or source == "alt":
+        raise SystemExit("test_fov is for our head-CT phantoms")
+    import flows.phantoms.headct as h
+
+    old = h.FOV_MM
+    h.FOV_MM = float(mm)
+    h._grid_cached.cache_clear()
+    try:
+        yield
+    finally:
+        h.FOV_MM = old
+        h._grid_cached.cache_clear()
 
 
 def train_bundle(tag: str, out: Path, p: Preset, cfg: dict[str, Any], make: Callable[..., PhantomSet],
