@@ -139,7 +139,8 @@ class Preprocessing:
 CROP_MARGIN = 0.05
 
 
-def foreground_box(img: np.ndarray, above: float, what: str = "image") -> tuple[slice, ...]:
+def foreground_box(img: np.ndarray, above: float, what: str = "image", *,
+                   detect_size: int = 128) -> tuple[slice, ...]:
     """Bounding box of the largest connected region of ``img > above``, grown by
     ``CROP_MARGIN`` of its extent on each side (clipped to the image).
 
@@ -148,9 +149,14 @@ def foreground_box(img: np.ndarray, above: float, what: str = "image") -> tuple[
     or scale invariance; without it the field of view (which differs between scanners and
     sites) and head size spend the model's capacity and move the score (docs/results.md:
     the head-CT posterior followed head size, rho -0.51). A one-voxel opening first detaches
-    thin attachments (cables, the head holder's shell) from the body.
+    thin attachments (cables, the head holder's shell) from the body. The region is found on
+    every k-th voxel (at most ``detect_size`` per axis: a 512x512x300 CT in 0.1 s, not 6 s)
+    and the box is widened to the nearest sampled background voxel, so it never cuts the
+    region; it is at most k - 1 voxels too wide on a side, a fraction of one model voxel.
     """
-    fg = np.asarray(img) > above
+    full = np.asarray(img)
+    step = [max(1, -(-n // detect_size)) for n in full.shape]
+    fg = full[tuple(slice(None, None, k) for k in step)] > above
     opened = ndimage.binary_opening(fg)
     if opened.any():
         fg = opened
@@ -159,11 +165,13 @@ def foreground_box(img: np.ndarray, above: float, what: str = "image") -> tuple[
         raise ValueError(f"{what}: nothing above {above:g} to crop to (a blank image, or the "
                          "wrong kind of image for this model?)")
     largest = int(np.argmax(np.bincount(lab.ravel())[1:])) + 1
-    box = ndimage.find_objects((lab == largest).astype(np.int8))[0]
+    box = ndimage.find_objects(lab)[largest - 1]
     out = []
-    for sl, size in zip(box, fg.shape, strict=True):
-        grow = int(np.ceil(CROP_MARGIN * (sl.stop - sl.start)))
-        out.append(slice(max(0, sl.start - grow), min(size, sl.stop + grow)))
+    for sl, k, size in zip(box, step, full.shape, strict=True):
+        lo = max(0, (sl.start - 1) * k + 1) if sl.start > 0 else 0  # just past the sample before
+        hi = min(size, sl.stop * k)  # up to the sample after
+        grow = int(np.ceil(CROP_MARGIN * (hi - lo)))
+        out.append(slice(max(0, lo - grow), min(size, hi + grow)))
     return tuple(out)
 
 

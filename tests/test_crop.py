@@ -35,6 +35,17 @@ def test_box_is_the_largest_region_plus_margin_without_thin_attachments() -> Non
     assert CROP_MARGIN == 0.05
 
 
+@pytest.mark.parametrize("offset", [0, 3, 7])
+def test_box_found_on_a_coarse_sample_never_cuts_the_region(offset: int) -> None:
+    img = np.full((700, 1000), -1000.0, np.float32)
+    img[101 + offset:603 - offset, 7 * offset:905 + offset] = 30.0  # steps 6 and 8
+    exact = foreground_box(img, -300.0, detect_size=10_000)
+    fast = foreground_box(img, -300.0)
+    for e, f, k in zip(exact, fast, (6, 8), strict=True):
+        assert f.start <= e.start and f.stop >= e.stop
+        assert e.start - f.start <= k + 1 and f.stop - e.stop <= k + 1
+
+
 def test_field_of_view_and_position_do_not_change_the_model_input() -> None:
     head = _head((12, 40, 40), (6, 20, 20), (5, 16, 14))
     wide = np.full((16, 80, 70), -1000.0, np.float32)  # a larger field of view, head off centre
