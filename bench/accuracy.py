@@ -5,7 +5,8 @@
 KIND is cxr or bct. JSON overrides the cpu-KIND preset and the run: ``{"strategy": "conditional",
 "glow": {"coords": true}, "prep": {"n_bits": 5}, "ep": 4, "fep": 2, "freeze": 1, "n": 1500, "nt":
 600, "nv": 400, "seed": 0, "ema": 0.98, "members": 1, "source": "alt", "tta": 1, "shift": 2,
-"mirror": true, "ttm": true, "from": "TAG0", "resume": true, "test_fov": 280}``; ``shift`` trains with random
+"mirror": true, "ttm": true, "from": "TAG0", "resume": true, "test_fov": 280,
+"src": [16, 128, 128]}``; ``shift`` trains with random
 translations of up to that many pixels; ``mirror`` / ``ttm`` mirror images along the preset's mirror
 axis in training / at scoring; ``tta`` scores each image as the mean over its translations within
 that many pixels (flows.glow.Translated); ``from`` re-scores the bundle runs/accuracy/TAG0 (e.g.
@@ -15,7 +16,8 @@ runs/accuracy/TAG/work; ``base_from`` starts from TAG0's trained base (``shared`
 are trained, e.g. with other fine-tuning settings); ``source`` "alt" trains and tests on the
 independently made phantoms of bench/altcxr.py or bench/althead.py instead of flows/phantoms;
 ``test_fov`` renders the head-CT test set at that in-plane field of view (mm; training uses 230),
-as another site's protocol would; with
+as another site's protocol would; ``src`` is the grid head CTs are rendered on (default the
+model grid, 16x64x64; real scans are finer than the model grid); with
 ``nv`` a labelled validation set (seed 14) lets the bundle choose its score (whole-image posterior
 or a map score), and the chosen score is reported beside the whole-image posterior and the
 likelihood.
@@ -75,7 +77,7 @@ def main() -> None:
             return make_cxr(count, size=cfg.get("size", 64), **kw)  # type: ignore[arg-type]
         if cfg.get("source") == "alt":
             return make_alt_headct(count, **kw)  # type: ignore[arg-type]
-        return make_headct(count, **kw)  # type: ignore[arg-type]
+        return make_headct(count, shape=tuple(cfg.get("src", (16, 64, 64))), **kw)  # type: ignore[arg-type]
 
     t0 = time.time()
     prep = p.preprocessing
