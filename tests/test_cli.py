@@ -82,14 +82,16 @@ def test_synth_train_evaluate_sample(tmp_path: Path) -> None:
     assert (d / "one" / "model.pt").exists()
 
 
-def test_head_ct_bundle_with_mirror_views(tmp_path: Path) -> None:
+def test_head_ct_bundle_with_mirror_views_and_foreground_crop(tmp_path: Path) -> None:
     d = tmp_path
     _ok(["synth", "bct", str(d / "n.npz"), "--n", "12", "--seed", "1"])
     _ok(["synth", "bct", str(d / "m.npz"), "--n", "12", "--seed", "2", "--abnormal-fraction", "0.5"])
     _ok(["train", "--preset", "tiny-bct", "--normal", str(d / "n.npz"), "--mixture", str(d / "m.npz"),
-         "--out", str(d / "b"), "--epochs", "1", "--finetune-epochs", "1", "--mirror"])
+         "--out", str(d / "b"), "--epochs", "1", "--finetune-epochs", "1", "--mirror",
+         "--crop-above", "-300"])
     manifest = json.loads((d / "b" / "manifest.json").read_text())
     assert manifest["test_time_mirror"] == 2
+    assert manifest["preprocessing"]["crop_above"] == -300.0
     trained = [v for v in manifest["training"].values() if isinstance(v, dict) and "options" in v]
     assert trained and all(v["options"]["augment_mirror"] == 2 for v in trained)
 
@@ -104,6 +106,10 @@ def test_head_ct_bundle_with_mirror_views(tmp_path: Path) -> None:
         (["train", "--preset", "tiny-cxr", "--data", "missing.npz"], "not found"),
         (["train", "--preset", "tiny-cxr", "--normal", "a.npz", "--mixture", "b.npz", "--mirror"],
          "no mirror axis"),
+        (["train", "--preset", "tiny-cxr", "--normal", "a.npz", "--mixture", "b.npz", "--crop-above", "-300"],
+         "whole-image CT presets"),
+        (["train", "--preset", "tiny-chestct", "--normal", "a.npz", "--mixture", "b.npz", "--crop-above",
+          "-300"], "whole-image CT presets"),
         (["evaluate", "--bundle", "nowhere", "--data", "x.npz"], "not a model bundle"),
     ],
 )
