@@ -4,8 +4,8 @@
     .venv/bin/python bench/patchmap.py            # CPU: cpu-chestct model on a chest-CT-sized volume
     .venv/bin/python bench/patchmap.py --preset ct3dflow --device cuda --patch 48 --overlap 10
 
-``ours`` and ``ours-masked`` score with the node's scorer (traced on CPU for one model, eager
-for a ``--ratio`` pair, where tracing gains nothing), ``naive`` and ``monai`` with the plain
+``ours`` and ``ours-masked`` score with the node's scorer (traced on CPU; with ``--ratio`` two
+models with their own weights, as a bundle's M0 and M1), ``naive`` and ``monai`` with the plain
 ``nn.Module`` (what a user of either would write), ``monai-traced`` hands MONAI a traced
 scorer (so the windowing alone is compared). ``ours-masked`` evaluates only
 the patches inside the body mask (as the node does with its lung or intracranial mask); the
@@ -43,9 +43,9 @@ METHODS = ("ours", "ours-masked", "naive", "monai", "monai-traced")
 # resampled back onto the source grid (flows.patchbundle.PatchMapScorer.score's steps).
 
 
-def _model(preset: str, device: str) -> tuple[Glow, int]:
+def _model(preset: str, device: str, seed: int = 0) -> tuple[Glow, int]:
     p = get_preset(preset)
-    g = Glow(p.glow, seed=0)
+    g = Glow(p.glow, seed=seed)
     g.initialize(torch.rand(8, 1, *p.preprocessing.shape) - 0.5)
     return g.to(device).eval(), p.preprocessing.n_bits
 
@@ -88,6 +88,7 @@ def run_node(args: argparse.Namespace) -> dict[str, float]:
     torch.set_num_threads(args.threads)
     p = get_preset(args.preset)
     g, n_bits = _model(args.preset, args.device)
+    g1 = _model(args.preset, args.device, seed=1)[0] if args.ratio else None  # M1: its own weights
     preset = replace(p, preprocessing=replace(p.preprocessing, spacing=float(args.spacing)))
     vol = _chest_hu(tuple(args.source_shape))
     base_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -95,7 +96,7 @@ def run_node(args: argparse.Namespace) -> dict[str, float]:
     grid01, mask, iso = _prepared(preset, vol, tuple(args.source_spacing), "lung")
     t1 = time.perf_counter()
     with torch.no_grad():
-        pm = patch_map(grid01, glow_patch_scorer(g, g if args.ratio else None, n_bits), patch=args.patch,
+        pm = patch_map(grid01, glow_patch_scorer(g, g1, n_bits), patch=args.patch,
                        overlap=args.overlap, mask=mask, batch_size=args.batch, device=args.device)
     t2 = time.perf_counter()
     finite = pm.values[np.isfinite(pm.values)]
@@ -115,12 +116,13 @@ def run_one(method: str, args: argparse.Namespace) -> dict[str, float]:
         return run_node(args)
     torch.set_num_threads(args.threads)
     g, n_bits = _model(args.preset, args.device)
+    g1 = _model(args.preset, args.device, seed=1)[0] if args.ratio else None  # M1: its own weights
     vol, body = _volume(tuple(args.shape))
-    # ours: the node's scorer (one model traced on CPU, flows.patchmap.glow_patch_scorer); naive and
+    # ours: the node's scorer (traced on CPU, flows.patchmap.glow_patch_scorer); naive and
     # monai call the plain nn.Module, as a user of either would; monai-traced hands MONAI our
     # traced scorer, to separate the windowing from the model engine
-    inner = glow_patch_scorer(g, g if args.ratio else None, n_bits,
-                              trace=None if method in ("ours", "ours-masked") else method == "monai-traced")
+    inner = glow_patch_scorer(g, g1, n_bits,
+                              trace=method in ("ours", "ours-masked", "monai-traced"))
     model_s = 0.0
 
     def scorer(x: torch.Tensor) -> torch.Tensor:

@@ -156,7 +156,7 @@ def _batches(volume: np.ndarray, grid: PatchGrid, starts: list[tuple[int, ...]],
 
 
 def glow_patch_scorer(m0: FlowModel, m1: FlowModel | None, n_bits: int,
-                      per_voxel: bool = False, trace: bool | None = None) -> PatchScorer:
+                      per_voxel: bool = False, trace: bool = True) -> PatchScorer:
     """Score a batch of [0, 1] patches: ``-log p0 / V`` or ``(log p1 - log p0) / V`` per patch,
     or with ``per_voxel`` the same as maps over each patch (the exact per-position
     decomposition, :meth:`flows.glow.Glow.log_p_map`, whose mean is the per-patch value).
@@ -164,8 +164,8 @@ def glow_patch_scorer(m0: FlowModel, m1: FlowModel | None, n_bits: int,
     Higher is more abnormal in every case. With ``trace`` CPU batches run through a
     TorchScript trace made once per patch shape and kept with the scorer
     (:class:`flows.trace.ShapeTraced`); it keeps no input checks, so it belongs behind
-    :func:`patch_map`'s own. By default only one-model scorers are traced: there it saves a
-    fifth to a third of the time, for a pair nothing (docs/benchmarks.md, session 11).
+    :func:`patch_map`'s own. One model or a pair, the trace makes a CPU batch about 1.27x
+    faster (docs/benchmarks.md, session 12).
     """
     pair = ModelPair(m0, m1) if m1 is not None else None
 
@@ -178,8 +178,6 @@ def glow_patch_scorer(m0: FlowModel, m1: FlowModel | None, n_bits: int,
             s = lp1 - lp0
         return s if per_voxel else s / float(np.prod(x.shape[2:]))
 
-    if trace is None:
-        trace = m1 is None
     return ShapeTraced(eager, [m0, m1], "patch scorer") if trace else eager
 
 
