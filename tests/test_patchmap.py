@@ -200,6 +200,8 @@ def test_traced_scorer_agrees_with_the_eager_one_at_any_batch_size() -> None:
                     x = torch.rand(n, 1, *shape)
                     torch.testing.assert_close(traced(x), eager(x), rtol=1e-5, atol=1e-6)
             assert traced.traced and len(traced._traces) == 1  # one trace per patch shape, used
+            # frozen for inference: the weights are constants of the trace, not parameters
+            assert all(not list(t.parameters()) for t in traced._traces.values())  # type: ignore[union-attr]
     with torch.enable_grad():  # training or gradients: never the trace
         scorer = glow_patch_scorer(g0, None, 8)
         x = torch.rand(2, 1, 8, 8).requires_grad_()
