@@ -84,6 +84,10 @@ class Preprocessing:
 
     def apply(self, images: np.ndarray) -> np.ndarray:
         """``(N, *spatial)`` or ``(N, 1, *spatial)`` raw arrays -> ``(N, 1, *shape)`` float32 in [0, 1]."""
+        return self.apply_with_boxes(images)[0]
+
+    def apply_with_boxes(self, images: np.ndarray) -> tuple[np.ndarray, list[tuple[slice, ...]]]:
+        """:meth:`apply`, and each image's :meth:`crop_box` (where its model-grid map belongs)."""
         arr = np.asarray(images)
         if arr.ndim == self.ndim + 2 and arr.shape[1] == 1:
             arr = arr[:, 0]
@@ -100,9 +104,12 @@ class Preprocessing:
             first = int(np.argwhere(bad.reshape(arr.shape[0], -1).any(axis=1))[0][0])
             raise ValueError(f"{self.kind}: {int(bad.sum())} NaN/inf pixel(s); first bad image index {first}")
         out = np.empty((arr.shape[0], 1, *self.shape), dtype=np.float32)
+        boxes = []
         for i in range(arr.shape[0]):
-            out[i, 0] = self._one(arr[i].astype(np.float32, copy=False))
-        return out
+            img = arr[i].astype(np.float32, copy=False)
+            boxes.append(self.crop_box(img))
+            out[i, 0] = np.clip(resize(self._intensity(img[boxes[-1]]), self.shape), 0.0, 1.0)
+        return out, boxes
 
     def intensities(self, volume: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
         """Only the intensity mapping, on the volume's own grid (for patch models, whose
@@ -120,10 +127,6 @@ class Preprocessing:
         if self.crop_above is None:
             return tuple(slice(0, n) for n in img.shape)
         return foreground_box(img, self.crop_above, self.kind)
-
-    def _one(self, img: np.ndarray) -> np.ndarray:
-        img = img[self.crop_box(img)]
-        return np.clip(resize(self._intensity(img), self.shape), 0.0, 1.0)
 
     def _intensity(self, img: np.ndarray) -> np.ndarray:
         if self.intensity == "window":

@@ -131,12 +131,11 @@ def volume_affine(s: Series) -> np.ndarray:
 def _posterior(kind: str, bundle: Bundle, s: Series, levels: RankSettings | None) -> Analysis:
     scorer = PosteriorScorer(bundle, batch_size=1)
     try:
-        images = bundle.preprocessing.apply(s.array[None])
+        images, (box,) = bundle.preprocessing.apply_with_boxes(s.array[None])
     except ValueError as exc:
         raise AnalysisError(f"preprocessing failed: {exc}") from exc
     sc, maps = scorer.score_maps(images)
     # the model saw only the preprocessing's crop box: its map goes there, the rest is unscored
-    box = bundle.preprocessing.crop_box(s.array)
     source_map = np.full(s.array.shape, np.nan, dtype=np.float32)
     source_map[box] = to_source_grid(maps[0], tuple(source_map[box].shape))
     pct = float(sc.percentile[0])

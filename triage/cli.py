@@ -292,7 +292,7 @@ def evaluate(
             _evaluate_patch_bundle(b, data, out, n_boot)
             return
         ps = PhantomSet.load_npz(data)
-        imgs = b.preprocessing.apply(ps.images)
+        imgs, boxes = b.preprocessing.apply_with_boxes(ps.images)
         with console.status(f"scoring {len(imgs)} images"):
             s, maps = PosteriorScorer(b).score_maps(imgs) if b.preprocessing.ndim == 2 else (
                 PosteriorScorer(b).score(imgs), None)
@@ -311,7 +311,7 @@ def evaluate(
                                   "data": str(data)})
         if maps is not None:
             _radiograph_overlays(imgs, maps, s.score, ps.findings, out)
-            loc = _radiograph_localisation(b, maps, ps, out)
+            loc = _radiograph_localisation(b, maps, ps, boxes, out)
     except (ValueError, FileNotFoundError, BundleError) as e:
         raise _fail(str(e)) from e
     table = Table(title=f"{b.name} on {data.name}")
@@ -333,7 +333,8 @@ def evaluate(
     console.print(f"report: {out / 'summary.md'}")
 
 
-def _radiograph_localisation(b: object, maps: object, ps: object, out: Path) -> dict[str, Any]:
+def _radiograph_localisation(b: object, maps: object, ps: object, boxes: list[tuple[slice, ...]],
+                             out: Path) -> dict[str, Any]:
     """Localisation figures of the node's radiograph map, appended to the report."""
     import numpy as np
     from scipy import ndimage
@@ -343,9 +344,7 @@ def _radiograph_localisation(b: object, maps: object, ps: object, out: Path) -> 
 
     m = np.asarray(maps)[:, 0] if np.asarray(maps).ndim == 4 else np.asarray(maps)
     truth = np.asarray(ps.masks)[:, 0]  # type: ignore[attr-defined]
-    prep = b.preprocessing  # type: ignore[attr-defined]
-    raw = np.asarray(ps.images)[:, 0]  # type: ignore[attr-defined]
-    seen = [t[prep.crop_box(r)] for t, r in zip(truth, raw, strict=True)]  # what the model saw
+    seen = [t[box] for t, box in zip(truth, boxes, strict=True)]  # what the model saw
     # phantom grid -> model grid: lesion where >= 1/4 of a pixel is
     truth = np.array([t if t.shape == m.shape[1:] else ndimage.zoom(
         t.astype(np.float32), [a / b for a, b in zip(m.shape[1:], t.shape, strict=True)], order=1) > 0.25
