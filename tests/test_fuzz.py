@@ -181,8 +181,9 @@ def test_a_non_finite_model_input_is_a_finding(target: Target, seeds: dict[str, 
         return s
 
     monkeypatch.setattr(triage.analyze, "read_series", with_nan)
-    monkeypatch.setattr("flows.preprocess.Preprocessing.apply",
-                        lambda self, images: np.asarray(images, dtype=np.float32)[:, None])
+    monkeypatch.setattr("flows.preprocess.Preprocessing.apply_with_boxes",
+                        lambda self, images: (np.asarray(images, dtype=np.float32)[:, None],
+                                              [tuple(slice(0, n) for n in im.shape) for im in images]))
     with pytest.raises(Finding, match="1 non-finite value") as info:
         target(seeds["phantom-cxr"])  # 64 x 64: the bundle's shape
     assert info.value.kind == "model-input"
