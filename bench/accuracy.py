@@ -6,7 +6,8 @@ KIND is cxr or bct. JSON overrides the cpu-KIND preset and the run: ``{"strategy
 "glow": {"coords": true}, "prep": {"n_bits": 5}, "ep": 4, "fep": 2, "freeze": 1, "n": 1500, "nt":
 600, "nv": 400, "seed": 0, "ema": 0.98, "members": 1, "source": "alt", "tta": 1, "shift": 2,
 "mirror": true, "ttm": true, "from": "TAG0", "resume": true, "test_fov": 280,
-"src": [16, 128, 128]}``; ``shift`` trains with random
+"src": [16, 128, 128], "tail": 0.5}``; ``tail`` fine-tunes M0 and M1 on the base model's
+least likely half (flows.tailfocus); ``shift`` trains with random
 translations of up to that many pixels; ``mirror`` / ``ttm`` mirror images along the preset's mirror
 axis in training / at scoring; ``tta`` scores each image as the mean over its translations within
 that many pixels (flows.glow.Translated); ``from`` re-scores the bundle runs/accuracy/TAG0 (e.g.
@@ -136,6 +137,7 @@ def train_bundle(tag: str, out: Path, p: Preset, cfg: dict[str, Any], make: Call
                                           freeze_levels=cfg.get("freeze"),
                                           seed=cfg.get("seed", 0), ema_decay=cfg.get("ema"),
                                           members=cfg.get("members", 1),
+                                          focus_tail=cfg.get("tail"),
                                           test_time_shift=cfg.get("tta"),
                                           augment_shift=cfg.get("shift", 0),
                                           train_mirror=cfg.get("mirror"), test_time_mirror=cfg.get("ttm"),

@@ -7,6 +7,7 @@
     .venv/bin/python bench/ctmap.py TAG bct '{"seed": 1, "freeze": 1}'  # training seed; shared finest level
     .venv/bin/python bench/ctmap.py TAG bct '{"floor": "auto"}'  # noise floor from the training set (or HU)
     .venv/bin/python bench/ctmap.py TAG chestct '{"reference": "body"}'  # M1: general-domain body patches
+    .venv/bin/python bench/ctmap.py TAG chestct '{"per": 128, "tail": 0.5}'  # tail-focused fine-tuning
 
 Normal set seed 21, mixture seed 22 (50 % abnormal), validation seed 23, test seed 24
 (50 % abnormal each); sizes ``n`` (normal and mixture), ``nv``, ``nt``. A patch bundle is
@@ -94,7 +95,7 @@ def main() -> None:
             min_mask_fraction=cfg.get("min_mask", 0.1), reference=cfg.get("reference", "mixture"),
             options=BuildOptions(epochs=cfg.get("ep"), finetune_epochs=cfg.get("fep"),
                                  freeze_levels=cfg.get("freeze"), seed=cfg.get("seed", 0),
-                                 progress=False))
+                                 focus_tail=cfg.get("tail"), progress=False))
     t1 = time.time()
     vols, sps = _volumes(test)
     # the nuisance a density model measures first: the scan's own noise level (docs/results.md,

@@ -32,6 +32,7 @@ from flows.densitymap import ScoreChoice, choose_score, pair_log_p_maps
 from flows.glow import Averaged, Conditioned, FlowModel, Translated
 from flows.posterior import map_pair_scores, two_model_scores
 from flows.presets import Preset
+from flows.tailfocus import select_tail
 from flows.train import TrainOptions, TrainResult, fingerprint, train
 
 Strategy = Literal["conditional", "independent", "finetune-m1", "finetune-m0", "shared"]
@@ -70,6 +71,9 @@ class BuildOptions:
     # continue each model from its checkpoint under out/work (an interrupted build, or more
     # epochs); a model fine-tuned from one that trained further in this run starts afresh
     resume: bool = False
+    # ``shared`` only: fine-tune M0 and M1 on the fraction of the normal set the base model
+    # finds least likely, and the mixture beyond the same cut (flows.tailfocus)
+    focus_tail: float | None = None
 
 
 def split_reference(mixture: np.ndarray, fraction: float, minimum: int, seed: int
@@ -163,13 +167,23 @@ def build_bundle(out: str | Path, *, preset: Preset, normal: np.ndarray, mixture
             r0 = fit(normal, "M0", tn, r1, "M1", work=work)
         else:
             base = fit(np.concatenate([normal, mixture]), "base", sc, None, work=work)
-            r0 = fit(normal, "M0", tn, base, "base", work=work)
-            r1 = fit(mixture, "M1", tn, base, "base", work=work)
+            tn_normal, tn_mixture = normal, mixture
+            if opts.focus_tail is not None:
+                tn_normal, tn_mixture, tau = select_tail(base.model, normal, mixture, opts.focus_tail,
+                                                         preset.preprocessing.n_bits, log)
+                focus = {"fraction": opts.focus_tail, "cut": tau, "normal": len(tn_normal),
+                         "mixture": len(tn_mixture)}
+            r0 = fit(tn_normal, "M0", tn, base, "base", work=work)
+            r1 = fit(tn_mixture, "M1", tn, base, "base", work=work)
         metrics: dict[str, Any] = {"m0": r0.metrics, "m1": r1.metrics}
         if base is not None:
             metrics["base"] = base.metrics
+            if opts.focus_tail is not None:
+                metrics["focus_tail"] = focus
         return r0.model, r1.model, metrics
 
+    if opts.focus_tail is not None and opts.strategy != "shared":
+        raise ValueError("tail focus needs the shared strategy (a base model to find the tail with)")
     if opts.members < 1:
         raise ValueError(f"members must be >= 1, got {opts.members}")
     shift = preset.test_time_shift if opts.test_time_shift is None else opts.test_time_shift
