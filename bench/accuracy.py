@@ -6,7 +6,9 @@ KIND is cxr or bct. JSON overrides the cpu-KIND preset and the run: ``{"strategy
 "glow": {"coords": true}, "prep": {"n_bits": 5}, "ep": 4, "fep": 2, "freeze": 1, "n": 1500, "nt":
 600, "nv": 400, "seed": 0, "ema": 0.98, "members": 1, "source": "alt", "tta": 1, "shift": 2,
 "mirror": true, "ttm": true, "from": "TAG0", "resume": true, "test_fov": 280,
-"src": [16, 128, 128], "tail": 0.5}``; ``tail`` fine-tunes M0 and M1 on the base model's
+"src": [16, 128, 128], "tail": 0.5, "preset": "paper-bct", "device": "cuda", "max_s": 240}``;
+``preset`` replaces the cpu-KIND preset (e.g. a paper preset on a GPU), ``max_s`` caps each
+model's training time in seconds; ``tail`` fine-tunes M0 and M1 on the base model's
 least likely half (flows.tailfocus); ``shift`` trains with random
 translations of up to that many pixels; ``mirror`` / ``ttm`` mirror images along the preset's mirror
 axis in training / at scoring; ``tta`` scores each image as the mean over its translations within
@@ -64,7 +66,7 @@ def main() -> None:
     torch.set_num_threads(int(os.environ.get("NT", "2")))
     tag, kind = sys.argv[1], sys.argv[2]
     cfg = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
-    p = get_preset(f"cpu-{kind}")
+    p = get_preset(cfg.get("preset", f"cpu-{kind}"))
     prep_over: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v
                                  for k, v in cfg.get("prep", {}).items()}
     p = dataclasses.replace(p, glow=dataclasses.replace(p.glow, **cfg.get("glow", {})),
@@ -87,13 +89,15 @@ def main() -> None:
     timg = prep.apply(test.images)
     out = Path("runs/accuracy") / tag
     if cfg.get("from"):
-        b = load_bundle(Path("runs/accuracy") / cfg["from"])
+        b = load_bundle(Path("runs/accuracy") / cfg["from"], device=cfg.get("device", "cpu"))
         if cfg.get("tta") or cfg.get("ttm"):
             mirror = p.mirror_axis if cfg.get("ttm") else None
             b.m0, b.m1 = (Translated(m, cfg.get("tta", 0), mirror).eval() for m in (b.m0, b.m1))
         out.mkdir(parents=True, exist_ok=True)
     else:
         b = train_bundle(tag, out, p, cfg, make, n)
+        if cfg.get("device"):  # score where it trained (a paper preset on a CPU would take hours)
+            b = load_bundle(out, device=cfg["device"])
     report(tag, kind, cfg, p, b, test, timg, out, t0)
 
 
@@ -137,7 +141,8 @@ def train_bundle(tag: str, out: Path, p: Preset, cfg: dict[str, Any], make: Call
                                           freeze_levels=cfg.get("freeze"),
                                           seed=cfg.get("seed", 0), ema_decay=cfg.get("ema"),
                                           members=cfg.get("members", 1),
-                                          focus_tail=cfg.get("tail"),
+                                          focus_tail=cfg.get("tail"), device=cfg.get("device"),
+                                          max_seconds_per_model=cfg.get("max_s"),
                                           test_time_shift=cfg.get("tta"),
                                           augment_shift=cfg.get("shift", 0),
                                           train_mirror=cfg.get("mirror"), test_time_mirror=cfg.get("ttm"),
