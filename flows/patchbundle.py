@@ -133,8 +133,10 @@ def _maps(bundle: Bundle, prepared: Sequence[tuple[np.ndarray, np.ndarray | None
     """Maps of volumes already resampled, windowed and masked (:func:`_prepared`)."""
     scorer = scorer or glow_patch_scorer(bundle.m0, bundle.m1 if source == "posterior" else None,
                                          bundle.preprocessing.n_bits, per_voxel=per_voxel)
+    # batches go where the models are (a GPU worker loads its bundles on the GPU)
+    device = next(bundle.m0.parameters()).device
     return [patch_map(grid01, scorer, patch=patch, overlap=overlap, mask=m,
-                      min_mask_fraction=min_mask_fraction, batch_size=64).values
+                      min_mask_fraction=min_mask_fraction, batch_size=64, device=device).values
             for grid01, m in prepared]
 
 

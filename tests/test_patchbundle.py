@@ -156,3 +156,27 @@ def test_general_domain_reference_is_trained_on_body_patches_and_recorded(tmp_pa
     assert map_calibration(b).reference == "body"
     again = calibrate_patch_bundle(b, vv, log=lambda m: None)
     assert map_calibration(again).reference == "body"
+
+
+def test_patch_batches_go_to_the_models_device(patch_bundle: Bundle) -> None:
+    """A GPU worker loads its bundles on the GPU, so the patch batches must follow the models.
+    CI has no GPU: the model sits on torch's 'meta' device, where a batch left on the CPU
+    shows."""
+    import copy
+
+    import torch
+
+    from flows.patchbundle import _maps, _prepared
+
+    b = copy.copy(patch_bundle)
+    b.m0 = copy.deepcopy(patch_bundle.m0).to("meta")
+    seen: list[str] = []
+
+    def scorer(x: torch.Tensor) -> torch.Tensor:
+        seen.append(x.device.type)
+        return torch.zeros(len(x))
+
+    s = make_chestct(1, shape=(16, 24, 32), spacing_mm=8.0, seed=5)
+    prepared = [_prepared(b, s.images[0, 0], s.spacing, "lung")[:2]]
+    _maps(b, prepared, "likelihood", 8, 4, scorer=scorer)
+    assert seen and set(seen) == {"meta"}
