@@ -8,6 +8,7 @@
     .venv/bin/python bench/ctmap.py TAG bct '{"floor": "auto"}'  # noise floor from the training set (or HU)
     .venv/bin/python bench/ctmap.py TAG chestct '{"reference": "body"}'  # M1: general-domain body patches
     .venv/bin/python bench/ctmap.py TAG chestct '{"per": 128, "tail": 0.5}'  # tail-focused fine-tuning
+    python3 bench/ctmap.py TAG chestct '{"preset": "ct3dflow", "mm": 2, "device": "cuda", "max_s": 120}'
 
 Normal set seed 21, mixture seed 22 (50 % abnormal), validation seed 23, test seed 24
 (50 % abnormal each); sizes ``n`` (normal and mixture), ``nv``, ``nt``. A patch bundle is
@@ -50,12 +51,15 @@ from flows.preprocess import noise_sd  # noqa: E402
 from flows.presets import get_preset  # noqa: E402
 
 
-def _make(kind: str, n: int, af: float, seed: int, source: str = "") -> PhantomSet:
+def _make(kind: str, n: int, af: float, seed: int, source: str = "", mm: float = 0.0) -> PhantomSet:
     if source == "alt":  # the independently made phantoms (generalisation checks)
         if kind == "chestct":
             return make_alt_chestct(n, abnormal_fraction=af, seed=seed)
         return make_alt_headct(n, abnormal_fraction=af, seed=seed)
     if kind == "chestct":
+        if mm:  # the same 256 x 288 x 384 mm body on a finer grid (ct3dflow's 2 mm)
+            shape = tuple(round(s * 4.0 / mm) for s in (64, 72, 96))
+            return make_chestct(n, abnormal_fraction=af, seed=seed, shape=shape, spacing_mm=mm)  # type: ignore[arg-type]
         return make_chestct(n, abnormal_fraction=af, seed=seed)
     return make_headct(n, abnormal_fraction=af, seed=seed)
 
@@ -80,13 +84,14 @@ def main() -> None:
     n, nv, nt = cfg.get("n", 150), cfg.get("nv", 60), cfg.get("nt", 100)
     t0 = time.time()
     src = cfg.get("source", "")
-    val, test = _make(kind, nv, 0.5, 23, src), _make(kind, nt, 0.5, 24, src)
+    mm = float(cfg.get("mm", 0.0))
+    val, test = _make(kind, nv, 0.5, 23, src, mm), _make(kind, nt, 0.5, 24, src, mm)
     if cfg.get("reuse"):  # recalibrate an already trained patch bundle
         b = calibrate_patch_bundle(load_bundle(cfg["reuse"]), (*_volumes(val), val.labels),
                                    overlap=cfg.get("overlap"), log=print,
                                    min_mask_fraction=cfg.get("min_mask", 0.1))
     else:
-        nor, mix = _make(kind, n, 0.0, 21, src), _make(kind, n, 0.5, 22, src)
+        nor, mix = _make(kind, n, 0.0, 21, src, mm), _make(kind, n, 0.5, 22, src, mm)
         b = build_patch_bundle(
             Path("runs/ctmap") / tag, preset=preset, normal=_volumes(nor)[0],
             normal_spacing=_volumes(nor)[1], mixture=_volumes(mix)[0],
@@ -95,7 +100,8 @@ def main() -> None:
             min_mask_fraction=cfg.get("min_mask", 0.1), reference=cfg.get("reference", "mixture"),
             options=BuildOptions(epochs=cfg.get("ep"), finetune_epochs=cfg.get("fep"),
                                  freeze_levels=cfg.get("freeze"), seed=cfg.get("seed", 0),
-                                 focus_tail=cfg.get("tail"), progress=False))
+                                 focus_tail=cfg.get("tail"), device=cfg.get("device"),
+                                 max_seconds_per_model=cfg.get("max_s"), progress=False))
     t1 = time.time()
     vols, sps = _volumes(test)
     # the nuisance a density model measures first: the scan's own noise level (docs/results.md,

@@ -204,6 +204,8 @@ def build_patch_bundle(out: str | Path, *, preset: Preset, normal: Sequence[np.n
     opts = replace(options or BuildOptions(), map_scores=False)
     b = build_bundle(out, preset=preset, normal=pn, mixture=pm, name=name, version=version,
                      options=opts, log=log)
+    if opts.device is not None:  # calibrate where it trained (a GPU preset's maps on a CPU take hours)
+        b = load_bundle(b.path, device=opts.device)
     return calibrate_patch_bundle(b, validation, overlap=overlap, mask=mask,
                                   min_mask_fraction=min_mask_fraction,
                                   voxel_percentile=voxel_percentile, min_size_cm3=min_size_cm3,
@@ -263,7 +265,7 @@ def calibrate_patch_bundle(b: Bundle, validation: tuple[Sequence[np.ndarray],
     chosen = replace(best[1], validation=report)
     add_extra(b.path, PATCHMAP_FILE, json.dumps(asdict(chosen), indent=2).encode())
     log(f"patch bundle written to {b.path}: {chosen.name} map, T {chosen.size_threshold_cm3:.2f} cm³")
-    return load_bundle(b.path)
+    return load_bundle(b.path, device=next(b.m0.parameters()).device)
 
 
 def map_calibration(bundle: Bundle) -> MapCalibration:
