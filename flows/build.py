@@ -32,7 +32,7 @@ from flows.densitymap import ScoreChoice, choose_score, pair_log_p_maps
 from flows.glow import Averaged, Conditioned, FlowModel, Translated
 from flows.posterior import map_pair_scores, two_model_scores
 from flows.presets import Preset
-from flows.tailfocus import select_tail
+from flows.tailfocus import check_fraction, select_tail
 from flows.train import TrainOptions, TrainResult, fingerprint, train
 
 Strategy = Literal["conditional", "independent", "finetune-m1", "finetune-m0", "shared"]
@@ -182,8 +182,10 @@ def build_bundle(out: str | Path, *, preset: Preset, normal: np.ndarray, mixture
                 metrics["focus_tail"] = focus
         return r0.model, r1.model, metrics
 
-    if opts.focus_tail is not None and opts.strategy != "shared":
-        raise ValueError("tail focus needs the shared strategy (a base model to find the tail with)")
+    if opts.focus_tail is not None:  # refused before any training, not after the base
+        if opts.strategy != "shared":
+            raise ValueError("tail focus needs the shared strategy (a base model to find the tail with)")
+        check_fraction(opts.focus_tail)
     if opts.members < 1:
         raise ValueError(f"members must be >= 1, got {opts.members}")
     shift = preset.test_time_shift if opts.test_time_shift is None else opts.test_time_shift

@@ -66,3 +66,12 @@ def test_tail_focus_needs_a_base_model(tmp_path: Path) -> None:
         build_bundle(tmp_path / "b", preset=get_preset("tiny-cxr"), normal=x, mixture=x, name="x",
                      log=lambda s: None,
                      options=BuildOptions(strategy="finetune-m1", focus_tail=0.5, progress=False))
+
+
+def test_a_bad_tail_fraction_is_refused_before_training(tmp_path: Path) -> None:
+    x, _ = blobs(16, (16, 16), seed=1)
+    with pytest.raises(ValueError, match="tail fraction"):
+        build_bundle(tmp_path / "b", preset=get_preset("tiny-cxr"), normal=x, mixture=x, name="x",
+                     log=lambda s: None,
+                     options=BuildOptions(strategy="shared", focus_tail=1.5, progress=False))
+    assert not (tmp_path / "b" / "work").exists()  # nothing was trained
