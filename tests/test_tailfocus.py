@@ -60,18 +60,16 @@ def test_a_shared_build_fine_tunes_on_the_tail(tmp_path: Path) -> None:
     assert t["m0"]["steps"] < t["base"]["steps"]  # fine-tuned on the half it kept
 
 
-def test_tail_focus_needs_a_base_model(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("strategy", "fraction", "reason"), [
+    ("finetune-m1", 0.5, "shared strategy"),  # no base model to find the tail with
+    ("shared", 1.5, "tail fraction"),
+])
+def test_a_tail_focus_that_cannot_work_is_refused_before_training(
+        tmp_path: Path, strategy: str, fraction: float, reason: str) -> None:
     x, _ = blobs(16, (16, 16), seed=1)
-    with pytest.raises(ValueError, match="shared strategy"):
+    with pytest.raises(ValueError, match=reason):
         build_bundle(tmp_path / "b", preset=get_preset("tiny-cxr"), normal=x, mixture=x, name="x",
                      log=lambda s: None,
-                     options=BuildOptions(strategy="finetune-m1", focus_tail=0.5, progress=False))
-
-
-def test_a_bad_tail_fraction_is_refused_before_training(tmp_path: Path) -> None:
-    x, _ = blobs(16, (16, 16), seed=1)
-    with pytest.raises(ValueError, match="tail fraction"):
-        build_bundle(tmp_path / "b", preset=get_preset("tiny-cxr"), normal=x, mixture=x, name="x",
-                     log=lambda s: None,
-                     options=BuildOptions(strategy="shared", focus_tail=1.5, progress=False))
+                     options=BuildOptions(strategy=strategy, focus_tail=fraction,  # type: ignore[arg-type]
+                                          progress=False))
     assert not (tmp_path / "b" / "work").exists()  # nothing was trained
