@@ -95,9 +95,7 @@ def main() -> None:
             b.m0, b.m1 = (Translated(m, cfg.get("tta", 0), mirror).eval() for m in (b.m0, b.m1))
         out.mkdir(parents=True, exist_ok=True)
     else:
-        b = train_bundle(tag, out, p, cfg, make, n)
-        if cfg.get("device"):  # score where it trained (a paper preset on a CPU would take hours)
-            b = load_bundle(out, device=cfg["device"])
+        b = train_bundle(tag, out, p, cfg, make, n)  # on the device it trained on
     report(tag, kind, cfg, p, b, test, timg, out, t0)
 
 

@@ -33,7 +33,7 @@ from flows.glow import Averaged, Conditioned, FlowModel, Translated
 from flows.posterior import map_pair_scores, two_model_scores
 from flows.presets import Preset
 from flows.tailfocus import check_fraction, select_tail
-from flows.train import TrainOptions, TrainResult, fingerprint, train
+from flows.train import TrainOptions, TrainResult, fingerprint, pick_device, train
 
 Strategy = Literal["conditional", "independent", "finetune-m1", "finetune-m0", "shared"]
 STRATEGIES: tuple[str, ...] = ("conditional", "independent", "finetune-m1", "finetune-m0", "shared")
@@ -249,4 +249,5 @@ def build_bundle(out: str | Path, *, preset: Preset, normal: np.ndarray, mixture
                 preprocessing=preset.preprocessing, calibration=cal, name=name, version=version,
                 training=training, map_reference=map_ref)
     log(f"bundle written to {out} (threshold {cal.threshold:.3f}, {cal.threshold_method})")
-    return load_bundle(out)
+    # verified from disk, on the device it trained on (a GPU preset scored on a CPU takes hours)
+    return load_bundle(out, device=pick_device(opts.device))

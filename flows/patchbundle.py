@@ -204,8 +204,6 @@ def build_patch_bundle(out: str | Path, *, preset: Preset, normal: Sequence[np.n
     opts = replace(options or BuildOptions(), map_scores=False)
     b = build_bundle(out, preset=preset, normal=pn, mixture=pm, name=name, version=version,
                      options=opts, log=log)
-    if opts.device is not None:  # calibrate where it trained (a GPU preset's maps on a CPU take hours)
-        b = load_bundle(b.path, device=opts.device)
     return calibrate_patch_bundle(b, validation, overlap=overlap, mask=mask,
                                   min_mask_fraction=min_mask_fraction,
                                   voxel_percentile=voxel_percentile, min_size_cm3=min_size_cm3,
