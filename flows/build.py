@@ -93,6 +93,16 @@ def _mirror_axis(preset: Preset, on: bool) -> int | None:
     return preset.mirror_axis if on else None
 
 
+def _choice_line(choice: ScoreChoice) -> str:
+    aucs, lower = choice.validation_auroc, choice.gain_lower_bound
+    best = max(lower, key=lambda k: aucs[k]) if lower else None
+    line = f"score chosen on validation: {choice.name} (AUROC {aucs[choice.name]:.3f}"
+    if best is not None:
+        line += (f"; best map score {best} {aucs[best]:.3f}, lower bound on its gain over the "
+                 f"whole-image posterior ({aucs['whole']:.3f}) {lower[best]:+.3f}")
+    return line + ")"
+
+
 def build_bundle(out: str | Path, *, preset: Preset, normal: np.ndarray, mixture: np.ndarray,
                  name: str, version: str = "1", options: BuildOptions | None = None,
                  validation: tuple[np.ndarray, np.ndarray] | None = None,
@@ -222,9 +232,7 @@ def build_bundle(out: str | Path, *, preset: Preset, normal: np.ndarray, mixture
             v0, v1 = pair_log_p_maps(m0, m1, vimg, n_bits)
             r0, r1 = pair_log_p_maps(m0, m1, reference[pick], n_bits)
             choice, map_ref = choose_score(v0, v1, val_labels, r0, r1)
-            log(f"score chosen on validation: {choice.name} (AUROC "
-                f"{choice.validation_auroc[choice.name]:.3f}; whole-image posterior "
-                f"{choice.validation_auroc['whole']:.3f})")
+            log(_choice_line(choice))
             # the maps are at hand: score them the same way the scorer will
             val_scores = map_pair_scores(v0, v1, choice, map_ref)[2]
             if len(pick) == len(reference):

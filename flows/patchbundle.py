@@ -218,12 +218,13 @@ def calibrate_patch_bundle(b: Bundle, validation: tuple[Sequence[np.ndarray],
                            log: Callable[[str], None] = print) -> Bundle:
     """(Re)calibrate a patch bundle's map on a labelled validation set; rewrites the bundle.
 
-    Both maps are evaluated; the one whose abnormal volume separates normal from abnormal
-    better (AUROC) is recorded, with its voxel threshold (a percentile of the map on
-    validation normals) and T (validation ROC over 0.5-20 cm³); the other map's
-    calibration is kept beside it so the two can be compared.
+    Four maps are evaluated (likelihood or posterior ratio, per patch or per voxel), each with
+    its voxel threshold (a percentile of the map on validation normals), T (validation ROC over
+    0.5-20 cm³) and the AUROC of its abnormal volume. The posterior ratio per patch is
+    recorded unless another map's AUROC gain over it has a simultaneous lower bound above 0
+    (:func:`flows.evaluate.auc_gain_lower_bounds`); every map's figures are kept beside it.
     """
-    from sklearn.metrics import roc_auc_score
+    from flows.evaluate import auc_rank, better_than_default
 
     prep = b.preprocessing
     if prep.spacing is None:
@@ -240,7 +241,8 @@ def calibrate_patch_bundle(b: Bundle, validation: tuple[Sequence[np.ndarray],
         raise ValueError("the validation set needs normal and abnormal volumes")
     # resample, window and mask each validation volume once for all four maps
     prepared = [_prepared(b, v, sp, mask)[:2] for v, sp in zip(vvols, vsp, strict=True)]
-    best: tuple[float, MapCalibration] | None = None
+    cals: dict[str, MapCalibration] = {}
+    sizes_of: dict[str, np.ndarray] = {}
     report: dict[str, Any] = {}
     for source, per_voxel in (("likelihood", False), ("posterior", False),
                               ("likelihood", True), ("posterior", True)):
@@ -248,19 +250,24 @@ def calibrate_patch_bundle(b: Bundle, validation: tuple[Sequence[np.ndarray],
         thr = voxel_threshold([m for m, lab in zip(maps, y, strict=True) if not lab], voxel_percentile)
         sizes = _sizes(maps, thr, prep.spacing, min_size_cm3)
         t = choose_size_threshold(sizes, y)
-        auc = float(roc_auc_score(y, sizes))
+        auc = auc_rank(y, sizes)
+        ref = sorted(float(v) for v, lab in zip(sizes, y, strict=True) if not lab)
         cal = MapCalibration(source=source, patch=patch, overlap=overlap, mask=mask,
                              voxel_threshold=thr, min_size_cm3=min_size_cm3, size_threshold_cm3=t,
                              per_voxel=per_voxel, min_mask_fraction=min_mask_fraction,
-                             reference=reference)
-        ref = sorted(float(v) for v, lab in zip(sizes, y, strict=True) if not lab)
+                             reference=reference, reference_cm3=ref)
+        cals[cal.name], sizes_of[cal.name] = cal, sizes
         report[cal.name] = {"auroc_volume": round(auc, 4), "voxel_threshold": thr, "T_cm3": t,
                             "reference_cm3": ref}
         log(f"validation: {cal.name} map, abnormal-volume AUROC {auc:.3f}, T {t:.2f} cm³")
-        if best is None or auc > best[0]:
-            best = (auc, replace(cal, reference_cm3=ref))
-    assert best is not None
-    chosen = replace(best[1], validation=report)
+    # The method's map (the posterior ratio per patch) unless another beats it beyond what
+    # choosing among three gives by chance (docs/decisions.md, session 14).
+    default = "posterior"
+    pick, bounds = better_than_default(y, sizes_of[default],
+                                       {k: v for k, v in sizes_of.items() if k != default})
+    for k, (_, lower) in bounds.items():
+        report[k]["gain_lower_bound"] = round(lower, 4)
+    chosen = replace(cals[pick or default], validation=report)
     add_extra(b.path, PATCHMAP_FILE, json.dumps(asdict(chosen), indent=2).encode())
     log(f"patch bundle written to {b.path}: {chosen.name} map, T {chosen.size_threshold_cm3:.2f} cm³")
     return load_bundle(b.path, device=next(b.m0.parameters()).device)

@@ -130,6 +130,24 @@ def test_conditional_bundle_shares_one_network(tiny_bundle: Bundle) -> None:
     assert tiny_bundle.m0.condition == 0 and tiny_bundle.m1.condition == 1
 
 
+def test_a_map_score_needs_a_gain_beyond_the_search(tiny_bundle: Bundle) -> None:
+    """Labels unrelated to the images: some of the 18 map scores beat the whole-image posterior
+    on these 40 cases by chance, none by more than the search over them allows."""
+    from flows.densitymap import choose_score, log_p_maps
+
+    rng = np.random.default_rng(5)
+    imgs = rng.random((40, 1, 16, 16)).astype(np.float32)
+    labels = rng.permutation(np.r_[np.zeros(20), np.ones(20)])
+    b = tiny_bundle
+    maps = [log_p_maps(m, imgs, b.preprocessing.n_bits) for m in (b.m0, b.m1)]
+    choice, ref = choose_score(maps[0], maps[1], labels, maps[0], maps[1])
+    assert choice.map is None and ref is None
+    aucs = choice.validation_auroc
+    assert len(choice.gain_lower_bound) == len(aucs) - 1 == 18
+    assert max(aucs[k] for k in choice.gain_lower_bound) > aucs["whole"]
+    assert max(choice.gain_lower_bound.values()) <= 0.0
+
+
 def test_map_score_bundle_round_trip(tiny_bundle: Bundle, tmp_path: Path) -> None:
     """A bundle calibrated on a map score scores with it, and its reference file is verified."""
     from flows.bundle import Calibration, save_bundle
@@ -141,7 +159,7 @@ def test_map_score_bundle_round_trip(tiny_bundle: Bundle, tmp_path: Path) -> Non
     imgs[12:, 0, 4:8, 4:8] = 1.0  # a bright square in the "abnormal" half
     b = tiny_bundle
     maps = [log_p_maps(m, imgs, b.preprocessing.n_bits) for m in (b.m0, b.m1)]
-    choice, ref = choose_score(maps[0], maps[1], labels, maps[0], maps[1], min_gain=-1.0)
+    choice, ref = choose_score(maps[0], maps[1], labels, maps[0], maps[1], min_lower=-1.0)
     assert choice.map is not None and "whole" in choice.validation_auroc
     expected = map_scores(maps[1] - maps[0], choice.map, ref)
     cal = Calibration.from_scores(expected, choice=choice)
@@ -149,6 +167,7 @@ def test_map_score_bundle_round_trip(tiny_bundle: Bundle, tmp_path: Path) -> Non
                       preprocessing=b.preprocessing, calibration=cal, name="mapb",
                       map_reference=ref if choice.map.standardise else None)
     again = load_bundle(out)
+    assert again.calibration.choice.gain_lower_bound == choice.gain_lower_bound != {}
     s = PosteriorScorer(again, batch_size=5).score(imgs)
     assert s.method == choice.name
     np.testing.assert_allclose(s.score, expected, rtol=1e-9)

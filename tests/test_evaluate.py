@@ -14,6 +14,7 @@ from flows.evaluate import (
     AucCI,
     Cutoff,
     _resampled_aucs,
+    auc_gain_lower_bounds,
     auc_rank,
     evaluate,
     plot_reference_distribution,
@@ -98,6 +99,36 @@ def test_bad_input_raises(labels: list[int], scores: list[float], match: str) ->
 
 
 # ---------------------------------------------------------------- Youden, Spearman
+
+
+def test_gain_bounds_find_a_real_gain() -> None:
+    rng = np.random.default_rng(0)
+    y = np.r_[np.zeros(150), np.ones(150)].astype(bool)
+    base = y * 0.5 + rng.normal(size=300)  # AUROC ~0.64
+    cands = {"strong": y * 1.5 + rng.normal(size=300),  # ~0.86
+             **{f"same{i}": y * 0.5 + rng.normal(size=300) for i in range(8)}}
+    b = auc_gain_lower_bounds(y, base, cands, n_boot=500)
+    assert set(b) == set(cands)
+    gain, lower = b["strong"]
+    assert gain == pytest.approx(roc_auc_score(y, cands["strong"]) - roc_auc_score(y, base))
+    assert 0.0 < lower < gain
+    assert all(lo < g for g, lo in b.values())
+
+
+def test_gain_bounds_hold_for_the_best_of_many_equal_scores() -> None:
+    """Eight candidates as good as the base: the best one's bound stays below 0 in about
+    1 - alpha of the trials, though its own observed gain is above 0 in nearly all of them."""
+    rng = np.random.default_rng(1)
+    y = np.r_[np.zeros(60), np.ones(60)].astype(bool)
+    false, best_positive = 0, 0
+    for _ in range(40):
+        base = y * 0.6 + rng.normal(size=120)
+        cands = {f"c{i}": y * 0.6 + rng.normal(size=120) for i in range(8)}
+        b = auc_gain_lower_bounds(y, base, cands, n_boot=400, seed=int(rng.integers(1 << 30)))
+        false += any(lo > 0 for _, lo in b.values())
+        best_positive += max(g for g, _ in b.values()) > 0
+    assert best_positive >= 30  # the winner's curse the bound guards against
+    assert false <= 6  # nominal 5 % of 40 = 2
 
 
 def test_youden_toy() -> None:

@@ -154,6 +154,11 @@ def test_general_domain_reference_is_trained_on_body_patches_and_recorded(tmp_pa
     b = build_patch_bundle(tmp_path / "b", name="b", reference="body", log=said.append, **kw)
     assert any("mixture patches (body)" in m for m in said)
     assert map_calibration(b).reference == "body"
+    # four validation volumes cannot show another map beating the posterior ratio per patch
+    cal = map_calibration(b)
+    assert cal.name == "posterior" and set(cal.validation) == {"posterior", "likelihood",
+                                                                 "posterior:voxel", "likelihood:voxel"}
+    assert all(cal.validation[k]["gain_lower_bound"] <= 0 for k in cal.validation if k != "posterior")
     again = calibrate_patch_bundle(b, vv, log=lambda m: None)
     assert map_calibration(again).reference == "body"
 
