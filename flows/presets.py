@@ -96,8 +96,9 @@ PRESETS: dict[str, Preset] = {
                ema_decay=0.98,
                # scores averaged over the 9 one-pixel translations: +0.04 to +0.07 AUROC (results.md)
                test_time_shift=1),
-        # 5 bits and the two finest levels shared, as for CXR: the posterior's correlation
-        # with the zero fraction 0.49 -> 0.10-0.36, AUROC 0.49 -> 0.49-0.60 (results.md)
+        # 5 bits and the two finest levels shared, as for CXR: posterior AUROC 0.49 -> 0.49-0.58
+        # over three training seeds, its correlation with the zero fraction 0.49 -> 0.10-0.36
+        # (results.md, sessions 8-12)
         Preset("cpu-bct", "small head-CT model for a 2-core CPU: 16x64x64 at 5 bits, L3 K6, width 48",
                GlowConfig(1, 3, levels=3, steps=6, hidden=48, scale_fn="paper"),
                _bct((16, 64, 64), n_bits=5), batch_size=8, lr=1e-3, epochs=3, warmup_steps=100,
