@@ -30,11 +30,11 @@ PASSWORD = "correct horse battery"
 
 
 @pytest.fixture()
-def settings(tmp_path: Path, sqlite_db: Database, tiny_bundle: Bundle) -> Settings:
+def settings(tmp_path: Path, sqlite_db: Database, tiny_bundle: Bundle, ct_bundle: Bundle) -> Settings:
     bundle = tmp_path / "tiny"
     shutil.copytree(tiny_bundle.path, bundle)  # a copy: one test corrupts it
     return load_settings(node={"data_dir": str(tmp_path / "d")}, storage={"database_url": sqlite_db.url},
-                         models={"cxr": str(bundle)})
+                         models={"cxr": str(bundle), "chestct": str(ct_bundle.path)})
 
 
 @pytest.fixture()
@@ -150,6 +150,9 @@ def test_models_page_shows_calibration(client: TestClient, settings: Settings) -
     page = client.get("/models")
     assert page.status_code == 200 and "tiny 1" in page.text and "verified" in page.text
     assert "Validation AUROC" in page.text and "youden" in page.text
+    # a patch bundle: every map's validation figures, and what it takes to replace the default
+    assert "map likelihood:voxel" in page.text
+    assert page.text.count("lower bound on its gain over the posterior map") == 3
     w, h = _png(client.get("/models/cxr/calibration.png").content)
     assert w > h > 100  # ROC and histograms side by side
     assert client.get("/models/bct/calibration.png").status_code == 404
