@@ -176,6 +176,13 @@ def _resampled_aucs(
     return out
 
 
+def _stratified_resamples(n_pos: int, n_neg: int, n_boot: int, seed: int) -> tuple[IntArray, IntArray]:
+    """Bootstrap indices drawn within each class (every draw keeps both and their sizes)."""
+    rng = np.random.default_rng(seed)
+    return (rng.integers(0, n_pos, size=(n_boot, n_pos), dtype=np.int64),
+            rng.integers(0, n_neg, size=(n_boot, n_neg), dtype=np.int64))
+
+
 def auc_rank(labels: Any, scores: Any) -> float:
     """AUROC via ranks (Mann–Whitney U); equals ``sklearn.metrics.roc_auc_score``."""
     y, s = _check_binary(labels, scores)
@@ -208,12 +215,24 @@ def roc_auc_ci(
     y, s = _check_binary(labels, scores)
     pos, neg = s[y], s[~y]
     auc = float(roc_auc_score(y, s))
-    rng = np.random.default_rng(seed)
-    pos_idx = rng.integers(0, pos.size, size=(n_boot, pos.size), dtype=np.int64)
-    neg_idx = rng.integers(0, neg.size, size=(n_boot, neg.size), dtype=np.int64)
+    pos_idx, neg_idx = _stratified_resamples(pos.size, neg.size, n_boot, seed)
     boots = _resampled_aucs(pos, neg, pos_idx, neg_idx)
     lo, hi = np.quantile(boots, [alpha / 2.0, 1.0 - alpha / 2.0])
     return AucCI(auc=auc, lo=float(lo), hi=float(hi), n_pos=int(pos.size), n_neg=int(neg.size))
+
+
+def auc_difference_ci(labels: Any, a: Any, b: Any, *, n_boot: int = 1000, alpha: float = 0.05,
+                      seed: int = 0) -> tuple[float, float, float]:
+    """AUROC(a) − AUROC(b) on the same cases, with a paired stratified bootstrap percentile
+    ``1 − alpha`` CI: ``(difference, lo, hi)``. Two scores of one test set are correlated, so
+    their separate CIs overlap far more than the CI of their difference says."""
+    y, sa = _check_binary(labels, a)
+    sb = _check_binary(y, b)[1]
+    pos_idx, neg_idx = _stratified_resamples(int(y.sum()), int((~y).sum()), n_boot, seed)
+    d = (_resampled_aucs(sa[y], sa[~y], pos_idx, neg_idx)
+         - _resampled_aucs(sb[y], sb[~y], pos_idx, neg_idx))
+    lo, hi = np.quantile(d, [alpha / 2.0, 1.0 - alpha / 2.0])
+    return auc_rank(y, sa) - auc_rank(y, sb), float(lo), float(hi)
 
 
 def auc_gain_lower_bounds(labels: Any, base: Any, candidates: Mapping[str, Any], *,
@@ -233,9 +252,7 @@ def auc_gain_lower_bounds(labels: Any, base: Any, candidates: Mapping[str, Any],
     if not candidates:
         return {}
     y, b = _check_binary(labels, base)
-    rng = np.random.default_rng(seed)
-    pos_idx = rng.integers(0, int(y.sum()), size=(n_boot, int(y.sum())), dtype=np.int64)
-    neg_idx = rng.integers(0, int((~y).sum()), size=(n_boot, int((~y).sum())), dtype=np.int64)
+    pos_idx, neg_idx = _stratified_resamples(int(y.sum()), int((~y).sum()), n_boot, seed)
 
     def aucs(s: FloatArray) -> tuple[float, FloatArray]:
         return auc_rank(y, s), _resampled_aucs(s[y], s[~y], pos_idx, neg_idx)
@@ -733,6 +750,13 @@ def _markdown(summary: Mapping[str, Any], names: Sequence[str]) -> str:
         row = [sname, _fmt_ci(e["overall"])]
         row += [_fmt_ci(e["per_finding"][f]) for f in finds]
         lines.append("| " + " | ".join(row) + " |")
+    paired = summary.get("paired_differences", {})
+    if paired.get("differences"):
+        lines.append("")
+        lines.append(f"## AUROC of {paired['against']} minus each other score (paired bootstrap 95 % CI)")
+        lines.append("")
+        for sname, d in paired["differences"].items():
+            lines.append(f"- **{sname}**: {d['difference']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]")
     lines.append("")
     lines.append("## Youden cutoff (score ≥ threshold → abnormal)")
     lines.append("")
@@ -839,6 +863,12 @@ def evaluate(
             }
         score_entries[sname] = entry
 
+    first = next(iter(svals))
+    paired = {name: dict(zip(("difference", "lo", "hi"),
+                             auc_difference_ci(y, svals[first], sv, n_boot=n_boot, seed=seed),
+                             strict=True))
+              for name, sv in svals.items() if name != first}
+
     # --- plots ---
     _plot_roc_overall(
         out / "roc.png", y, svals,
@@ -890,6 +920,8 @@ def evaluate(
         "zero_fraction_given": zf is not None,
         "images_given": images is not None,
         "scores": score_entries,
+        # AUROC of the first score minus each other's, paired bootstrap 95 % CI
+        "paired_differences": {"against": first, "differences": paired},
         "files": [*files, "summary.json", "summary.md"],
         "extra": _jsonable(dict(extra)) if extra is not None else {},
     }

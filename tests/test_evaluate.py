@@ -14,6 +14,7 @@ from flows.evaluate import (
     AucCI,
     Cutoff,
     _resampled_aucs,
+    auc_difference_ci,
     auc_gain_lower_bounds,
     auc_rank,
     evaluate,
@@ -99,6 +100,22 @@ def test_bad_input_raises(labels: list[int], scores: list[float], match: str) ->
 
 
 # ---------------------------------------------------------------- Youden, Spearman
+
+
+def test_paired_difference_ci_is_narrower_than_the_separate_intervals() -> None:
+    """Two scores that share most of their noise: their AUROCs' own intervals overlap widely,
+    the paired interval of the difference does not include 0."""
+    rng = np.random.default_rng(2)
+    y = np.r_[np.zeros(100), np.ones(100)].astype(bool)
+    common = rng.normal(size=200)
+    a = y * 0.8 + common
+    b = y * 0.6 + common + 0.1 * rng.normal(size=200)
+    d, lo, hi = auc_difference_ci(y, a, b, n_boot=1000)
+    assert d == pytest.approx(roc_auc_score(y, a) - roc_auc_score(y, b))
+    ca, cb = roc_auc_ci(y, a), roc_auc_ci(y, b)
+    assert ca.lo < cb.hi  # separately: indistinguishable
+    assert 0.0 < lo < d < hi and hi - lo < 0.5 * (ca.hi - ca.lo)
+    assert auc_difference_ci(y, a, a) == (0.0, 0.0, 0.0)
 
 
 def test_gain_bounds_find_a_real_gain() -> None:
@@ -207,9 +224,17 @@ def test_evaluate_writes_report(tmp_path: Path) -> None:
     assert loaded["extra"] == {"model": "cpu-cxr", "epochs": 3, "lr": pytest.approx(1e-3)}
     assert loaded["classes"]["rare"] == 1
 
+    pd = loaded["paired_differences"]
+    assert pd["against"] == "neg log posterior" and set(pd["differences"]) == {"neg log-likelihood"}
+    d = pd["differences"]["neg log-likelihood"]
+    assert d["difference"] == pytest.approx(
+        s["overall"]["auc"] - loaded["scores"]["neg log-likelihood"]["overall"]["auc"])
+    assert d["lo"] <= d["difference"] <= d["hi"]
+
     md = (out / "summary.md").read_text()
     assert "| score | overall | opacity | nodule | rare |" in md
     assert "n=1 (too few)" in md and "Youden" in md and "Spearman" in md
+    assert "## AUROC of neg log posterior minus each other score" in md
 
 
 def test_evaluate_3d_without_zero_fraction(tmp_path: Path) -> None:
