@@ -238,7 +238,8 @@ def choose_score(val0: np.ndarray, val1: np.ndarray, labels: np.ndarray,
         scores[name] = map_scores(abnormality_maps(val0, val1, cand.source), cand, ref)
         cands[name] = (cand, ref)
     best, bounds = better_than_default(y, whole, scores, alpha=alpha, min_lower=min_lower)
-    aucs = {"whole": auc_rank(y, whole)} | {k: auc_rank(y, v) for k, v in scores.items()}
+    w = auc_rank(y, whole)
+    aucs = {"whole": w} | {k: w + gain for k, (gain, _) in bounds.items()}
     choice = ScoreChoice(cands[best][0] if best else None, {k: round(v, 4) for k, v in aucs.items()},
                          {k: round(lo, 4) for k, (_, lo) in bounds.items()})
     return choice, cands[best][1] if best else None

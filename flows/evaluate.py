@@ -183,6 +183,12 @@ def _stratified_resamples(n_pos: int, n_neg: int, n_boot: int, seed: int) -> tup
             rng.integers(0, n_neg, size=(n_boot, n_neg), dtype=np.int64))
 
 
+def _class_resampled_aucs(y: npt.NDArray[np.bool_], s: FloatArray, pos_idx: IntArray,
+                          neg_idx: IntArray) -> FloatArray:
+    """:func:`_resampled_aucs` of one score, the resample indices drawn per class."""
+    return _resampled_aucs(s[y], s[~y], pos_idx, neg_idx)
+
+
 def auc_rank(labels: Any, scores: Any) -> float:
     """AUROC via ranks (Mann–Whitney U); equals ``sklearn.metrics.roc_auc_score``."""
     y, s = _check_binary(labels, scores)
@@ -228,9 +234,8 @@ def auc_difference_ci(labels: Any, a: Any, b: Any, *, n_boot: int = 1000, alpha:
     their separate CIs overlap far more than the CI of their difference says."""
     y, sa = _check_binary(labels, a)
     sb = _check_binary(y, b)[1]
-    pos_idx, neg_idx = _stratified_resamples(int(y.sum()), int((~y).sum()), n_boot, seed)
-    d = (_resampled_aucs(sa[y], sa[~y], pos_idx, neg_idx)
-         - _resampled_aucs(sb[y], sb[~y], pos_idx, neg_idx))
+    idx = _stratified_resamples(int(y.sum()), int((~y).sum()), n_boot, seed)
+    d = _class_resampled_aucs(y, sa, *idx) - _class_resampled_aucs(y, sb, *idx)
     lo, hi = np.quantile(d, [alpha / 2.0, 1.0 - alpha / 2.0])
     return auc_rank(y, sa) - auc_rank(y, sb), float(lo), float(hi)
 
@@ -252,17 +257,13 @@ def auc_gain_lower_bounds(labels: Any, base: Any, candidates: Mapping[str, Any],
     if not candidates:
         return {}
     y, b = _check_binary(labels, base)
-    pos_idx, neg_idx = _stratified_resamples(int(y.sum()), int((~y).sum()), n_boot, seed)
-
-    def aucs(s: FloatArray) -> tuple[float, FloatArray]:
-        return auc_rank(y, s), _resampled_aucs(s[y], s[~y], pos_idx, neg_idx)
-
-    b_auc, b_boot = aucs(b)
+    idx = _stratified_resamples(int(y.sum()), int((~y).sum()), n_boot, seed)
+    b_auc, b_boot = auc_rank(y, b), _class_resampled_aucs(y, b, *idx)
     names = list(candidates)
     gains, devs, sds = [], [], []
     for name in names:
-        auc, boot = aucs(_check_binary(y, candidates[name])[1])
-        g, gb = auc - b_auc, boot - b_boot
+        s = _check_binary(y, candidates[name])[1]
+        g, gb = auc_rank(y, s) - b_auc, _class_resampled_aucs(y, s, *idx) - b_boot
         sd = float(gb.std()) or 1e-12  # a candidate identical to the base: no spread
         gains.append(g)
         sds.append(sd)
