@@ -128,6 +128,7 @@ def build_bundle(out: str | Path, *, preset: Preset, normal: np.ndarray, mixture
     tune = TrainOptions.from_preset(
         preset, epochs=opts.finetune_epochs or preset.finetune_epochs or preset.epochs,
         lr=opts.finetune_lr or preset.finetune_lr or preset.lr, batch_size=opts.batch_size,
+        min_steps=preset.finetune_min_steps if opts.finetune_epochs is None else 0,
         seed=opts.seed + 1, augment_shift=opts.augment_shift, warmup_steps=1,
         max_seconds=opts.max_seconds_per_model, keep_best=False, patience=10**6, ema_decay=opts.ema_decay,
         freeze_levels=opts.freeze_levels if opts.freeze_levels is not None else preset.finetune_freeze)

@@ -150,10 +150,17 @@ class TrainOptions:
     # final model use the averaged weights, which carry less of the last steps' SGD noise
     # (a bundle's posterior is a difference of two models, so that noise does not cancel).
     ema_decay: float = 0.0
+    # Train for max(epochs, the epochs that reach min_steps optimisation steps): the preset's
+    # training length holds on a data set smaller than the one it was measured on.
+    min_steps: int = 0
 
     @classmethod
     def from_preset(cls, preset: Preset, **kw: Any) -> TrainOptions:
+        """The preset's options; ``kw`` overrides them (``None`` values are ignored). The
+        preset's step floor applies only with the preset's own epochs: epochs given here are
+        trained as given."""
         base: dict[str, Any] = dict(epochs=preset.epochs, lr=preset.lr, batch_size=preset.batch_size,
+                                    min_steps=preset.min_steps if kw.get("epochs") is None else 0,
                                     weight_decay=preset.weight_decay,
                                     warmup_steps=preset.warmup_steps, grad_clip=preset.grad_clip,
                                     ema_decay=preset.ema_decay,
@@ -229,7 +236,7 @@ def train(images: np.ndarray, preset: Preset, *, out_dir: str | Path | None = No
         conditions = np.asarray(conditions, dtype=np.int64)
         if conditions.shape != (len(images),):
             raise ValueError(f"need one condition per image: {conditions.shape} vs {len(images)}")
-    if opts.epochs < 1 or opts.batch_size < 1 or opts.lr <= 0:
+    if opts.epochs < 1 or opts.batch_size < 1 or opts.lr <= 0 or opts.min_steps < 0:
         raise ValueError(f"bad training options: {opts}")
     dev = pick_device(device)
     torch.manual_seed(opts.seed)
@@ -300,15 +307,20 @@ def train(images: np.ndarray, preset: Preset, *, out_dir: str | Path | None = No
     t0 = time.monotonic()
     stopped_early = False
     steps_per_epoch = math.ceil(len(trn) / opts.batch_size)
+    epochs = max(opts.epochs, math.ceil(opts.min_steps / steps_per_epoch))
     columns = (TextColumn(f"[bold]{label}[/] ep {{task.fields[epoch]}}"), BarColumn(),
                TextColumn("{task.completed}/{task.total}"),
                TextColumn("bpd {task.fields[bpd]:.3f} val {task.fields[val]:.3f}"),
                TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, disable=not progress, transient=False) as bar:
-        task = bar.add_task(label, total=opts.epochs * steps_per_epoch,
+        if epochs > opts.epochs:
+            bar.console.log(f"{label}: {len(trn)} training images make {steps_per_epoch} steps per "
+                            f"epoch; {epochs} epochs instead of {opts.epochs} reach the preset's "
+                            f"floor of {opts.min_steps} steps")
+        task = bar.add_task(label, total=epochs * steps_per_epoch,
                             completed=start_epoch * steps_per_epoch, epoch=start_epoch,
                             bpd=float("nan"), val=best_val if best_val < math.inf else float("nan"))
-        for epoch in range(start_epoch, opts.epochs):
+        for epoch in range(start_epoch, epochs):
             model.train()
             run_loss, run_n = 0.0, 0
             for idx in _batches(len(trn), opts.batch_size, rng):
@@ -374,7 +386,7 @@ def train(images: np.ndarray, preset: Preset, *, out_dir: str | Path | None = No
     result = TrainResult(model=model, history=history, best_val_bpd=best_val, skipped_steps=skipped,
                          steps=step, seconds=time.monotonic() - t0, stopped_early=stopped_early)
     result.metrics = {"best_val_bpd": best_val, "skipped_steps": skipped, "steps": step,
-                      "epochs": len(history), "seconds": round(result.seconds, 1),
+                      "epochs": len(history), "epochs_planned": epochs, "seconds": round(result.seconds, 1),
                       "stopped_early": stopped_early, "options": asdict(opts),
                       "resumed_at_step": None if st is None else st["step"]}
     if out_dir is not None:

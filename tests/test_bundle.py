@@ -122,6 +122,23 @@ def test_every_strategy_builds_a_loadable_bundle(strategy: str, tmp_path: Path) 
     assert np.isfinite(s.log_posterior).all()
 
 
+def test_preset_step_floors_reach_the_base_and_both_fine_tuned_models(tmp_path: Path) -> None:
+    from flows.build import BuildOptions, build_bundle
+    from flows.presets import get_preset
+
+    normal, _ = blobs(32, (16, 16), seed=1)
+    mixture, _ = blobs(32, (16, 16), abnormal=0.5, seed=2)
+    preset = get_preset("tiny-cxr").with_overrides(epochs=1, finetune_epochs=1, min_steps=9,
+                                                   finetune_min_steps=6)
+    b = build_bundle(tmp_path / "b", preset=preset, normal=normal, mixture=mixture, name="b",
+                     log=lambda s: None, options=BuildOptions(strategy="shared", progress=False))
+    t = b.manifest["training"]
+    # base: 32 + 22 images (10 held out), 49 to train on, batch 16: 4 steps per epoch
+    assert t["base"]["steps"] == 12 and t["base"]["epochs_planned"] == 3
+    assert t["m0"]["steps"] >= 6 and t["m1"]["steps"] >= 6  # 2 steps per epoch each
+    assert t["m0"]["epochs_planned"] == 3 and t["m1"]["epochs_planned"] == 3
+
+
 def test_conditional_bundle_shares_one_network(tiny_bundle: Bundle) -> None:
     from flows.glow import Conditioned
 

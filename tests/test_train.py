@@ -38,6 +38,22 @@ def test_seeded_training_is_deterministic() -> None:
         assert torch.equal(va, vb), k
 
 
+def test_step_floor_trains_a_small_set_for_more_epochs() -> None:
+    x, _ = blobs(40, (16, 16))  # 36 training images, batch 16: 3 steps per epoch
+    floored = train(x, PRESET, options=_opts(epochs=1, min_steps=7, patience=100), progress=False)
+    assert floored.steps == 9 and len(floored.history) == 3
+    assert floored.metrics["epochs_planned"] == 3
+    plain = train(x, PRESET, options=_opts(epochs=1), progress=False)
+    assert plain.steps == 3
+
+
+def test_preset_step_floor_applies_only_to_its_own_epochs() -> None:
+    floored = PRESET.with_overrides(min_steps=500)
+    assert TrainOptions.from_preset(floored).min_steps == 500
+    assert TrainOptions.from_preset(floored, epochs=2).min_steps == 0  # epochs asked for: as asked
+    assert TrainOptions.from_preset(floored, epochs=2, min_steps=30).min_steps == 30
+
+
 def test_resume_continues_where_it_stopped(tmp_path: Path) -> None:
     x, _ = blobs(48, (16, 16))
     full = train(x, PRESET, options=_opts(epochs=3), progress=False)

@@ -148,8 +148,11 @@ def train(
     version: Annotated[str, typer.Option(help="bundle version")] = "1",
     strategy: Annotated[str | None, typer.Option(
         help="shared | conditional | independent | finetune-m1 | finetune-m0 (default: preset's)")] = None,
-    epochs: Annotated[int | None, typer.Option(help="override the preset's epochs")] = None,
-    finetune_epochs: Annotated[int | None, typer.Option(help="override fine-tuning epochs")] = None,
+    epochs: Annotated[int | None, typer.Option(
+        help="override the preset's epochs, trained as given (by default a set smaller than the "
+             "preset's reference gets more epochs, up to the preset's floor of steps)")] = None,
+    finetune_epochs: Annotated[int | None, typer.Option(
+        help="override fine-tuning epochs, trained as given (no floor of steps)")] = None,
     batch_size: Annotated[int | None, typer.Option(help="override the preset's batch size")] = None,
     seed: Annotated[int, typer.Option(help="random seed (initialisation, order, dequantisation)")] = 0,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 (default: auto)")] = None,
@@ -444,13 +447,15 @@ def presets() -> None:
     from flows.presets import PRESETS
 
     table = Table(title="presets")
-    for col in ("name", "kind", "grid", "L", "K", "width", "batch", "lr", "epochs", "description"):
+    for col in ("name", "kind", "grid", "L", "K", "width", "batch", "lr", "epochs", "min steps",
+                "description"):
         table.add_column(col)
     for p in PRESETS.values():
         g = p.glow
+        floor = f"{p.min_steps} + {p.finetune_min_steps}" if p.min_steps or p.finetune_min_steps else "-"
         table.add_row(p.name, p.kind, "x".join(map(str, p.preprocessing.shape)), str(g.levels),
                       str(g.steps), str(g.hidden), str(p.batch_size), f"{p.lr:g}", str(p.epochs),
-                      p.description)
+                      floor, p.description)
     Console().print(table)
 
 
