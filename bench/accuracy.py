@@ -6,7 +6,9 @@ KIND is cxr or bct. JSON overrides the cpu-KIND preset and the run: ``{"strategy
 "glow": {"coords": true}, "prep": {"n_bits": 5}, "ep": 4, "fep": 2, "freeze": 1, "n": 1500, "nt":
 600, "nv": 400, "seed": 0, "ema": 0.98, "members": 1, "source": "alt", "tta": 1, "shift": 2,
 "mirror": true, "ttm": true, "from": "TAG0", "resume": true, "test_fov": 280,
-"src": [16, 128, 128], "tail": 0.5, "preset": "paper-bct", "device": "cuda", "max_s": 240}``;
+"src": [16, 128, 128], "tail": 0.5, "preset": "paper-bct", "device": "cuda", "max_s": 240,
+"min_steps": 0, "nm": 375}``; ``nm`` is the mixture set's size (default ``n``); ``min_steps``
+replaces both of the preset's floors of optimisation steps;
 ``preset`` replaces the cpu-KIND preset (e.g. a paper preset on a GPU), ``max_s`` caps each
 model's training time in seconds; ``tail`` fine-tunes M0 and M1 on the base model's
 least likely half (flows.tailfocus); ``shift`` trains with random
@@ -71,6 +73,8 @@ def main() -> None:
                                  for k, v in cfg.get("prep", {}).items()}
     p = dataclasses.replace(p, glow=dataclasses.replace(p.glow, **cfg.get("glow", {})),
                             preprocessing=dataclasses.replace(p.preprocessing, **prep_over))
+    if "min_steps" in cfg:  # the preset's floors of steps (0: epochs only, as before session 15)
+        p = dataclasses.replace(p, min_steps=cfg["min_steps"], finetune_min_steps=cfg["min_steps"])
     n, nt = cfg.get("n", 1500), cfg.get("nt", 600)
 
     def make(count: int, **kw: object) -> PhantomSet:
@@ -123,7 +127,7 @@ def train_bundle(tag: str, out: Path, p: Preset, cfg: dict[str, Any], make: Call
                  n: int) -> Bundle:
     prep = p.preprocessing
     normal = prep.apply(make(n, seed=11).images)
-    mixture = prep.apply(make(n, abnormal_fraction=0.5, seed=12).images)
+    mixture = prep.apply(make(cfg.get("nm", n), abnormal_fraction=0.5, seed=12).images)
     nv = cfg.get("nv", 0)
     validation = None
     if nv:  # the bundle chooses its score (whole-image or map) on this labelled set

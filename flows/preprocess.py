@@ -7,12 +7,18 @@ feed them exactly that; :func:`Preprocessing.mismatch` says which field differs.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 from scipy import ndimage
 
-Intensity = Literal["minmax", "window", "none"]
+Intensity = Literal["minmax", "percentile", "window", "none"]
+# "percentile": the image's 0.5th percentile maps to 0 and the 99.5th percentile of what lies
+# above it (the foreground: an empty collimated field is the image's floor) to 1, as nnU-Net
+# clips CT foregrounds; a hot pixel or a burned-in label brighter than the anatomy then cannot
+# compress the anatomy's range as it does under "minmax", and how much of a radiograph is empty
+# background (a child's, 30-80 %) does not move where the anatomy's top is clipped.
+ROBUST_PERCENTILES = (0.5, 99.5)
 
 
 @dataclass(frozen=True)
@@ -21,7 +27,8 @@ class Preprocessing:
 
     ``window`` (for CT, in HU) maps ``[lo, hi]`` to [0, 1]; the paper's head-CT window
     ``clip(HU + 14, 0, 127)`` is ``(-14, 114)`` at 7 bits. ``minmax`` rescales each image
-    to its own range (radiographs: exposure and detector gain vary between sites).
+    to its own range (radiographs: exposure and detector gain vary between sites);
+    ``percentile`` does so between robust ends (``ROBUST_PERCENTILES``), clipping beyond them.
     """
 
     kind: str
@@ -40,6 +47,9 @@ class Preprocessing:
     crop_above: float | None = None
 
     def __post_init__(self) -> None:
+        if self.intensity not in get_args(Intensity):
+            raise ValueError(f"unknown intensity mapping {self.intensity!r}; use one of "
+                             f"{', '.join(get_args(Intensity))}")
         if self.intensity == "window" and self.window is None:
             raise ValueError("intensity='window' needs a (lo, hi) window")
         if any(int(s) <= 0 for s in self.shape):
@@ -133,8 +143,14 @@ class Preprocessing:
             assert self.window is not None
             lo, hi = self.window
             img = np.clip((img - lo) / (hi - lo), 0.0, 1.0)
-        elif self.intensity == "minmax":
+        elif self.intensity in ("minmax", "percentile"):
             lo, hi = float(img.min()), float(img.max())
+            if self.intensity == "percentile":
+                plo = float(np.percentile(img, ROBUST_PERCENTILES[0]))
+                fg = img[img > plo]
+                phi = float(np.percentile(fg, ROBUST_PERCENTILES[1])) if fg.size else plo
+                if phi > plo:  # else: almost all one value; the full range keeps what is left
+                    lo, hi = plo, phi
             img = (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
         return img
 
