@@ -153,8 +153,6 @@ class TrainOptions:
     # Train for max(epochs, the epochs that reach min_steps optimisation steps): the preset's
     # training length holds on a data set smaller than the one it was measured on.
     min_steps: int = 0
-    # Stop after exactly this many steps, mid-epoch if need be (None: no cap)
-    max_steps: int | None = None
 
     def validation_size(self, n: int) -> int:
         """How many of ``n`` images :func:`train` holds out for validation."""
@@ -246,8 +244,7 @@ def train(images: np.ndarray, preset: Preset, *, out_dir: str | Path | None = No
         conditions = np.asarray(conditions, dtype=np.int64)
         if conditions.shape != (len(images),):
             raise ValueError(f"need one condition per image: {conditions.shape} vs {len(images)}")
-    if (opts.epochs < 1 or opts.batch_size < 1 or opts.lr <= 0 or opts.min_steps < 0
-            or (opts.max_steps is not None and opts.max_steps < 1)):
+    if opts.epochs < 1 or opts.batch_size < 1 or opts.lr <= 0 or opts.min_steps < 0:
         raise ValueError(f"bad training options: {opts}")
     dev = pick_device(device)
     torch.manual_seed(opts.seed)
@@ -320,8 +317,6 @@ def train(images: np.ndarray, preset: Preset, *, out_dir: str | Path | None = No
     steps_per_epoch = opts.steps_per_epoch(n)
     epochs = max(opts.epochs, math.ceil(opts.min_steps / steps_per_epoch))
     total = epochs * steps_per_epoch
-    if opts.max_steps is not None:
-        total = min(total, opts.max_steps)
     columns = (TextColumn(f"[bold]{label}[/] ep {{task.fields[epoch]}}"), BarColumn(),
                TextColumn("{task.completed}/{task.total}"),
                TextColumn("bpd {task.fields[bpd]:.3f} val {task.fields[val]:.3f}"),
@@ -335,8 +330,6 @@ def train(images: np.ndarray, preset: Preset, *, out_dir: str | Path | None = No
                             completed=start_epoch * steps_per_epoch, epoch=start_epoch,
                             bpd=float("nan"), val=best_val if best_val < math.inf else float("nan"))
         for epoch in range(start_epoch, epochs):
-            if step >= total:  # resumed after the last step (max_steps ends mid-epoch)
-                break
             model.train()
             run_loss, run_n = 0.0, 0
             for idx in _batches(len(trn), opts.batch_size, rng):
@@ -373,8 +366,6 @@ def train(images: np.ndarray, preset: Preset, *, out_dir: str | Path | None = No
                            bpd=run_loss / max(run_n, 1))
                 if ckpt is not None and step % opts.checkpoint_every == 0:
                     save_checkpoint(epoch)
-                if step >= total:
-                    break
             train_bpd = run_loss / max(run_n, 1)
             val_bpd = (evaluate_bpd(scored, val, n_bits, dev, opts.batch_size, val_c)
                        if len(val) else train_bpd)
