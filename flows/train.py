@@ -154,14 +154,6 @@ class TrainOptions:
     # training length holds on a data set smaller than the one it was measured on.
     min_steps: int = 0
 
-    def validation_size(self, n: int) -> int:
-        """How many of ``n`` images :func:`train` holds out for validation."""
-        return round(n * self.val_fraction) if n >= 10 else 0
-
-    def steps_per_epoch(self, n: int) -> int:
-        """Optimisation steps per epoch over ``n`` images (after the validation split)."""
-        return math.ceil((n - self.validation_size(n)) / self.batch_size)
-
     @classmethod
     def from_preset(cls, preset: Preset, **kw: Any) -> TrainOptions:
         """The preset's options; ``kw`` overrides them (``None`` values are ignored). The
@@ -255,7 +247,7 @@ def train(images: np.ndarray, preset: Preset, *, out_dir: str | Path | None = No
     gen = torch.Generator().manual_seed(opts.seed)
 
     n = len(images)
-    n_val = opts.validation_size(n)
+    n_val = round(n * opts.val_fraction) if n >= 10 else 0
     perm = rng.permutation(n)
     val, trn = images[perm[:n_val]], images[perm[n_val:]]
     val_c = None if conditions is None else conditions[perm[:n_val]]
@@ -314,9 +306,8 @@ def train(images: np.ndarray, preset: Preset, *, out_dir: str | Path | None = No
 
     t0 = time.monotonic()
     stopped_early = False
-    steps_per_epoch = opts.steps_per_epoch(n)
+    steps_per_epoch = math.ceil(len(trn) / opts.batch_size)
     epochs = max(opts.epochs, math.ceil(opts.min_steps / steps_per_epoch))
-    total = epochs * steps_per_epoch
     columns = (TextColumn(f"[bold]{label}[/] ep {{task.fields[epoch]}}"), BarColumn(),
                TextColumn("{task.completed}/{task.total}"),
                TextColumn("bpd {task.fields[bpd]:.3f} val {task.fields[val]:.3f}"),
@@ -326,7 +317,7 @@ def train(images: np.ndarray, preset: Preset, *, out_dir: str | Path | None = No
             bar.console.log(f"{label}: {len(trn)} training images make {steps_per_epoch} steps per "
                             f"epoch; {epochs} epochs instead of {opts.epochs} to reach "
                             f"{opts.min_steps} steps")
-        task = bar.add_task(label, total=total,
+        task = bar.add_task(label, total=epochs * steps_per_epoch,
                             completed=start_epoch * steps_per_epoch, epoch=start_epoch,
                             bpd=float("nan"), val=best_val if best_val < math.inf else float("nan"))
         for epoch in range(start_epoch, epochs):
