@@ -157,6 +157,15 @@ def test_chest_ct_patch_bundle_synth_train_evaluate(tmp_path: Path) -> None:
     assert summary["map"].split(":")[0] in ("likelihood", "posterior")
     assert "auroc_abnormal_volume" in summary and "f1" in summary and "lesion_hit_rate" in summary
     assert summary["overlays"] and (d / "e" / summary["overlays"][0]).stat().st_size > 2000
+    # the same volumes as DICOM studies + labels.csv: evaluated alike, without lesion masks
+    _ok(["synth", "chestct", str(d / "vdcm"), "--n", "6", "--seed", "3", "--abnormal-fraction",
+         "0.5", *shape, "--dicom"])
+    _ok(["evaluate", "--bundle", str(d / "b"), "--data", str(d / "vdcm"), "--out", str(d / "e2"),
+         "--n-boot", "20"])
+    dicom = json.loads((d / "e2" / "summary.json").read_text())
+    assert (dicom["n"], dicom["n_abnormal"]) == (summary["n"], summary["n_abnormal"]) == (6, 3)
+    assert "auc" in dicom["auroc_abnormal_volume"]
+    assert summary.get("lesion_hit_rate") and not dicom.get("lesion_hit_rate")
     # re-calibration on another labelled set rewrites the map calibration and keeps the bundle valid
     _ok(["synth", "chestct", str(d / "v2.npz"), "--n", "6", "--seed", "9", "--abnormal-fraction",
          "0.5", *shape])

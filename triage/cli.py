@@ -85,11 +85,18 @@ def synth(
     console.print(f"wrote {n} {kind.value} cases to {out}: {counts}")
 
 
+NO_LABELS = "no labels (use a phantom .npz or a DICOM folder with a labels.csv)"
+
+
 def _load_set(path: Path, prep: Preprocessing) -> tuple[object, object, object]:
-    """(preprocessed images, labels or None, phantom set or None) from .npz / folder."""
+    """(preprocessed images, labels or None, phantom set or None) from .npz / folder; a DICOM
+    folder with a labels.csv (triage.labelled) is labelled, its series may differ in size."""
+    import numpy as np
+
     import triage.imaging  # noqa: F401  (registers the DICOM folder loader)
     from flows.phantoms import PhantomSet
     from flows.train import load_images
+    from triage.labelled import has_labels, read_labelled_folder
 
     if path.suffix == ".npz" and path.is_file():
         try:
@@ -97,12 +104,16 @@ def _load_set(path: Path, prep: Preprocessing) -> tuple[object, object, object]:
             return prep.apply(ps.images), ps.labels, ps
         except (KeyError, ValueError):
             pass
+    if has_labels(path):
+        ls = read_labelled_folder(path, volumes=prep.ndim == 3)
+        return np.concatenate([prep.apply(s.array[None]) for s in ls.series]), ls.labels, None
     raw = load_images(path, prep.ndim)
     return prep.apply(raw), None, None
 
 
 def _load_volumes(path: Path) -> tuple[list[object], list[tuple[float, float, float]], object, object]:
-    """CT volumes in HU on their own grids: (volumes, spacings, labels or None, phantom set or None)."""
+    """CT volumes in HU on their own grids: (volumes, spacings, labels or None, the phantom set
+    or labelled folder (triage.labelled) or None)."""
     from flows.phantoms import PhantomSet
 
     if path.suffix == ".npz" and path.is_file():
@@ -112,7 +123,11 @@ def _load_volumes(path: Path) -> tuple[list[object], list[tuple[float, float, fl
         sp = tuple(float(x) for x in ps.spacing)
         return [v[0] for v in ps.images], [sp] * len(ps), ps.labels, ps  # type: ignore[list-item]
     from triage.imaging import read_series_folder
+    from triage.labelled import has_labels, read_labelled_folder
 
+    if has_labels(path):
+        ls = read_labelled_folder(path, volumes=True)
+        return [s.array for s in ls.series], [s.spacing for s in ls.series], ls.labels, ls  # type: ignore[misc]
     series = [s for s in read_series_folder(path) if s.is_volume]
     if not series:
         raise ValueError(f"{path}: no CT volumes found")
@@ -129,7 +144,7 @@ def _train_patch_bundle(p: object, out: Path, normal: Path, mixture: Path, valid
     mv, ms, _, _ = _load_volumes(mixture)
     vv, vs, vl, _ = _load_volumes(validation)
     if vl is None:
-        raise ValueError(f"{validation}: no labels (use a phantom .npz)")
+        raise ValueError(f"{validation}: {NO_LABELS}")
     build_patch_bundle(out, preset=p, normal=nv, normal_spacing=ns, mixture=mv,  # type: ignore[arg-type]
                        mixture_spacing=ms, validation=(vv, vs, vl), name=name,  # type: ignore[arg-type]
                        version=version, options=options, log=console.print)  # type: ignore[arg-type]
@@ -232,7 +247,7 @@ def train(
         if validation is not None:
             v_imgs, v_labels, _ = _load_set(validation, p.preprocessing)
             if v_labels is None:
-                raise ValueError(f"{validation}: no labels (use a phantom .npz or give none)")
+                raise ValueError(f"{validation}: {NO_LABELS}, or give none")
             val = (v_imgs, v_labels)
         build_bundle(out, preset=p, normal=n_imgs, mixture=m_imgs, name=name or out.name,  # type: ignore[arg-type]
                      version=version, validation=val,  # type: ignore[arg-type]
@@ -267,7 +282,7 @@ def calibrate(
         old = map_calibration(b)
         vv, vs, vl, _ = _load_volumes(validation)
         if vl is None:
-            raise ValueError(f"{validation}: no labels (use a phantom .npz)")
+            raise ValueError(f"{validation}: {NO_LABELS}")
         calibrate_patch_bundle(b, (vv, vs, vl), overlap=old.overlap, mask=old.mask,  # type: ignore[arg-type]
                                min_mask_fraction=old.min_mask_fraction, min_size_cm3=old.min_size_cm3,
                                log=console.print)
@@ -278,7 +293,9 @@ def calibrate(
 @app.command()
 def evaluate(
     bundle: Annotated[Path, typer.Option(help="bundle directory")],
-    data: Annotated[Path, typer.Option(help="labelled test set (.npz from `triage synth`)")],
+    data: Annotated[Path, typer.Option(
+        help="labelled test set: .npz from `triage synth`, or a folder of DICOM studies with a "
+             "labels.csv (columns series_instance_uid or study_instance_uid, label, finding)")],
     out: Annotated[Path, typer.Option(help="report directory")] = Path("runs/eval"),
     n_boot: Annotated[int, typer.Option(help="bootstrap draws for the CIs")] = 1000,
 ) -> None:
@@ -288,33 +305,48 @@ def evaluate(
     from flows.phantoms import PhantomSet
     from flows.phantoms.baselines import trivial_baselines
     from flows.posterior import PosteriorScorer
+    from triage.labelled import read_labelled_folder
 
     try:
         b = load_bundle(bundle)
         if b.extra("patchmap.json") is not None:
             _evaluate_patch_bundle(b, data, out, n_boot)
             return
-        ps = PhantomSet.load_npz(data)
-        imgs, boxes = b.preprocessing.apply_with_boxes(ps.images)
+        import numpy as np
+
+        ps: PhantomSet | None = None
+        if data.is_dir():  # a labelled DICOM folder: images of any size, no lesion masks
+            ls = read_labelled_folder(data, volumes=b.preprocessing.ndim == 3)
+            findings = ls.findings
+            each = [b.preprocessing.apply_with_boxes(x.array[None]) for x in ls.series]
+            imgs, boxes = np.concatenate([e[0] for e in each]), [e[1][0] for e in each]
+            shown = [_display(x.array, b.kind)[None] for x in ls.series]
+            base = {k: np.concatenate([trivial_baselines(d, kind=b.kind)[k] for d in shown])
+                    for k in trivial_baselines(shown[0], kind=b.kind)}
+        else:
+            ps = PhantomSet.load_npz(data)
+            findings = ps.findings
+            imgs, boxes = b.preprocessing.apply_with_boxes(ps.images)
+            base = trivial_baselines(ps.images, kind=b.kind)
         with console.status(f"scoring {len(imgs)} images"):
             s, maps = PosteriorScorer(b).score_maps(imgs) if b.preprocessing.ndim == 2 else (
                 PosteriorScorer(b).score(imgs), None)
         chosen = {} if s.method == "whole" else {f"posterior {s.method}": s.score}
         scores = {**chosen, "posterior": s.abnormality, "likelihood": -s.log_p_normal,
-                  **{f"baseline_{k}": v for k, v in
-                     trivial_baselines(ps.images, kind=b.kind).items()}}
-        classes = ["normal", *sorted({f for f in ps.findings if f != "normal"})]
-        labels = [classes.index(f) for f in ps.findings]
-        import numpy as np
-
+                  **{f"baseline_{k}": v for k, v in base.items()}}
+        classes = ["normal", *sorted({f for f in findings if f != "normal"})]
+        labels = [classes.index(f) for f in findings]
+        zero = ps.zero_fraction if ps is not None else base["background_fraction"]
         summary = run_eval(out, labels=np.asarray(labels), findings=classes, scores=scores,
-                           images=imgs, zero_fraction=ps.zero_fraction, n_boot=n_boot,
+                           images=imgs, zero_fraction=zero, n_boot=n_boot,
                            title=f"{b.name} on {data.name}",
                            extra={"bundle": b.name, "preset": b.manifest.get("preset"),
                                   "data": str(data)})
+        loc: dict[str, Any] = {}
         if maps is not None:
-            _radiograph_overlays(imgs, maps, s.score, ps.findings, out)
-            loc = _radiograph_localisation(b, maps, ps, boxes, out)
+            _radiograph_overlays(imgs, maps, s.score, findings, out)
+            if ps is not None:  # lesion masks: where the map points
+                loc = _radiograph_localisation(b, maps, ps, boxes, out)
     except (ValueError, FileNotFoundError, BundleError) as e:
         raise _fail(str(e)) from e
     table = Table(title=f"{b.name} on {data.name}")
@@ -324,7 +356,7 @@ def evaluate(
         o = entry["overall"]
         table.add_row(name, f"{o['auc']:.3f} [{o['lo']:.3f}, {o['hi']:.3f}]")
     Console().print(table)
-    if maps is not None and loc.get("findings"):
+    if loc.get("findings"):
         lt = Table(title="localisation: the map against the lesion masks")
         for c in ("finding", "n", "pointing (chance)", f"top {100 * loc['top_fraction']:g} % hit",
                   "overlay hit"):
@@ -334,6 +366,18 @@ def evaluate(
                        f"{row['top_hit']:.2f}", f"{row['overlay_hit']:.2f}" if "overlay_hit" in row else "-")
         Console().print(lt)
     console.print(f"report: {out / 'summary.md'}")
+
+
+def _display(raw: Any, kind: str) -> Any:
+    """A DICOM image as the phantoms' baselines read it: a radiograph min-max scaled to [0, 1]
+    (its collimated background at 0), a CT in HU as it is."""
+    import numpy as np
+
+    a = np.asarray(raw, dtype=np.float32)
+    if kind != "cxr":
+        return a
+    lo, hi = float(a.min()), float(a.max())
+    return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
 
 
 def _radiograph_localisation(b: object, maps: object, ps: object, boxes: list[tuple[slice, ...]],
@@ -384,12 +428,14 @@ def _evaluate_patch_bundle(b: object, data: Path, out: Path, n_boot: int) -> Non
     scorer = PatchMapScorer(b)  # type: ignore[arg-type]
     vols, sps, labels, ps = _load_volumes(data)
     if labels is None or ps is None:
-        raise ValueError(f"{data}: evaluation needs a labelled phantom set (.npz)")
+        raise ValueError(f"{data}: evaluation needs labels: a phantom set (.npz) or a DICOM folder "
+                         "with a labels.csv")
+    masks = getattr(ps, "masks", None)  # a labelled DICOM folder has no lesion masks
     cases = []
     for i in track(range(len(vols)), description="mapping volumes", console=console):
         v = np.asarray(vols[i])
         r = scorer.score(v, sps[i])
-        truth = ps.masks[i, 0]  # type: ignore[attr-defined]
+        truth = masks[i, 0] if masks is not None else None
         cases.append(case_from_result(
             v, r, scorer.cal.voxel_threshold, label=int(labels[i]),  # type: ignore[index]
             finding=ps.findings[i], truth=truth, spacing=sps[i]))  # type: ignore[attr-defined]
