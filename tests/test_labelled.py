@@ -102,3 +102,16 @@ def test_evaluate_reads_a_labelled_dicom_folder_like_its_npz(
     for name in a:  # 12-bit DICOM pixels against float ones: the same cases, the same ranking
         assert np.isclose(a[name]["overall"]["auc"], b[name]["overall"]["auc"], atol=0.02), name
     assert "Localisation" not in (tmp_path / "dicom" / "summary.md").read_text()  # no lesion masks
+
+
+def test_training_reads_dicom_radiographs_of_different_sizes(tmp_path: Path) -> None:
+    from flows.presets import get_preset
+    from triage.cli import _load_set
+
+    for size, seed in ((32, 1), (48, 2)):
+        write_dicom_studies(make_cxr(3, size=size, seed=seed), tmp_path / "set" / str(size), seed=seed)
+    imgs, labels, _ = _load_set(tmp_path / "set", get_preset("tiny-cxr").preprocessing)
+    assert np.asarray(imgs).shape == (6, 1, 16, 16) and labels is None
+    res = runner.invoke(app, ["train", "--preset", "tiny-cxr", "--data", str(tmp_path / "set"),
+                              "--out", str(tmp_path / "m"), "--epochs", "1"])
+    assert res.exit_code == 0, (res.output, res.exception)

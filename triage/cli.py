@@ -89,13 +89,14 @@ NO_LABELS = "no labels (use a phantom .npz or a DICOM folder with a labels.csv)"
 
 
 def _load_set(path: Path, prep: Preprocessing) -> tuple[object, object, object]:
-    """(preprocessed images, labels or None, phantom set or None) from .npz / folder; a DICOM
-    folder with a labels.csv (triage.labelled) is labelled, its series may differ in size."""
+    """(preprocessed images, labels or None, phantom set or None) from .npz / folder. DICOM
+    series may differ in size (each is preprocessed on its own, so only model-grid copies are
+    kept); a DICOM folder with a labels.csv (triage.labelled) is labelled."""
     import numpy as np
 
-    import triage.imaging  # noqa: F401  (registers the DICOM folder loader)
     from flows.phantoms import PhantomSet
     from flows.train import load_images
+    from triage.imaging import iter_series_folder
     from triage.labelled import has_labels, read_labelled_folder
 
     if path.suffix == ".npz" and path.is_file():
@@ -107,6 +108,10 @@ def _load_set(path: Path, prep: Preprocessing) -> tuple[object, object, object]:
     if has_labels(path):
         ls = read_labelled_folder(path, volumes=prep.ndim == 3)
         return np.concatenate([prep.apply(s.array[None]) for s in ls.series]), ls.labels, None
+    if path.is_dir():  # DICOM series, each brought onto the model grid as it is read
+        grids = [prep.apply(s.array[None]) for s in iter_series_folder(path) if s.array.ndim == prep.ndim]
+        if grids:
+            return np.concatenate(grids), None, None
     raw = load_images(path, prep.ndim)
     return prep.apply(raw), None, None
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -488,6 +488,13 @@ def read_series_folder(folder: Path, *, spacing_tolerance: float = 0.01) -> list
     not images (no Rows: DICOMDIR, SR, presentation states). Series come back ordered by
     the path of their first file, so a folder of ``<case>/`` studies reads in case order.
     """
+    return list(iter_series_folder(folder, spacing_tolerance=spacing_tolerance))
+
+
+def iter_series_folder(folder: Path, *, spacing_tolerance: float = 0.01) -> Iterator[Series]:
+    """:func:`read_series_folder` one series at a time: the headers of every file are read
+    first (to group them), the pixels of each series only when it is reached, so a caller that
+    keeps a reduced copy (a model-grid image) never holds the whole folder's pixels."""
     folder = Path(folder)
     if not folder.is_dir():
         raise NotADirectoryError(f"not a folder: {folder}")
@@ -509,14 +516,13 @@ def read_series_folder(folder: Path, *, spacing_tolerance: float = 0.01) -> list
         groups.setdefault(uid, []).append(path)
     if skipped:
         log.debug("skipped %d non-image or non-DICOM file(s) under %s", skipped, folder)
-    out = []
     for files in groups.values():  # insertion order = sorted path of each group's first file
         try:
-            out.append(read_series(files, spacing_tolerance=spacing_tolerance))
+            series = read_series(files, spacing_tolerance=spacing_tolerance)
         except ImagingError as exc:
             where = files[0].parent.relative_to(folder)
             raise ImagingError(f"{folder}/{where}: {exc}") from exc
-    return out
+        yield series
 
 
 def dicom_folder_loader(path: Path) -> np.ndarray | None:
