@@ -84,6 +84,9 @@ def test_a_label_table_needs_uids_and_labels(tmp_path: Path) -> None:
     tmp_path.joinpath(LABELS_CSV).write_text("series_instance_uid,finding\n1.2,normal\n")
     with pytest.raises(ValueError, match="no 'label' column"):
         read_labelled_folder(tmp_path)
+    tmp_path.joinpath(LABELS_CSV).write_text("\ufeffseries_instance_uid,label\n1.2,1\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="no DICOM images found"):  # the header read despite the BOM
+        read_labelled_folder(tmp_path)
     tmp_path.joinpath(LABELS_CSV).unlink()
     with pytest.raises(ValueError, match=r"no labels\.csv"):
         read_labelled_folder(tmp_path)

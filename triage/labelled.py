@@ -35,7 +35,7 @@ def has_labels(folder: Path) -> bool:
 
 
 def _read_rows(path: Path) -> tuple[str, dict[str, tuple[int, str]]]:
-    with path.open(encoding="utf-8", newline="") as f:
+    with path.open(encoding="utf-8-sig", newline="") as f:  # a spreadsheet's byte-order mark
         reader = csv.DictReader(f)
         cols = [c.strip() for c in reader.fieldnames or []]
         reader.fieldnames = cols
