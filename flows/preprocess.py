@@ -151,8 +151,16 @@ class Preprocessing:
                 phi = float(np.percentile(fg, ROBUST_PERCENTILES[1])) if fg.size else plo
                 if phi > plo:  # else: almost all one value; the full range keeps what is left
                     lo, hi = plo, phi
-            img = (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
+            img = rescale(img, lo, hi)
         return img
+
+
+def rescale(img: np.ndarray, lo: float | None = None, hi: float | None = None) -> np.ndarray:
+    """``[lo, hi]`` (default: the image's own range) mapped linearly onto [0, 1]; all zeros
+    for an image of one value."""
+    lo = float(img.min()) if lo is None else lo
+    hi = float(img.max()) if hi is None else hi
+    return (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
 
 
 CROP_MARGIN = 0.05

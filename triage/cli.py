@@ -325,9 +325,8 @@ def evaluate(
             findings = ls.findings
             each = [b.preprocessing.apply_with_boxes(x.array[None]) for x in ls.series]
             imgs, boxes = np.concatenate([e[0] for e in each]), [e[1][0] for e in each]
-            shown = [_display(x.array, b.kind)[None] for x in ls.series]
-            base = {k: np.concatenate([trivial_baselines(d, kind=b.kind)[k] for d in shown])
-                    for k in trivial_baselines(shown[0], kind=b.kind)}
+            per = [trivial_baselines(_display(x.array, b.kind)[None], kind=b.kind) for x in ls.series]
+            base = {k: np.concatenate([p[k] for p in per]) for k in per[0]}
         else:
             ps = PhantomSet.load_npz(data)
             findings = ps.findings
@@ -378,11 +377,10 @@ def _display(raw: Any, kind: str) -> Any:
     (its collimated background at 0), a CT in HU as it is."""
     import numpy as np
 
+    from flows.preprocess import rescale
+
     a = np.asarray(raw, dtype=np.float32)
-    if kind != "cxr":
-        return a
-    lo, hi = float(a.min()), float(a.max())
-    return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+    return rescale(a) if kind == "cxr" else a
 
 
 def _radiograph_localisation(b: object, maps: object, ps: object, boxes: list[tuple[slice, ...]],
