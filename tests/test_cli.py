@@ -166,6 +166,27 @@ def test_chest_ct_patch_bundle_synth_train_evaluate(tmp_path: Path) -> None:
     assert (dicom["n"], dicom["n_abnormal"]) == (summary["n"], summary["n_abnormal"]) == (6, 3)
     assert "auc" in dicom["auroc_abnormal_volume"]
     assert summary.get("lesion_hit_rate") and not dicom.get("lesion_hit_rate")
+    # as NIfTI files with mask files named in a labels.csv: the same figures, hit rates included
+    import nibabel as nib
+    import numpy as np
+
+    from flows.phantoms import PhantomSet
+
+    ps = PhantomSet.load_npz(d / "v.npz")
+    aff = np.diag([-ps.spacing[2], -ps.spacing[1], ps.spacing[0], 1.0])  # LPS axial -> RAS
+    (d / "nii").mkdir()
+    rows = ["file,label,finding,mask"]
+    for i in range(len(ps)):
+        nib.save(nib.Nifti1Image(ps.images[i, 0].transpose(2, 1, 0).copy(), aff), d / "nii" / f"{i}.nii.gz")
+        nib.save(nib.Nifti1Image(ps.masks[i, 0].transpose(2, 1, 0).astype(np.uint8), aff),
+                 d / "nii" / f"{i}-mask.nii.gz")
+        rows.append(f"{i}.nii.gz,{ps.labels[i]},{ps.findings[i]},{i}-mask.nii.gz")
+    (d / "nii" / "labels.csv").write_text("\n".join(rows) + "\n")
+    _ok(["evaluate", "--bundle", str(d / "b"), "--data", str(d / "nii"), "--out", str(d / "e3"),
+         "--n-boot", "20"])
+    nii = json.loads((d / "e3" / "summary.json").read_text())
+    for key in ("auroc_abnormal_volume", "f1", "lesion_hit_rate"):
+        assert nii[key] == summary[key], key
     # re-calibration on another labelled set rewrites the map calibration and keeps the bundle valid
     _ok(["synth", "chestct", str(d / "v2.npz"), "--n", "6", "--seed", "9", "--abnormal-fraction",
          "0.5", *shape])

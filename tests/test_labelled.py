@@ -85,7 +85,7 @@ def test_a_label_table_needs_uids_and_labels(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no 'label' column"):
         read_labelled_folder(tmp_path)
     tmp_path.joinpath(LABELS_CSV).write_text("\ufeffseries_instance_uid,label\n1.2,1\n", encoding="utf-8")
-    with pytest.raises(ValueError, match="no DICOM images found"):  # the header read despite the BOM
+    with pytest.raises(ValueError, match="no DICOM images or volumes found"):  # header read despite the BOM
         read_labelled_folder(tmp_path)
     tmp_path.joinpath(LABELS_CSV).unlink()
     with pytest.raises(ValueError, match=r"no labels\.csv"):

@@ -17,6 +17,8 @@ from rich.console import Console
 from rich.table import Table
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from flows.preprocess import Preprocessing
     from triage.config import Settings
 
@@ -85,7 +87,20 @@ def synth(
     console.print(f"wrote {n} {kind.value} cases to {out}: {counts}")
 
 
-NO_LABELS = "no labels (use a phantom .npz or a DICOM folder with a labels.csv)"
+NO_LABELS = ("no labels (use a phantom .npz, an .npz with images and labels arrays, or a folder "
+             "with a labels.csv: see `triage evaluate --help`)")
+
+
+def _phantom_set(path: Path) -> Any:
+    """The phantom set in ``path`` (an .npz `triage synth` wrote), or None."""
+    from flows.phantoms import PhantomSet
+
+    if path.suffix != ".npz" or not path.is_file():
+        return None
+    try:
+        return PhantomSet.load_npz(path)
+    except KeyError:  # another .npz: images and labels only (triage.labelled)
+        return None
 
 
 def _load_set(path: Path, prep: Preprocessing) -> tuple[object, object, object]:
@@ -94,49 +109,53 @@ def _load_set(path: Path, prep: Preprocessing) -> tuple[object, object, object]:
     kept); a DICOM folder with a labels.csv (triage.labelled) is labelled."""
     import numpy as np
 
-    from flows.phantoms import PhantomSet
     from flows.train import load_images
-    from triage.imaging import iter_series_folder
-    from triage.labelled import has_labels, read_labelled_folder
+    from triage.labelled import has_labels, read_labelled
 
-    if path.suffix == ".npz" and path.is_file():
-        try:
-            ps = PhantomSet.load_npz(path)
-            return prep.apply(ps.images), ps.labels, ps
-        except (KeyError, ValueError):
-            pass
+    ps = _phantom_set(path)
+    if ps is not None:
+        return prep.apply(ps.images), ps.labels, ps
     if has_labels(path):
-        ls = read_labelled_folder(path, volumes=prep.ndim == 3)
+        ls = read_labelled(path, volumes=prep.ndim == 3)
         return np.concatenate([prep.apply(s.array[None]) for s in ls.series]), ls.labels, None
-    if path.is_dir():  # DICOM series, each brought onto the model grid as it is read
-        grids = [prep.apply(s.array[None]) for s in iter_series_folder(path) if s.array.ndim == prep.ndim]
+    if path.is_dir():  # DICOM series and image files, each brought onto the model grid as read
+        grids = [prep.apply(s.array[None]) for s in _iter_folder(path) if s.array.ndim == prep.ndim]
         if grids:
             return np.concatenate(grids), None, None
     raw = load_images(path, prep.ndim)
     return prep.apply(raw), None, None
 
 
+def _iter_folder(path: Path) -> Iterator[Any]:
+    """The DICOM series under ``path``, then its picture and NIfTI files (triage.imagefiles)."""
+    from triage.imagefiles import iter_image_files
+    from triage.imaging import iter_series_folder
+
+    yield from iter_series_folder(path)
+    yield from iter_image_files(path)
+
+
 def _load_volumes(path: Path) -> tuple[list[object], list[tuple[float, float, float]], object, object]:
     """CT volumes in HU on their own grids: (volumes, spacings, labels or None, the phantom set
     or labelled folder (triage.labelled) or None)."""
-    from flows.phantoms import PhantomSet
+    from triage.labelled import has_labels, read_labelled
 
-    if path.suffix == ".npz" and path.is_file():
-        ps = PhantomSet.load_npz(path)
+    ps = _phantom_set(path)
+    if ps is not None:
         if ps.images.ndim != 5:
             raise ValueError(f"{path}: not a set of volumes (images of shape {ps.images.shape})")
         sp = tuple(float(x) for x in ps.spacing)
         return [v[0] for v in ps.images], [sp] * len(ps), ps.labels, ps  # type: ignore[list-item]
-    from triage.imaging import read_series_folder
-    from triage.labelled import has_labels, read_labelled_folder
-
     if has_labels(path):
-        ls = read_labelled_folder(path, volumes=True)
+        ls = read_labelled(path, volumes=True)
         return [s.array for s in ls.series], [s.spacing for s in ls.series], ls.labels, ls  # type: ignore[misc]
-    series = [s for s in read_series_folder(path) if s.is_volume]
+    if not path.is_dir():
+        raise ValueError(f"{path}: not a set of volumes (a phantom or labelled .npz, or a folder of "
+                         "DICOM series or NIfTI files)")
+    series = [s for s in _iter_folder(path) if s.is_volume]
     if not series:
-        raise ValueError(f"{path}: no CT volumes found")
-    return [s.array for s in series], [s.spacing for s in series], None, None  # type: ignore[misc]
+        raise ValueError(f"{path}: no CT volumes found (DICOM series or NIfTI files)")
+    return [s.array for s in series], [s.spacing for s in series], None, None
 
 
 def _train_patch_bundle(p: object, out: Path, normal: Path, mixture: Path, validation: Path | None,
@@ -307,10 +326,9 @@ def evaluate(
     """Score a labelled set: AUROC with CIs, histograms, montages, confound plots."""
     from flows.bundle import BundleError, load_bundle
     from flows.evaluate import evaluate as run_eval
-    from flows.phantoms import PhantomSet
     from flows.phantoms.baselines import trivial_baselines
     from flows.posterior import PosteriorScorer
-    from triage.labelled import read_labelled_folder
+    from triage.labelled import read_labelled
 
     try:
         b = load_bundle(bundle)
@@ -319,17 +337,17 @@ def evaluate(
             return
         import numpy as np
 
-        ps: PhantomSet | None = None
-        if data.is_dir():  # a labelled DICOM folder: images of any size, no lesion masks
-            ls = read_labelled_folder(data, volumes=b.preprocessing.ndim == 3)
-            findings = ls.findings
+        ps = _phantom_set(data)
+        masks: list[Any] | None
+        if ps is None:  # a labelled folder or .npz: images of any size, masks if given
+            ls = read_labelled(data, volumes=b.preprocessing.ndim == 3)
+            findings, masks = ls.findings, ls.masks
             each = [b.preprocessing.apply_with_boxes(x.array[None]) for x in ls.series]
             imgs, boxes = np.concatenate([e[0] for e in each]), [e[1][0] for e in each]
             per = [trivial_baselines(_display(x.array, b.kind)[None], kind=b.kind) for x in ls.series]
             base = {k: np.concatenate([p[k] for p in per]) for k in per[0]}
         else:
-            ps = PhantomSet.load_npz(data)
-            findings = ps.findings
+            findings, masks = ps.findings, list(ps.masks[:, 0])
             imgs, boxes = b.preprocessing.apply_with_boxes(ps.images)
             base = trivial_baselines(ps.images, kind=b.kind)
         with console.status(f"scoring {len(imgs)} images"):
@@ -349,8 +367,8 @@ def evaluate(
         loc: dict[str, Any] = {}
         if maps is not None:
             _radiograph_overlays(imgs, maps, s.score, findings, out)
-            if ps is not None:  # lesion masks: where the map points
-                loc = _radiograph_localisation(b, maps, ps, boxes, out)
+            if masks is not None:  # lesion masks: where the map points
+                loc = _radiograph_localisation(b, maps, masks, findings, boxes, out)
     except (ValueError, FileNotFoundError, BundleError) as e:
         raise _fail(str(e)) from e
     table = Table(title=f"{b.name} on {data.name}")
@@ -383,8 +401,8 @@ def _display(raw: Any, kind: str) -> Any:
     return rescale(a) if kind == "cxr" else a
 
 
-def _radiograph_localisation(b: object, maps: object, ps: object, boxes: list[tuple[slice, ...]],
-                             out: Path) -> dict[str, Any]:
+def _radiograph_localisation(b: object, maps: object, masks: list[Any], findings: list[str],
+                             boxes: list[tuple[slice, ...]], out: Path) -> dict[str, Any]:
     """Localisation figures of the node's radiograph map, appended to the report."""
     import numpy as np
     from scipy import ndimage
@@ -393,14 +411,13 @@ def _radiograph_localisation(b: object, maps: object, ps: object, boxes: list[tu
     from triage.analyze import POSTERIOR_MAP_Z
 
     m = np.asarray(maps)[:, 0] if np.asarray(maps).ndim == 4 else np.asarray(maps)
-    truth = np.asarray(ps.masks)[:, 0]  # type: ignore[attr-defined]
-    seen = [t[box] for t, box in zip(truth, boxes, strict=True)]  # what the model saw
+    seen = [np.asarray(t)[box] for t, box in zip(masks, boxes, strict=True)]  # what the model saw
     # phantom grid -> model grid: lesion where >= 1/4 of a pixel is
     truth = np.array([t if t.shape == m.shape[1:] else ndimage.zoom(
         t.astype(np.float32), [a / b for a, b in zip(m.shape[1:], t.shape, strict=True)], order=1) > 0.25
         for t in seen])
     threshold = POSTERIOR_MAP_Z if b.map_reference is not None else None  # type: ignore[attr-defined]
-    loc = radiograph_localisation(m, truth, list(ps.findings), threshold=threshold)  # type: ignore[attr-defined]
+    loc = radiograph_localisation(m, truth, findings, threshold=threshold)
     (out / "localisation.json").write_text(json.dumps(loc, indent=2))
     with open(out / "summary.md", "a") as f:
         f.write("\n" + localisation_markdown(loc))
@@ -431,14 +448,13 @@ def _evaluate_patch_bundle(b: object, data: Path, out: Path, n_boot: int) -> Non
     scorer = PatchMapScorer(b)  # type: ignore[arg-type]
     vols, sps, labels, ps = _load_volumes(data)
     if labels is None or ps is None:
-        raise ValueError(f"{data}: evaluation needs labels: a phantom set (.npz) or a DICOM folder "
-                         "with a labels.csv")
-    masks = getattr(ps, "masks", None)  # a labelled DICOM folder has no lesion masks
+        raise ValueError(f"{data}: evaluation needs labels: {NO_LABELS}")
+    masks = getattr(ps, "masks", None)  # a labelled set may have no lesion masks
     cases = []
     for i in track(range(len(vols)), description="mapping volumes", console=console):
         v = np.asarray(vols[i])
         r = scorer.score(v, sps[i])
-        truth = masks[i, 0] if masks is not None else None
+        truth = np.asarray(masks[i]).reshape(v.shape) if masks is not None else None
         cases.append(case_from_result(
             v, r, scorer.cal.voxel_threshold, label=int(labels[i]),  # type: ignore[index]
             finding=ps.findings[i], truth=truth, spacing=sps[i]))  # type: ignore[attr-defined]

@@ -1,10 +1,21 @@
-"""Labelled DICOM folders: a site's own validation or test set, as DICOM plus ``labels.csv``.
+"""Labelled sets that are not phantom ``.npz`` files: a site's own validation or test data.
 
-The layout ``triage synth --dicom`` writes and a site can export from its PACS: any tree of
-DICOM files under one folder, and at its top a ``labels.csv`` with a ``label`` column (0 normal,
-1 abnormal), an optional ``finding`` column, and the series each row labels, named by
-``series_instance_uid`` (or, where a study holds one image series, by ``study_instance_uid``).
-Rows are matched by UID, not by order, so the folder's layout does not matter.
+* **A folder with a ``labels.csv``** at its top: a ``label`` column (0 normal, 1 abnormal), an
+  optional ``finding`` column, and what each row labels:
+
+  - ``series_instance_uid`` (or, where a study holds one image series, ``study_instance_uid``):
+    any tree of DICOM files, the layout ``triage synth --dicom`` writes and a site can export
+    from its PACS. Rows are matched by UID, so the folder's layout does not matter, and every
+    series must have a row;
+  - ``file``: a path relative to the folder of a PNG/JPEG/TIFF/BMP radiograph, a NIfTI
+    volume or a ``.npy`` array (:mod:`triage.imagefiles`), with an optional ``mask`` column
+    naming a lesion mask of the same size (nonzero = lesion), which gives the evaluation its
+    hit rates. The rows are the set, in their order.
+
+* **An ``.npz`` file** with an ``images`` array ``(N, *spatial)`` (or ``(N, 1, *spatial)``) and
+  a ``labels`` array of 0/1; optional ``findings`` (N strings), ``masks`` (lesion masks, the
+  shape of ``images``) and ``spacing`` (mm, one value per spatial axis, needed by the chest-CT
+  patch maps). The phantom sets ``triage synth`` writes are such files with more arrays.
 """
 
 from __future__ import annotations
@@ -19,6 +30,8 @@ from triage.imaging import Series, read_series_folder
 
 LABELS_CSV = "labels.csv"
 UID_COLUMNS = ("series_instance_uid", "study_instance_uid")
+FILE_COLUMN = "file"
+KEY_COLUMNS = (*UID_COLUMNS, FILE_COLUMN)
 
 
 @dataclass
@@ -28,13 +41,28 @@ class LabelledSeries:
     series: list[Series]
     labels: np.ndarray  # int64, 0 normal / 1 abnormal
     findings: list[str]  # "normal" for every normal case
+    masks: list[np.ndarray] | None = None  # lesion masks on each series' grid, when given
 
 
-def has_labels(folder: Path) -> bool:
-    return Path(folder).is_dir() and (Path(folder) / LABELS_CSV).is_file()
+def has_labels(path: Path) -> bool:
+    """A folder with a labels.csv, or an .npz with a labels array."""
+    path = Path(path)
+    if path.is_dir():
+        return (path / LABELS_CSV).is_file()
+    if path.is_file() and path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as z:
+            return "labels" in z.files
+    return False
 
 
-def _read_rows(path: Path) -> tuple[str, dict[str, tuple[int, str]]]:
+@dataclass
+class _Row:
+    label: int
+    finding: str
+    mask: str
+
+
+def _read_rows(path: Path) -> tuple[str, dict[str, _Row]]:
     with path.open(encoding="utf-8-sig", newline="") as f:  # a spreadsheet's byte-order mark
         reader = csv.DictReader(f)
         cols = [c.strip() for c in reader.fieldnames or []]
@@ -42,10 +70,13 @@ def _read_rows(path: Path) -> tuple[str, dict[str, tuple[int, str]]]:
         rows = list(reader)
     if "label" not in cols:
         raise ValueError(f"{path}: no 'label' column (columns: {', '.join(cols) or 'none'})")
-    key = next((c for c in UID_COLUMNS if c in cols), None)
+    key = next((c for c in KEY_COLUMNS if c in cols), None)
     if key is None:
-        raise ValueError(f"{path}: name each row's series in a {' or '.join(UID_COLUMNS)} column")
-    table: dict[str, tuple[int, str]] = {}
+        raise ValueError(f"{path}: name each row's series in a {' or '.join(UID_COLUMNS)} column, "
+                         f"or its image file in a '{FILE_COLUMN}' column")
+    if "mask" in cols and key != FILE_COLUMN:
+        raise ValueError(f"{path}: a 'mask' column goes with a '{FILE_COLUMN}' column")
+    table: dict[str, _Row] = {}
     for line, row in enumerate(rows, start=2):
         uid, label = (row.get(key) or "").strip(), (row.get("label") or "").strip()
         if not uid:
@@ -57,10 +88,31 @@ def _read_rows(path: Path) -> tuple[str, dict[str, tuple[int, str]]]:
             raise ValueError(f"{path}, line {line}: label 1 (abnormal) but finding 'normal'")
         if uid in table:
             raise ValueError(f"{path}, line {line}: {key} {uid} is labelled twice")
-        table[uid] = (int(label), "normal" if label == "0" else finding or "abnormal")
+        table[uid] = _Row(int(label), "normal" if label == "0" else finding or "abnormal",
+                          (row.get("mask") or "").strip())
     if not table:
         raise ValueError(f"{path}: no rows")
     return key, table
+
+
+def _kind_ok(s: Series, volumes: bool | None) -> bool:
+    return volumes is None or s.is_volume == volumes
+
+
+def _what(volumes: bool | None) -> str:
+    return "volumes" if volumes else "images" if volumes is False else "images or volumes"
+
+
+def read_labelled(path: Path, *, volumes: bool | None = None) -> LabelledSeries:
+    """A labelled folder (:func:`read_labelled_folder`) or a labelled ``.npz``
+    (:func:`read_labelled_npz`)."""
+    path = Path(path)
+    if path.is_dir():
+        return read_labelled_folder(path, volumes=volumes)
+    if path.is_file() and path.suffix == ".npz":
+        return read_labelled_npz(path, volumes=volumes)
+    raise ValueError(f"{path}: not a labelled set (a folder with a {LABELS_CSV}, or an .npz with "
+                     "images and labels arrays)")
 
 
 def read_labelled_folder(folder: Path, *, volumes: bool | None = None) -> LabelledSeries:
@@ -74,11 +126,13 @@ def read_labelled_folder(folder: Path, *, volumes: bool | None = None) -> Labell
     path = folder / LABELS_CSV
     if not path.is_file():
         raise ValueError(f"{folder}: no {LABELS_CSV} (columns label, finding and "
-                         f"{' or '.join(UID_COLUMNS)})")
+                         f"{' or '.join(KEY_COLUMNS)})")
     key, table = _read_rows(path)
-    found = [s for s in read_series_folder(folder) if volumes is None or s.is_volume == volumes]
+    if key == FILE_COLUMN:
+        return _read_file_rows(folder, table, volumes)
+    found = [s for s in read_series_folder(folder) if _kind_ok(s, volumes)]
     if not found:
-        raise ValueError(f"{folder}: no DICOM {'volumes' if volumes else 'images'} found")
+        raise ValueError(f"{folder}: no DICOM {_what(volumes)} found")
     labels, findings, seen = [], [], set()
     for s in found:
         uid = s.series_instance_uid if key == "series_instance_uid" else s.study_instance_uid
@@ -88,9 +142,89 @@ def read_labelled_folder(folder: Path, *, volumes: bool | None = None) -> Labell
             raise ValueError(f"{path}: study {uid} holds more than one image series; label "
                              "each by series_instance_uid")
         seen.add(uid)
-        labels.append(table[uid][0])
-        findings.append(table[uid][1])
+        labels.append(table[uid].label)
+        findings.append(table[uid].finding)
     unused = sorted(set(table) - seen)
     if unused:
         raise ValueError(f"{path}: {len(unused)} row(s) name no series in the folder (first: {unused[0]})")
     return LabelledSeries(found, np.asarray(labels, dtype=np.int64), findings)
+
+
+def _inside(folder: Path, rel: str, line: str) -> Path:
+    p = (folder / rel).resolve()
+    if not p.is_relative_to(folder.resolve()):
+        raise ValueError(f"{folder / LABELS_CSV}, {line}: {rel} is outside the folder")
+    return p
+
+
+def _read_file_rows(folder: Path, table: dict[str, _Row], volumes: bool | None) -> LabelledSeries:
+    from triage.imagefiles import read_image_file
+
+    series, masks = [], []
+    with_masks = sum(bool(r.mask) for r in table.values())
+    if with_masks not in (0, len(table)):
+        raise ValueError(f"{folder / LABELS_CSV}: {with_masks} of {len(table)} rows name a mask; "
+                         "give every row one (an all-zero mask for a normal case) or none")
+    for rel, row in table.items():
+        s = read_image_file(_inside(folder, rel, f"row {rel}"), root=folder.resolve())
+        if not _kind_ok(s, volumes):
+            raise ValueError(f"{folder / LABELS_CSV}: {rel} is a {s.array.ndim}D array; this set "
+                             f"needs {_what(volumes)}")
+        series.append(s)
+        if row.mask:
+            m = read_image_file(_inside(folder, row.mask, f"row {rel}"), root=folder.resolve())
+            if m.array.shape != s.array.shape:
+                raise ValueError(f"{folder / LABELS_CSV}: the mask {row.mask} has shape "
+                                 f"{m.array.shape}, its image {rel} {s.array.shape}")
+            masks.append(m.array != 0)
+    return LabelledSeries(series, np.asarray([r.label for r in table.values()], dtype=np.int64),
+                          [r.finding for r in table.values()], masks or None)
+
+
+def read_labelled_npz(path: Path, *, volumes: bool | None = None) -> LabelledSeries:
+    """An ``.npz`` with ``images`` and ``labels`` (and optionally ``findings``, ``masks``,
+    ``spacing``) as a labelled set."""
+    from triage.imagefiles import make_series
+
+    path = Path(path)
+    with np.load(path, allow_pickle=False) as z:
+        missing = [k for k in ("images", "labels") if k not in z.files]
+        if missing:
+            raise ValueError(f"{path}: no {' or '.join(missing)} array "
+                             f"(arrays: {', '.join(z.files) or 'none'})")
+        images, labels = np.asarray(z["images"]), np.asarray(z["labels"])
+        findings = [str(f) for f in z["findings"].tolist()] if "findings" in z.files else None
+        masks = np.asarray(z["masks"]) if "masks" in z.files else None
+        spacing = np.asarray(z["spacing"], dtype=np.float64).ravel() if "spacing" in z.files else None
+    if images.ndim >= 3 and images.shape[1] == 1 and images.ndim in (4, 5):
+        images = images[:, 0]
+    if images.ndim not in (3, 4):
+        raise ValueError(f"{path}: images of shape {images.shape}; expected (N, H, W) or (N, D, H, W)")
+    n = images.shape[0]
+    if labels.shape != (n,) or not np.isin(labels, (0, 1)).all():
+        raise ValueError(f"{path}: labels must be {n} values of 0 (normal) or 1 (abnormal), "
+                         f"got shape {labels.shape}")
+    if findings is not None and len(findings) != n:
+        raise ValueError(f"{path}: {len(findings)} findings for {n} images")
+    if findings is None:
+        findings = ["abnormal" if v else "normal" for v in labels]
+    bad = [i for i, (v, f) in enumerate(zip(labels, findings, strict=True)) if (f == "normal") == bool(v)]
+    if bad:
+        i = bad[0]
+        raise ValueError(f"{path}: image {i} has label {labels[i]} but finding {findings[i]!r}")
+    nd = images.ndim - 1
+    if spacing is not None and (spacing.size != nd or not np.all(np.isfinite(spacing))
+                                or np.any(spacing <= 0)):
+        raise ValueError(f"{path}: spacing must be {nd} positive values in mm, got {spacing.tolist()}")
+    sp = tuple(float(v) for v in spacing) if spacing is not None else (float("nan"),) * nd
+    mlist = None
+    if masks is not None:
+        if masks.ndim == images.ndim + 1 and masks.shape[1] == 1:
+            masks = masks[:, 0]
+        if masks.shape != images.shape:
+            raise ValueError(f"{path}: masks of shape {masks.shape} for images of shape {images.shape}")
+        mlist = [m != 0 for m in masks]
+    series = [make_series(images[i], sp, f"{path.name}[{i}]", "OT") for i in range(n)]
+    if volumes is not None and (nd == 3) != volumes:
+        raise ValueError(f"{path}: {nd}D images; this set needs {_what(volumes)}")
+    return LabelledSeries(series, labels.astype(np.int64), findings, mlist)

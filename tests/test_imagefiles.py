@@ -1,0 +1,202 @@
+"""Image files that are not DICOM (PNG/JPEG/TIFF radiographs, NIfTI volumes) and labelled sets
+made of them: the exports an ML engineer trains and evaluates on."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from flows.bundle import Bundle
+from flows.phantoms import PhantomSet, make_cxr
+from tests import dicomgen
+from triage.cli import app
+from triage.imagefiles import iter_image_files, read_image_file
+from triage.imaging import ImagingError, read_series_folder
+from triage.labelled import LABELS_CSV, read_labelled
+
+runner = CliRunner()
+
+
+def test_greyscale_pictures_keep_their_values(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    a8 = rng.integers(0, 256, (20, 30), dtype=np.uint8)
+    a16 = rng.integers(0, 4096, (20, 30), dtype=np.uint16)
+    Image.fromarray(a8).save(tmp_path / "a.png")
+    Image.fromarray(a16).save(tmp_path / "b.png")
+    Image.fromarray(a16).save(tmp_path / "c.tif")
+    Image.fromarray(np.stack([a8] * 3, axis=-1)).save(tmp_path / "d.png")  # grey stored as RGB
+    for name, want in (("a.png", a8), ("b.png", a16), ("c.tif", a16), ("d.png", a8)):
+        s = read_image_file(tmp_path / name)
+        assert s.array.dtype == np.float32 and s.array.shape == (20, 30) and not s.is_volume, name
+        assert np.array_equal(s.array, want.astype(np.float32)), name
+        assert np.isnan(s.spacing).all()
+    assert [s.series_instance_uid for s in iter_image_files(tmp_path)] == ["a.png", "b.png", "c.tif", "d.png"]
+
+
+def test_pictures_that_are_not_radiographs_are_refused(tmp_path: Path) -> None:
+    rgb = np.zeros((8, 8, 3), dtype=np.uint8)
+    rgb[..., 0] = 200
+    Image.fromarray(rgb).save(tmp_path / "colour.png")
+    with pytest.raises(ImagingError, match="colour image"):
+        read_image_file(tmp_path / "colour.png")
+    Image.fromarray(np.ones((8, 8), dtype=bool)).save(tmp_path / "bits.png")
+    with pytest.raises(ImagingError, match="1-bit"):
+        read_image_file(tmp_path / "bits.png")
+    pages = [Image.fromarray(np.full((8, 8), v, dtype=np.uint8)) for v in (1, 2)]
+    pages[0].save(tmp_path / "pages.tif", save_all=True, append_images=pages[1:])
+    with pytest.raises(ImagingError, match="2 pages"):
+        read_image_file(tmp_path / "pages.tif")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    with pytest.raises(ImagingError, match=r"broken\.png: unreadable image file"):
+        read_image_file(tmp_path / "broken.png")
+    np.save(tmp_path / "nan.npy", np.full((4, 4), np.nan))
+    with pytest.raises(ImagingError, match="NaN"):
+        read_image_file(tmp_path / "nan.npy")
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ImagingError, match="not an image file"):
+        read_image_file(tmp_path / "notes.txt")
+
+
+def _dicom_volume(tmp_path: Path) -> object:
+    """A 5-slice axial CT (2 mm slices, 1 mm pixels, origin (-4, -4, 0)) read as DICOM."""
+    folder = tmp_path / "dcm"
+    folder.mkdir()
+    for i, raw in enumerate(dicomgen.ct_series("nifti", 5, rows=6, cols=7)):
+        (folder / f"{i}.dcm").write_bytes(raw)
+    (s,) = read_series_folder(folder)
+    return s
+
+
+def _affine_from_dicom(s: object) -> np.ndarray:
+    """The NIfTI (RAS) affine of an array stored as data[column j, row i, slice k]."""
+    d = np.asarray(s.direction).reshape(3, 3)  # type: ignore[attr-defined]
+    dz, dy, dx = s.spacing  # type: ignore[attr-defined]
+    lps = np.eye(4)
+    lps[:3, 0], lps[:3, 1], lps[:3, 2] = d[0] * dx, d[1] * dy, d[2] * dz
+    lps[:3, 3] = s.origin  # type: ignore[attr-defined]
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+
+
+def test_a_nifti_volume_reads_like_the_dicom_series_it_came_from(tmp_path: Path) -> None:
+    s = _dicom_volume(tmp_path)
+    arr = s.array  # type: ignore[attr-defined]
+    aff = _affine_from_dicom(s)
+    nib.save(nib.Nifti1Image(arr.transpose(2, 1, 0).copy(), aff), tmp_path / "plain.nii.gz")
+    # the same volume stored slice-reversed, with the affine that says so (as some converters do)
+    flip = np.eye(4)
+    flip[2, 2], flip[2, 3] = -1.0, arr.shape[0] - 1
+    nib.save(nib.Nifti1Image(arr.transpose(2, 1, 0)[:, :, ::-1].copy(), aff @ flip), tmp_path / "rev.nii")
+    for name in ("plain.nii.gz", "rev.nii"):
+        n = read_image_file(tmp_path / name)
+        assert n.is_volume and np.array_equal(n.array, arr), name
+        assert np.allclose(n.spacing, s.spacing), name  # type: ignore[attr-defined]
+        assert np.allclose(n.origin, s.origin), name  # type: ignore[attr-defined,arg-type]
+        assert np.allclose(n.direction, s.direction), name  # type: ignore[attr-defined,arg-type]
+
+
+def test_a_nifti_that_is_not_one_image_is_refused(tmp_path: Path) -> None:
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4, 2), np.float32), np.eye(4)), tmp_path / "t.nii")
+    with pytest.raises(ImagingError, match="one 2D image or 3D volume per file"):
+        read_image_file(tmp_path / "t.nii")
+    (tmp_path / "bad.nii.gz").write_bytes(b"\x1f\x8bnot gzip")
+    with pytest.raises(ImagingError, match="unreadable NIfTI"):
+        read_image_file(tmp_path / "bad.nii.gz")
+
+
+@pytest.fixture(scope="module")
+def cxr_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """The same 16 phantom radiographs as a phantom .npz, as 16-bit PNGs with masks and a
+    labels.csv naming files, and as a bare .npz of images, labels and masks."""
+    root = tmp_path_factory.mktemp("files")
+    ps = make_cxr(16, size=32, abnormal_fraction=0.5, seed=5)
+    ps.save_npz(root / "set.npz")
+    folder = root / "png"
+    (folder / "img").mkdir(parents=True)
+    (folder / "mask").mkdir()
+    lines = ["file,label,finding,mask"]
+    for i in range(len(ps)):
+        Image.fromarray(np.round(ps.images[i, 0] * 65535).astype(np.uint16)).save(folder / "img" / f"{i}.png")
+        Image.fromarray(ps.masks[i, 0].astype(np.uint8) * 255).save(folder / "mask" / f"{i}.png")
+        lines.append(f"img/{i}.png,{ps.labels[i]},{ps.findings[i]},mask/{i}.png")
+    (folder / LABELS_CSV).write_text("\n".join(lines) + "\n")
+    np.savez(root / "bare.npz", images=ps.images, labels=ps.labels, masks=ps.masks,
+             findings=np.asarray(ps.findings))
+    return root / "set.npz", folder, root / "bare.npz"
+
+
+def test_a_labels_csv_can_name_image_files_and_their_masks(cxr_files: tuple[Path, Path, Path]) -> None:
+    npz, folder, bare = cxr_files
+    ps = PhantomSet.load_npz(npz)
+    for data in (folder, bare):
+        ls = read_labelled(data, volumes=False)
+        assert ls.labels.tolist() == ps.labels.tolist() and ls.findings == ps.findings, data
+        assert ls.masks is not None
+        assert all(np.array_equal(m, t[0]) for m, t in zip(ls.masks, ps.masks, strict=True)), data
+    with pytest.raises(ValueError, match="needs volumes"):
+        read_labelled(folder, volumes=True)
+
+
+@pytest.mark.parametrize("table, msg", [
+    ("file,label\nimg/0.png,1\nimg/99.png,0\n", "img/99.png: no such file"),
+    ("file,label\n../set.npz,0\n", "outside the folder"),
+    ("file,label,mask\nimg/0.png,1,mask/0.png\nimg/1.png,0,\n", "1 of 2 rows name a mask"),
+    ("series_instance_uid,label,mask\n1.2,1,m.png\n", "'mask' column goes with a 'file' column"),
+])
+def test_a_file_table_that_does_not_match_the_folder_is_refused(
+        cxr_files: tuple[Path, Path, Path], tmp_path: Path, table: str, msg: str) -> None:
+    import shutil
+
+    copy = tmp_path / "png"
+    shutil.copytree(cxr_files[1], copy)
+    (copy / LABELS_CSV).write_text(table)
+    with pytest.raises(ValueError, match=msg):
+        read_labelled(copy)
+
+
+@pytest.mark.parametrize("arrays, msg", [
+    ({"images": np.zeros((3, 8, 8))}, "no labels array"),
+    ({"images": np.zeros((3, 8, 8)), "labels": np.array([0, 1, 2])}, "0 \\(normal\\) or 1"),
+    ({"images": np.zeros((3, 8, 8)), "labels": np.array([0, 1, 1]),
+      "findings": np.array(["normal", "normal", "nodule"])}, "image 1 has label 1 but finding 'normal'"),
+    ({"images": np.zeros((2, 4, 8, 8)), "labels": np.array([0, 1]), "spacing": np.array([1.0, 0.0, 1.0])},
+     "spacing must be 3 positive values"),
+    ({"images": np.zeros((2, 8, 8)), "labels": np.array([0, 1]), "masks": np.zeros((2, 4, 4))},
+     "masks of shape"),
+])
+def test_a_bare_npz_is_checked(tmp_path: Path, arrays: dict[str, np.ndarray], msg: str) -> None:
+    np.savez(tmp_path / "x.npz", **arrays)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=msg):
+        read_labelled(tmp_path / "x.npz")
+
+
+def test_evaluate_reads_png_files_and_a_bare_npz_like_the_phantom_set(
+        cxr_files: tuple[Path, Path, Path], tiny_bundle: Bundle, tmp_path: Path) -> None:
+    results = {}
+    for name, data in zip(("npz", "png", "bare"), cxr_files, strict=True):
+        out = tmp_path / name
+        res = runner.invoke(app, ["evaluate", "--bundle", str(tiny_bundle.path), "--data", str(data),
+                                  "--out", str(out), "--n-boot", "50"])
+        assert res.exit_code == 0, (name, res.output, res.exception)
+        results[name] = json.loads((out / "summary.json").read_text())["scores"]
+        assert "ocalisation" in (out / "summary.md").read_text(), name  # masks given: hit rates
+    for name in results["npz"]:  # 16-bit PNGs against float pixels: the same ranking
+        a = results["npz"][name]["overall"]["auc"]
+        assert np.isclose(a, results["png"][name]["overall"]["auc"], atol=0.02), name
+        assert np.isclose(a, results["bare"][name]["overall"]["auc"], atol=0.02), name
+
+
+def test_training_reads_a_folder_of_pictures(cxr_files: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    from flows.presets import get_preset
+    from triage.cli import _load_set
+
+    imgs, labels, _ = _load_set(cxr_files[1] / "img", get_preset("tiny-cxr").preprocessing)
+    assert np.asarray(imgs).shape == (16, 1, 16, 16) and labels is None
+    res = runner.invoke(app, ["train", "--preset", "tiny-cxr", "--data", str(cxr_files[1] / "img"),
+                              "--out", str(tmp_path / "m"), "--epochs", "1"])
+    assert res.exit_code == 0, (res.output, res.exception)

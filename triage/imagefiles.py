@@ -1,0 +1,170 @@
+"""Image files that are not DICOM: what an ML engineer's exported data set is usually made of.
+
+* **Radiographs** as PNG, JPEG, TIFF or BMP (8- or 16-bit greyscale; an RGB file is accepted
+  only when its three channels are the same grey, since a colour picture is not a radiograph).
+  Higher values are denser (whiter), as in a display-ready export; the spacing is unknown (NaN).
+* **Volumes** as NIfTI (``.nii``, ``.nii.gz``): the voxel values after the header's scaling
+  (CT in Hounsfield units, as dcm2niix writes them), brought onto the axis convention of an
+  axial DICOM series as :mod:`triage.imaging` reads it: ``(D, H, W)`` with slices from feet to
+  head, rows from anterior to posterior and columns from the patient's right to left, the
+  spacing from the header's zooms and the origin and direction cosines in patient LPS
+  coordinates. A NIfTI whose third axis has one voxel is a 2D image.
+* One image per ``.npy`` file, taken as stored (no spacing). A *folder* of ``.npy``/``.npz``
+  batches is :func:`flows.train.load_images`' business, not this module's.
+
+Each file becomes a :class:`triage.imaging.Series` whose UIDs are the file's path relative to
+the folder it was listed from (no DICOM UIDs exist), so callers treat DICOM series and image
+files alike.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from triage.imaging import MAX_OUTPUT_BYTES, MAX_SIDE, ImagingError, Series
+
+__all__ = ["PICTURE_SUFFIXES", "image_file_kind", "iter_image_files", "make_series", "read_image_file"]
+
+log = logging.getLogger(__name__)
+
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+_GREY_TOLERANCE = 0.02  # RGB channels within 2 % of the range count as one grey
+
+
+def image_file_kind(path: Path) -> str | None:
+    """"picture", "nifti", "npy" or None (not an image file this module reads)."""
+    name = path.name.lower()
+    if name.endswith(NIFTI_SUFFIXES):
+        return "nifti"
+    if name.endswith(PICTURE_SUFFIXES):
+        return "picture"
+    if name.endswith(".npy"):
+        return "npy"
+    return None
+
+
+def make_series(arr: np.ndarray, spacing: tuple[float, ...], name: str, modality: str,
+            origin: tuple[float, float, float] | None = None,
+            direction: tuple[float, ...] | None = None) -> Series:
+    if arr.ndim not in (2, 3):
+        raise ImagingError(f"{name}: {arr.ndim}D array of shape {arr.shape}; expected a 2D image "
+                           "or a 3D volume")
+    if any(s < 1 or s > MAX_SIDE for s in arr.shape):
+        raise ImagingError(f"{name}: size {arr.shape} outside 1..{MAX_SIDE} per axis")
+    if arr.size * 4 > MAX_OUTPUT_BYTES:
+        raise ImagingError(f"{name}: {arr.size} voxels exceed the {MAX_OUTPUT_BYTES >> 30} GiB limit")
+    out = np.ascontiguousarray(arr, dtype=np.float32)
+    if not np.isfinite(out).all():
+        raise ImagingError(f"{name}: {int((~np.isfinite(out)).sum())} NaN/inf value(s)")
+    return Series(array=out, spacing=spacing, modality=modality, series_instance_uid=name,
+                  study_instance_uid=name, sop_instance_uids=[], origin=origin,
+                  direction=direction, meta={"source_file": name})
+
+
+def _read_picture(path: Path, name: str) -> Series:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as f:
+            frames = int(getattr(f, "n_frames", 1))
+            if frames > 1:
+                raise ImagingError(f"{name}: {frames} pages; store one image per file")
+            im: Image.Image = f
+            if im.mode == "P":
+                im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+            mode = im.mode
+            arr = np.asarray(im)
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ImagingError(f"{name}: unreadable image file ({type(exc).__name__}: {exc})") from exc
+    if arr.ndim == 3:  # L+alpha, RGB(A): the alpha channel carries no anatomy
+        colour = arr[..., :3] if arr.shape[2] >= 3 else arr[..., :1]
+        span = float(np.ptp(colour)) or 1.0
+        spread = float(np.ptp(colour.astype(np.float32), axis=2).max())  # between channels
+        if colour.shape[2] == 3 and spread > _GREY_TOLERANCE * span:
+            raise ImagingError(f"{name}: a colour image ({mode}); radiographs must be greyscale")
+        arr = colour.astype(np.float32).mean(axis=2)
+    if mode == "1":
+        raise ImagingError(f"{name}: a 1-bit image; radiographs need grey levels")
+    return make_series(arr, (float("nan"), float("nan")), name, "OT")
+
+
+def _read_nifti(path: Path, name: str) -> Series:
+    import nibabel as nib
+    from nibabel.filebasedimages import ImageFileError
+
+    try:
+        img: Any = nib.load(str(path))
+        shape = img.shape
+        if len(shape) == 4 and shape[3] == 1:
+            img = img.slicer[..., 0]
+        elif len(shape) not in (2, 3):
+            raise ImagingError(f"{name}: NIfTI of shape {shape}; one 2D image or 3D volume per file")
+        if len(img.shape) == 2:
+            img = nib.Nifti1Image(np.asarray(img.dataobj)[..., None], img.affine, img.header)
+        canon = nib.as_closest_canonical(img)  # array axes -> R, A, S
+        data = np.asarray(canon.get_fdata(dtype=np.float32))
+        affine = np.asarray(canon.affine, dtype=np.float64)
+    except (ImageFileError, OSError, EOFError, ValueError) as exc:
+        if isinstance(exc, ImagingError):
+            raise
+        raise ImagingError(f"{name}: unreadable NIfTI file ({type(exc).__name__}: {exc})") from exc
+    zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))  # voxel size along x, y, z
+    if not np.all(np.isfinite(zooms)) or np.any(zooms <= 0):
+        raise ImagingError(f"{name}: the header's voxel size {zooms.tolist()} is not positive")
+    # (x: R, y: A, z: S) -> (z: S, y: P, x: L), the array of an axial DICOM series
+    arr = data.transpose(2, 1, 0)[:, ::-1, ::-1]
+    nx, ny = data.shape[0], data.shape[1]
+    lps = np.diag([-1.0, -1.0, 1.0])
+    origin = lps @ (affine @ np.array([nx - 1, ny - 1, 0, 1.0]))[:3]
+    row_dir = lps @ -affine[:3, 0] / zooms[0]  # along a row: columns, towards the left
+    col_dir = lps @ -affine[:3, 1] / zooms[1]  # down a column: rows, towards posterior
+    normal = lps @ affine[:3, 2] / zooms[2]
+    if arr.shape[0] == 1:  # one slice: a 2D image
+        return make_series(arr[0], (float(zooms[1]), float(zooms[0])), name, "OT")
+    return make_series(arr, (float(zooms[2]), float(zooms[1]), float(zooms[0])), name, "OT",
+                   origin=(float(origin[0]), float(origin[1]), float(origin[2])),
+                   direction=tuple(float(v) for v in (*row_dir, *col_dir, *normal)))
+
+
+def _read_npy(path: Path, name: str) -> Series:
+    try:
+        arr = np.load(path, allow_pickle=False, mmap_mode="r")
+    except (ValueError, OSError) as exc:
+        raise ImagingError(f"{name}: unreadable .npy file ({exc})") from exc
+    if not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
+        raise ImagingError(f"{name}: array of dtype {arr.dtype}; images must be real numbers")
+    arr = np.squeeze(arr)
+    nan = float("nan")
+    return make_series(np.asarray(arr), (nan,) * arr.ndim, name, "OT")
+
+
+def read_image_file(path: Path, *, root: Path | None = None) -> Series:
+    """One image file as a :class:`Series`; ``root`` makes its name (and UIDs) relative."""
+    path = Path(path)
+    name = str(path.relative_to(root)) if root is not None else path.name
+    if not path.is_file():
+        raise ImagingError(f"{name}: no such file")
+    kind = image_file_kind(path)
+    if kind == "picture":
+        return _read_picture(path, name)
+    if kind == "nifti":
+        return _read_nifti(path, name)
+    if kind == "npy":
+        return _read_npy(path, name)
+    raise ImagingError(f"{name}: not an image file this node reads (PNG, JPEG, TIFF, BMP, NIfTI, .npy)")
+
+
+def iter_image_files(folder: Path, *, npy: bool = False) -> Iterator[Series]:
+    """Every picture and NIfTI file under ``folder`` (and ``.npy`` files with ``npy=True``),
+    in sorted path order, one at a time."""
+    folder = Path(folder)
+    kinds = {"picture", "nifti", "npy"} if npy else {"picture", "nifti"}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        if image_file_kind(path) in kinds:
+            yield read_image_file(path, root=folder)
