@@ -27,7 +27,7 @@ from flows.bundle import Bundle, BundleError, add_extra, load_bundle
 from flows.lesions import Lesion, abnormal_size, choose_size_threshold, find_lesions, voxel_threshold
 from flows.masks import body_mask, intracranial_mask, lung_mask
 from flows.patchmap import PatchScorer, glow_patch_scorer, patch_map, sample_patches, to_source_grid
-from flows.preprocess import Preprocessing, noise_sd, resample_to_spacing
+from flows.preprocess import Preprocessing, check_hounsfield, noise_sd, resample_to_spacing
 from flows.presets import Preset
 
 PATCHMAP_FILE = "patchmap.json"
@@ -91,6 +91,8 @@ def _prepared(bundle_or_preset: Bundle | Preset, volume_hu: np.ndarray,
     prep = bundle_or_preset.preprocessing
     if prep.spacing is None:
         raise BundleError(f"{prep.kind}: preprocessing has no spacing; not a patch model")
+    if prep.intensity == "window":
+        check_hounsfield(volume_hu, prep.kind)
     grid, m = _grid(prep.spacing, volume_hu, spacing, mask)
     return prep.intensities(grid, m), m, prep.spacing
 

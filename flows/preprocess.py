@@ -117,13 +117,17 @@ class Preprocessing:
         boxes = []
         for i in range(arr.shape[0]):
             img = arr[i].astype(np.float32, copy=False)
+            if self.intensity == "window":
+                check_hounsfield(img, self.kind)
             boxes.append(self.crop_box(img))
             out[i, 0] = np.clip(resize(self._intensity(img[boxes[-1]]), self.shape), 0.0, 1.0)
         return out, boxes
 
     def intensities(self, volume: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
         """Only the intensity mapping, on the volume's own grid (for patch models, whose
-        ``shape`` is the patch, not the volume); ``mask`` is where the noise floor is measured."""
+        ``shape`` is the patch, not the volume); ``mask`` is where the noise floor is measured.
+        The caller checks the units on the source volume (:func:`check_hounsfield`): resampling
+        first would blur away the air the check looks for."""
         arr = np.asarray(volume, dtype=np.float32)
         if not np.isfinite(arr).all():
             raise ValueError(f"{self.kind}: {int((~np.isfinite(arr)).sum())} NaN/inf voxel(s)")
@@ -153,6 +157,22 @@ class Preprocessing:
                     lo, hi = plo, phi
             img = rescale(img, lo, hi)
         return img
+
+
+def check_hounsfield(volume: np.ndarray, what: str = "CT") -> None:
+    """Refuse a CT that is plainly not in Hounsfield units: no air (its 0.5th percentile above
+    -200) yet a top far above soft tissue (99.5th percentile above 900). That is how stored
+    values look when the Rescale Intercept (usually -1024) was not applied on export; windowed
+    as HU they would make every tissue white and the score meaningless. A skull-stripped or
+    cropped CT in HU (background 0, no bone) passes."""
+    v = np.asarray(volume).ravel()
+    v = v[:: max(1, v.size // 1_000_000)]  # a percentile of a million voxels is plenty
+    lo, hi = (float(x) for x in np.percentile(v, [0.5, 99.5]))
+    if lo > -200.0 and hi > 900.0:
+        raise ValueError(
+            f"{what}: the values do not look like Hounsfield units (0.5th percentile {lo:.0f}, "
+            f"99.5th {hi:.0f}; a CT in HU has air near -1000 and soft tissue near 40): stored "
+            "values without the Rescale Intercept? Subtract the offset (usually 1024) first")
 
 
 def rescale(img: np.ndarray, lo: float | None = None, hi: float | None = None) -> np.ndarray:

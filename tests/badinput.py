@@ -823,6 +823,16 @@ def _geometry(out: list[Case]) -> None:
         "chest-ct-localizer", "a chest CT series flagged LOCALIZER in Image Type",
         "scouts are not diagnostic images; the localizer rule ignores them",
         _sends(dss), series_uid=dss[0].SeriesInstanceUID, route="ignore", route_reason="rule 'localizer'"))
+    dss = base("chest", "ct-not-in-hu")
+    for ds in dss:  # stored values HU + 1024 (air 0), read as HU: the intercept dropped on export
+        hu = ds.pixel_array.astype(np.int32) + int(float(ds.RescaleIntercept))
+        ds.PixelData = np.clip(hu + 1024, 0, None).astype(ds.pixel_array.dtype).tobytes()
+        ds.RescaleIntercept = "0"
+    out.append(Case(
+        "ct-not-in-hu", "a chest CT whose Rescale Intercept is 0 instead of -1024 (air reads 0, bone 1200)",
+        "windowed as HU every tissue would be white and the score meaningless: the job fails with the reason",
+        _sends(dss), series_uid=dss[0].SeriesInstanceUID, route="chestct", route_reason=CHEST_RULE,
+        job="failed", job_reason="do not look like Hounsfield units"))
 
 
 def _sr(case: str) -> Dataset:

@@ -200,3 +200,27 @@ def test_training_reads_a_folder_of_pictures(cxr_files: tuple[Path, Path, Path],
     res = runner.invoke(app, ["train", "--preset", "tiny-cxr", "--data", str(cxr_files[1] / "img"),
                               "--out", str(tmp_path / "m"), "--epochs", "1"])
     assert res.exit_code == 0, (res.output, res.exception)
+
+
+@pytest.mark.parametrize("preset", ["tiny-bct", "tiny-chestct"])
+def test_ct_in_stored_values_instead_of_hounsfield_units_is_refused(preset: str) -> None:
+    from flows.patchbundle import _prepared
+    from flows.phantoms import make_headct
+    from flows.phantoms.chestct import make_chestct
+    from flows.presets import get_preset
+
+    p = get_preset(preset)
+    if preset == "tiny-bct":  # the whole-volume model
+        vol = make_headct(1, shape=(16, 32, 32), seed=1).images[0, 0]
+
+        def prepare(v: np.ndarray) -> object:
+            return p.preprocessing.apply(v[None])
+    else:  # the patch model, which checks before resampling
+        vol = make_chestct(1, shape=(16, 24, 32), spacing_mm=8.0, seed=1).images[0, 0]
+
+        def prepare(v: np.ndarray) -> object:
+            return _prepared(p, v, (8.0, 8.0, 8.0), "none")
+    prepare(vol)  # in HU: fine
+    with pytest.raises(ValueError, match=r"do not look like Hounsfield units.*usually 1024"):
+        prepare(vol + 1024.0)
+    prepare(np.where(vol > 0, np.clip(vol, 0, 80), 0.0))  # skull-stripped, background 0: still HU

@@ -179,10 +179,12 @@ def train(
     preset: Annotated[str, typer.Option(help="preset name (see `triage presets`)")] = "cpu-cxr",
     out: Annotated[Path, typer.Option(help="output: a bundle directory, or a model directory")] = Path(
         "runs/bundle"),
-    normal: Annotated[Path | None, typer.Option(help="normal images (.npz/.npy/folder/DICOM folder)")] = None,
+    normal: Annotated[Path | None, typer.Option(
+        help="normal images: .npz/.npy, or a folder of DICOM series, PNG/JPEG/TIFF or NIfTI files")] = None,
     mixture: Annotated[Path | None, typer.Option(help="unlabelled mixture images")] = None,
     data: Annotated[Path | None, typer.Option(help="train ONE model on these images instead")] = None,
-    validation: Annotated[Path | None, typer.Option(help="labelled set for the Youden threshold")] = None,
+    validation: Annotated[Path | None, typer.Option(
+        help="labelled set (as for `evaluate --data`): threshold, score choice, map calibration")] = None,
     name: Annotated[str | None, typer.Option(help="bundle name")] = None,
     version: Annotated[str, typer.Option(help="bundle version")] = "1",
     strategy: Annotated[str | None, typer.Option(
@@ -288,7 +290,7 @@ def train(
 @app.command()
 def calibrate(
     bundle: Annotated[Path, typer.Option(help="patch bundle directory (rewritten in place)")],
-    validation: Annotated[Path, typer.Option(help="labelled CT volumes (.npz from `triage synth`)")],
+    validation: Annotated[Path, typer.Option(help="labelled CT volumes (as for `evaluate --data`)")],
 ) -> None:
     """Re-calibrate a CT patch bundle's map on a labelled set, without retraining.
 
@@ -318,8 +320,9 @@ def calibrate(
 def evaluate(
     bundle: Annotated[Path, typer.Option(help="bundle directory")],
     data: Annotated[Path, typer.Option(
-        help="labelled test set: .npz from `triage synth`, or a folder of DICOM studies with a "
-             "labels.csv (columns series_instance_uid or study_instance_uid, label, finding)")],
+        help="labelled test set: an .npz with images and labels (e.g. from `triage synth`), or a "
+             "folder with a labels.csv: columns label, finding, and series_instance_uid or "
+             "study_instance_uid (DICOM studies) or file and optional mask (PNG/JPEG/TIFF, NIfTI)")],
     out: Annotated[Path, typer.Option(help="report directory")] = Path("runs/eval"),
     n_boot: Annotated[int, typer.Option(help="bootstrap draws for the CIs")] = 1000,
 ) -> None:
