@@ -136,10 +136,11 @@ def test_a_labels_csv_can_name_image_files_and_their_masks(cxr_files: tuple[Path
     for data in (folder, bare):
         ls = read_labelled(data, volumes=False)
         assert ls.labels.tolist() == ps.labels.tolist() and ls.findings == ps.findings, data
-        assert ls.masks is not None
-        assert all(np.array_equal(m, t[0]) for m, t in zip(ls.masks, ps.masks, strict=True)), data
+        assert ls.has_masks and len(ls) == len(ps)
+        cases = list(ls.cases())
+        assert all(np.array_equal(m, t[0]) for (_, m), t in zip(cases, ps.masks, strict=True)), data
     with pytest.raises(ValueError, match="needs volumes"):
-        read_labelled(folder, volumes=True)
+        next(read_labelled(folder, volumes=True).cases())
 
 
 @pytest.mark.parametrize("table, msg", [

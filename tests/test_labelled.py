@@ -118,3 +118,21 @@ def test_training_reads_dicom_radiographs_of_different_sizes(tmp_path: Path) -> 
     res = runner.invoke(app, ["train", "--preset", "tiny-cxr", "--data", str(tmp_path / "set"),
                               "--out", str(tmp_path / "m"), "--epochs", "1"])
     assert res.exit_code == 0, (res.output, res.exception)
+
+
+def test_a_labelled_folder_reads_pixels_one_case_at_a_time(
+        cxr_studies: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Labels are matched from the headers; each case's pixels are read only when reached, so
+    evaluating thousands of full-size radiographs never holds more than one at a time."""
+    import triage.imaging as imaging
+
+    calls: list[int] = []
+    real = imaging.read_series
+    monkeypatch.setattr(imaging, "read_series",
+                        lambda files, **kw: calls.append(len(files)) or real(files, **kw))
+    ls = read_labelled_folder(cxr_studies[1], volumes=False)
+    assert len(ls) == 16 and calls == []
+    it = ls.cases()
+    series, mask = next(it)
+    assert calls == [1] and series.array.ndim == 2 and mask is None
+    assert sum(1 for _ in it) == 15 and len(calls) == 16

@@ -104,9 +104,9 @@ def _phantom_set(path: Path) -> Any:
 
 
 def _load_set(path: Path, prep: Preprocessing) -> tuple[object, object, object]:
-    """(preprocessed images, labels or None, phantom set or None) from .npz / folder. DICOM
-    series may differ in size (each is preprocessed on its own, so only model-grid copies are
-    kept); a DICOM folder with a labels.csv (triage.labelled) is labelled."""
+    """(preprocessed images, labels or None, phantom set or None) from .npz / folder. Images
+    may differ in size (each is preprocessed on its own, so only model-grid copies are kept);
+    a labelled set (triage.labelled) gives labels."""
     import numpy as np
 
     from flows.train import load_images
@@ -117,7 +117,7 @@ def _load_set(path: Path, prep: Preprocessing) -> tuple[object, object, object]:
         return prep.apply(ps.images), ps.labels, ps
     if has_labels(path):
         ls = read_labelled(path, volumes=prep.ndim == 3)
-        return np.concatenate([prep.apply(s.array[None]) for s in ls.series]), ls.labels, None
+        return np.concatenate([prep.apply(s.array[None]) for s in ls]), ls.labels, None
     if path.is_dir():  # DICOM series and image files, each brought onto the model grid as read
         grids = [prep.apply(s.array[None]) for s in _iter_folder(path) if s.array.ndim == prep.ndim]
         if grids:
@@ -135,9 +135,9 @@ def _iter_folder(path: Path) -> Iterator[Any]:
     yield from iter_image_files(path)
 
 
-def _load_volumes(path: Path) -> tuple[list[object], list[tuple[float, float, float]], object, object]:
-    """CT volumes in HU on their own grids: (volumes, spacings, labels or None, the phantom set
-    or labelled folder (triage.labelled) or None)."""
+def _load_volumes(path: Path) -> tuple[list[object], list[tuple[float, ...]], object]:
+    """CT volumes in HU on their own grids, all in memory (training and calibration sample
+    them repeatedly): (volumes, spacings, labels or None)."""
     from triage.labelled import has_labels, read_labelled
 
     ps = _phantom_set(path)
@@ -145,17 +145,18 @@ def _load_volumes(path: Path) -> tuple[list[object], list[tuple[float, float, fl
         if ps.images.ndim != 5:
             raise ValueError(f"{path}: not a set of volumes (images of shape {ps.images.shape})")
         sp = tuple(float(x) for x in ps.spacing)
-        return [v[0] for v in ps.images], [sp] * len(ps), ps.labels, ps  # type: ignore[list-item]
+        return [v[0] for v in ps.images], [sp] * len(ps), ps.labels
     if has_labels(path):
         ls = read_labelled(path, volumes=True)
-        return [s.array for s in ls.series], [s.spacing for s in ls.series], ls.labels, ls  # type: ignore[misc]
+        series = list(ls)
+        return [s.array for s in series], [s.spacing for s in series], ls.labels
     if not path.is_dir():
         raise ValueError(f"{path}: not a set of volumes (a phantom or labelled .npz, or a folder of "
                          "DICOM series or NIfTI files)")
     series = [s for s in _iter_folder(path) if s.is_volume]
     if not series:
         raise ValueError(f"{path}: no CT volumes found (DICOM series or NIfTI files)")
-    return [s.array for s in series], [s.spacing for s in series], None, None
+    return [s.array for s in series], [s.spacing for s in series], None
 
 
 def _train_patch_bundle(p: object, out: Path, normal: Path, mixture: Path, validation: Path | None,
@@ -164,9 +165,9 @@ def _train_patch_bundle(p: object, out: Path, normal: Path, mixture: Path, valid
 
     if validation is None:
         raise ValueError("a patch bundle calibrates its map on a labelled --validation set")
-    nv, ns, _, _ = _load_volumes(normal)
-    mv, ms, _, _ = _load_volumes(mixture)
-    vv, vs, vl, _ = _load_volumes(validation)
+    nv, ns, _ = _load_volumes(normal)
+    mv, ms, _ = _load_volumes(mixture)
+    vv, vs, vl = _load_volumes(validation)
     if vl is None:
         raise ValueError(f"{validation}: {NO_LABELS}")
     build_patch_bundle(out, preset=p, normal=nv, normal_spacing=ns, mixture=mv,  # type: ignore[arg-type]
@@ -306,7 +307,7 @@ def calibrate(
     try:
         b = load_bundle(bundle)
         old = map_calibration(b)
-        vv, vs, vl, _ = _load_volumes(validation)
+        vv, vs, vl = _load_volumes(validation)
         if vl is None:
             raise ValueError(f"{validation}: {NO_LABELS}")
         calibrate_patch_bundle(b, (vv, vs, vl), overlap=old.overlap, mask=old.mask,  # type: ignore[arg-type]
@@ -341,17 +342,23 @@ def evaluate(
         import numpy as np
 
         ps = _phantom_set(data)
-        masks: list[Any] | None
-        if ps is None:  # a labelled folder or .npz: images of any size, masks if given
+        grid = b.preprocessing.shape
+        truth: list[Any] | None  # lesion masks on the model grid, where given
+        if ps is None:  # a labelled folder or .npz: images of any size, read one at a time
             ls = read_labelled(data, volumes=b.preprocessing.ndim == 3)
-            findings, masks = ls.findings, ls.masks
-            each = [b.preprocessing.apply_with_boxes(x.array[None]) for x in ls.series]
-            imgs, boxes = np.concatenate([e[0] for e in each]), [e[1][0] for e in each]
-            per = [trivial_baselines(_display(x.array, b.kind)[None], kind=b.kind) for x in ls.series]
+            findings, truth = ls.findings, [] if ls.has_masks else None
+            each, per = [], []
+            for x, mask in ls.cases():
+                each.append(b.preprocessing.apply_with_boxes(x.array[None]))
+                per.append(trivial_baselines(_display(x.array, b.kind)[None], kind=b.kind))
+                if truth is not None and mask is not None:
+                    truth.append(_mask_on_grid(mask, each[-1][1][0], grid))
+            imgs = np.concatenate([e[0] for e in each])
             base = {k: np.concatenate([p[k] for p in per]) for k in per[0]}
         else:
-            findings, masks = ps.findings, list(ps.masks[:, 0])
+            findings = ps.findings
             imgs, boxes = b.preprocessing.apply_with_boxes(ps.images)
+            truth = [_mask_on_grid(m, box, grid) for m, box in zip(ps.masks[:, 0], boxes, strict=True)]
             base = trivial_baselines(ps.images, kind=b.kind)
         with console.status(f"scoring {len(imgs)} images"):
             s, maps = PosteriorScorer(b).score_maps(imgs) if b.preprocessing.ndim == 2 else (
@@ -370,8 +377,8 @@ def evaluate(
         loc: dict[str, Any] = {}
         if maps is not None:
             _radiograph_overlays(imgs, maps, s.score, findings, out)
-            if masks is not None:  # lesion masks: where the map points
-                loc = _radiograph_localisation(b, maps, masks, findings, boxes, out)
+            if truth is not None:  # lesion masks: where the map points
+                loc = _radiograph_localisation(b, maps, truth, findings, out)
     except (ValueError, FileNotFoundError, BundleError) as e:
         raise _fail(str(e)) from e
     table = Table(title=f"{b.name} on {data.name}")
@@ -404,23 +411,31 @@ def _display(raw: Any, kind: str) -> Any:
     return rescale(a) if kind == "cxr" else a
 
 
-def _radiograph_localisation(b: object, maps: object, masks: list[Any], findings: list[str],
-                             boxes: list[tuple[slice, ...]], out: Path) -> dict[str, Any]:
-    """Localisation figures of the node's radiograph map, appended to the report."""
+def _mask_on_grid(mask: Any, box: tuple[slice, ...], grid: tuple[int, ...]) -> Any:
+    """A lesion mask on the source grid -> the model grid, over the region the model saw
+    (``box``): lesion where at least a quarter of a model pixel is."""
     import numpy as np
     from scipy import ndimage
+
+    seen = np.asarray(mask)[box]
+    if seen.shape == tuple(grid):
+        return seen.astype(bool)
+    zoom = [a / b for a, b in zip(grid, seen.shape, strict=True)]
+    return ndimage.zoom(seen.astype(np.float32), zoom, order=1) > 0.25
+
+
+def _radiograph_localisation(b: object, maps: object, truth: list[Any], findings: list[str],
+                             out: Path) -> dict[str, Any]:
+    """Localisation figures of the node's radiograph map (``truth``: the lesion masks on the
+    model grid), appended to the report."""
+    import numpy as np
 
     from flows.mapeval import localisation_markdown, radiograph_localisation
     from triage.analyze import POSTERIOR_MAP_Z
 
     m = np.asarray(maps)[:, 0] if np.asarray(maps).ndim == 4 else np.asarray(maps)
-    seen = [np.asarray(t)[box] for t, box in zip(masks, boxes, strict=True)]  # what the model saw
-    # phantom grid -> model grid: lesion where >= 1/4 of a pixel is
-    truth = np.array([t if t.shape == m.shape[1:] else ndimage.zoom(
-        t.astype(np.float32), [a / b for a, b in zip(m.shape[1:], t.shape, strict=True)], order=1) > 0.25
-        for t in seen])
     threshold = POSTERIOR_MAP_Z if b.map_reference is not None else None  # type: ignore[attr-defined]
-    loc = radiograph_localisation(m, truth, findings, threshold=threshold)
+    loc = radiograph_localisation(m, np.asarray(truth), findings, threshold=threshold)
     (out / "localisation.json").write_text(json.dumps(loc, indent=2))
     with open(out / "summary.md", "a") as f:
         f.write("\n" + localisation_markdown(loc))
@@ -441,26 +456,39 @@ def _radiograph_overlays(imgs: object, maps: object, score: object, findings: li
                 title="abnormality map as the node computes it, most abnormal first")
 
 
+def _labelled_volumes(data: Path) -> list[tuple[Any, tuple[float, ...], int, str, Any]]:
+    """(volume in HU, spacing, label, finding, lesion mask or None) per case of a labelled set
+    of CT volumes: a phantom set, or anything triage.labelled reads."""
+
+    from triage.labelled import has_labels, read_labelled
+
+    ps = _phantom_set(data)
+    if ps is not None:
+        if ps.images.ndim != 5:
+            raise ValueError(f"{data}: not a set of volumes (images of shape {ps.images.shape})")
+        sp = tuple(float(x) for x in ps.spacing)
+        return [(ps.images[i, 0], sp, int(ps.labels[i]), ps.findings[i], ps.masks[i, 0])
+                for i in range(len(ps))]
+    if not has_labels(data):
+        raise ValueError(f"{data}: evaluation needs labels: {NO_LABELS}")
+    ls = read_labelled(data, volumes=True)
+    return [(s.array, s.spacing, int(label), finding, mask)
+            for (s, mask), label, finding in zip(ls.cases(), ls.labels, ls.findings, strict=True)]
+
+
 def _evaluate_patch_bundle(b: object, data: Path, out: Path, n_boot: int) -> None:
-    import numpy as np
     from rich.progress import track
 
     from flows.mapeval import case_from_result, write_report
     from flows.patchbundle import PatchMapScorer
 
     scorer = PatchMapScorer(b)  # type: ignore[arg-type]
-    vols, sps, labels, ps = _load_volumes(data)
-    if labels is None or ps is None:
-        raise ValueError(f"{data}: evaluation needs labels: {NO_LABELS}")
-    masks = getattr(ps, "masks", None)  # a labelled set may have no lesion masks
     cases = []
-    for i in track(range(len(vols)), description="mapping volumes", console=console):
-        v = np.asarray(vols[i])
-        r = scorer.score(v, sps[i])
-        truth = np.asarray(masks[i]).reshape(v.shape) if masks is not None else None
-        cases.append(case_from_result(
-            v, r, scorer.cal.voxel_threshold, label=int(labels[i]),  # type: ignore[index]
-            finding=ps.findings[i], truth=truth, spacing=sps[i]))  # type: ignore[attr-defined]
+    for v, sp, label, finding, truth in track(_labelled_volumes(data), description="mapping volumes",
+                                              console=console):
+        r = scorer.score(v, sp)  # type: ignore[arg-type]
+        cases.append(case_from_result(v, r, scorer.cal.voxel_threshold, label=label,
+                                      finding=finding, truth=truth, spacing=sp))
     window = (-1000.0, 300.0) if b.kind == "chestct" else (-20.0, 100.0)  # type: ignore[attr-defined]
     summary = write_report(out, cases, title=f"{b.name} on {data.name}",  # type: ignore[attr-defined]
                            window=window, n_boot=n_boot,

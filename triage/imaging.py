@@ -49,9 +49,11 @@ __all__ = [
     "PROJECTION_MODALITIES",
     "ImagingError",
     "Series",
+    "SeriesFiles",
     "dicom_folder_loader",
     "read_series",
     "read_series_folder",
+    "scan_series_folder",
 ]
 
 log = logging.getLogger(__name__)
@@ -491,14 +493,36 @@ def read_series_folder(folder: Path, *, spacing_tolerance: float = 0.01) -> list
     return list(iter_series_folder(folder, spacing_tolerance=spacing_tolerance))
 
 
-def iter_series_folder(folder: Path, *, spacing_tolerance: float = 0.01) -> Iterator[Series]:
-    """:func:`read_series_folder` one series at a time: the headers of every file are read
-    first (to group them), the pixels of each series only when it is reached, so a caller that
-    keeps a reduced copy (a model-grid image) never holds the whole folder's pixels."""
+@dataclass(frozen=True)
+class SeriesFiles:
+    """One series' files under a folder, known from their headers alone (no pixels read)."""
+
+    series_instance_uid: str
+    study_instance_uid: str
+    modality: str
+    files: tuple[Path, ...]
+    folder: Path
+
+    @property
+    def is_volume(self) -> bool:
+        """What :func:`read_series` will make of it: projections are 2D, the rest volumes."""
+        return self.modality not in PROJECTION_MODALITIES
+
+    def read(self, *, spacing_tolerance: float = 0.01) -> Series:
+        try:
+            return read_series(self.files, spacing_tolerance=spacing_tolerance)
+        except ImagingError as exc:
+            where = self.files[0].parent.relative_to(self.folder)
+            raise ImagingError(f"{self.folder}/{where}: {exc}") from exc
+
+
+def scan_series_folder(folder: Path) -> list[SeriesFiles]:
+    """The image series among the DICOM files under ``folder``, grouped from their headers,
+    ordered by the path of each series' first file; no pixel data is read."""
     folder = Path(folder)
     if not folder.is_dir():
         raise NotADirectoryError(f"not a folder: {folder}")
-    groups: dict[str, list[Path]] = {}
+    groups: dict[str, tuple[str, str, list[Path]]] = {}
     skipped = 0
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         if not _is_part10(path):
@@ -513,16 +537,20 @@ def iter_series_folder(folder: Path, *, spacing_tolerance: float = 0.01) -> Iter
         if not uid or "Rows" not in ds:
             skipped += 1
             continue
-        groups.setdefault(uid, []).append(path)
+        study, modality = str(ds.get("StudyInstanceUID", "")), str(ds.get("Modality", "")).upper()
+        groups.setdefault(uid, (study, modality, []))[2].append(path)
     if skipped:
         log.debug("skipped %d non-image or non-DICOM file(s) under %s", skipped, folder)
-    for files in groups.values():  # insertion order = sorted path of each group's first file
-        try:
-            series = read_series(files, spacing_tolerance=spacing_tolerance)
-        except ImagingError as exc:
-            where = files[0].parent.relative_to(folder)
-            raise ImagingError(f"{folder}/{where}: {exc}") from exc
-        yield series
+    return [SeriesFiles(uid, study, modality, tuple(files), folder)
+            for uid, (study, modality, files) in groups.items()]
+
+
+def iter_series_folder(folder: Path, *, spacing_tolerance: float = 0.01) -> Iterator[Series]:
+    """:func:`read_series_folder` one series at a time: the headers of every file are read
+    first (to group them), the pixels of each series only when it is reached, so a caller that
+    keeps a reduced copy (a model-grid image) never holds the whole folder's pixels."""
+    for group in scan_series_folder(folder):
+        yield group.read(spacing_tolerance=spacing_tolerance)
 
 
 def dicom_folder_loader(path: Path) -> np.ndarray | None:

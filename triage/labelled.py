@@ -21,12 +21,13 @@
 from __future__ import annotations
 
 import csv
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from triage.imaging import Series, read_series_folder
+from triage.imaging import Series, SeriesFiles, scan_series_folder
 
 LABELS_CSV = "labels.csv"
 UID_COLUMNS = ("series_instance_uid", "study_instance_uid")
@@ -36,12 +37,30 @@ KEY_COLUMNS = (*UID_COLUMNS, FILE_COLUMN)
 
 @dataclass
 class LabelledSeries:
-    """The image series of a labelled folder in reading order, with their labels."""
+    """The cases of a labelled set in reading order: labels and findings at once, the pixels
+    of each case only when it is reached (:meth:`cases`), so a caller that keeps a reduced copy
+    never holds the whole set's full-size images."""
 
-    series: list[Series]
     labels: np.ndarray  # int64, 0 normal / 1 abnormal
     findings: list[str]  # "normal" for every normal case
-    masks: list[np.ndarray] | None = None  # lesion masks on each series' grid, when given
+    readers: list[Callable[[], Series]]
+    mask_readers: list[Callable[[Series], np.ndarray]] | None = None  # lesion masks, when given
+
+    def __len__(self) -> int:
+        return len(self.readers)
+
+    @property
+    def has_masks(self) -> bool:
+        return self.mask_readers is not None
+
+    def cases(self) -> Iterator[tuple[Series, np.ndarray | None]]:
+        """Each case's series and its lesion mask (bool, the series' shape; None without)."""
+        for i, read in enumerate(self.readers):
+            s = read()
+            yield s, self.mask_readers[i](s) if self.mask_readers is not None else None
+
+    def __iter__(self) -> Iterator[Series]:
+        return (read() for read in self.readers)
 
 
 def has_labels(path: Path) -> bool:
@@ -95,7 +114,7 @@ def _read_rows(path: Path) -> tuple[str, dict[str, _Row]]:
     return key, table
 
 
-def _kind_ok(s: Series, volumes: bool | None) -> bool:
+def _kind_ok(s: Series | SeriesFiles, volumes: bool | None) -> bool:
     return volumes is None or s.is_volume == volumes
 
 
@@ -130,12 +149,12 @@ def read_labelled_folder(folder: Path, *, volumes: bool | None = None) -> Labell
     key, table = _read_rows(path)
     if key == FILE_COLUMN:
         return _read_file_rows(folder, table, volumes)
-    found = [s for s in read_series_folder(folder) if _kind_ok(s, volumes)]
+    found = [g for g in scan_series_folder(folder) if _kind_ok(g, volumes)]
     if not found:
         raise ValueError(f"{folder}: no DICOM {_what(volumes)} found")
     labels, findings, seen = [], [], set()
-    for s in found:
-        uid = s.series_instance_uid if key == "series_instance_uid" else s.study_instance_uid
+    for g in found:
+        uid = g.series_instance_uid if key == "series_instance_uid" else g.study_instance_uid
         if uid not in table:
             raise ValueError(f"{path}: no row for {key} {uid} ({len(found)} series in the folder)")
         if uid in seen:
@@ -147,7 +166,7 @@ def read_labelled_folder(folder: Path, *, volumes: bool | None = None) -> Labell
     unused = sorted(set(table) - seen)
     if unused:
         raise ValueError(f"{path}: {len(unused)} row(s) name no series in the folder (first: {unused[0]})")
-    return LabelledSeries(found, np.asarray(labels, dtype=np.int64), findings)
+    return LabelledSeries(np.asarray(labels, dtype=np.int64), findings, [g.read for g in found])
 
 
 def _inside(folder: Path, rel: str, line: str) -> Path:
@@ -158,27 +177,45 @@ def _inside(folder: Path, rel: str, line: str) -> Path:
 
 
 def _read_file_rows(folder: Path, table: dict[str, _Row], volumes: bool | None) -> LabelledSeries:
-    from triage.imagefiles import read_image_file
+    from triage.imagefiles import image_file_kind, read_image_file
 
-    series, masks = [], []
+    csv_path = folder / LABELS_CSV
     with_masks = sum(bool(r.mask) for r in table.values())
     if with_masks not in (0, len(table)):
-        raise ValueError(f"{folder / LABELS_CSV}: {with_masks} of {len(table)} rows name a mask; "
+        raise ValueError(f"{csv_path}: {with_masks} of {len(table)} rows name a mask; "
                          "give every row one (an all-zero mask for a normal case) or none")
-    for rel, row in table.items():
-        s = read_image_file(_inside(folder, rel, f"row {rel}"), root=folder.resolve())
-        if not _kind_ok(s, volumes):
-            raise ValueError(f"{folder / LABELS_CSV}: {rel} is a {s.array.ndim}D array; this set "
-                             f"needs {_what(volumes)}")
-        series.append(s)
-        if row.mask:
-            m = read_image_file(_inside(folder, row.mask, f"row {rel}"), root=folder.resolve())
-            if m.array.shape != s.array.shape:
-                raise ValueError(f"{folder / LABELS_CSV}: the mask {row.mask} has shape "
-                                 f"{m.array.shape}, its image {rel} {s.array.shape}")
-            masks.append(m.array != 0)
-    return LabelledSeries(series, np.asarray([r.label for r in table.values()], dtype=np.int64),
-                          [r.finding for r in table.values()], masks or None)
+    root = folder.resolve()
+    for rel, row in table.items():  # every file there and readable by name, before any pixels
+        for name in (rel, row.mask) if row.mask else (rel,):
+            p = _inside(folder, name, f"row {rel}")
+            if not p.is_file():
+                raise ValueError(f"{csv_path}, row {rel}: {name}: no such file")
+            if image_file_kind(p) is None:
+                raise ValueError(f"{csv_path}, row {rel}: {name}: not an image file this node reads "
+                                 "(PNG, JPEG, TIFF, BMP, NIfTI, .npy)")
+
+    def reader(rel: str) -> Callable[[], Series]:
+        def read() -> Series:
+            s = read_image_file(root / rel, root=root)
+            if not _kind_ok(s, volumes):
+                raise ValueError(f"{csv_path}: {rel} is a {s.array.ndim}D array; this set needs "
+                                 f"{_what(volumes)}")
+            return s
+        return read
+
+    def mask_reader(rel: str, mask: str) -> Callable[[Series], np.ndarray]:
+        def read(s: Series) -> np.ndarray:
+            m = read_image_file(root / mask, root=root).array
+            if m.shape != s.array.shape:
+                raise ValueError(f"{csv_path}: the mask {mask} has shape {m.shape}, its image "
+                                 f"{rel} {s.array.shape}")
+            return m != 0
+        return read
+
+    rows = list(table.items())
+    return LabelledSeries(np.asarray([r.label for _, r in rows], dtype=np.int64),
+                          [r.finding for _, r in rows], [reader(rel) for rel, _ in rows],
+                          [mask_reader(rel, r.mask) for rel, r in rows] if with_masks else None)
 
 
 def read_labelled_npz(path: Path, *, volumes: bool | None = None) -> LabelledSeries:
@@ -217,14 +254,20 @@ def read_labelled_npz(path: Path, *, volumes: bool | None = None) -> LabelledSer
                                 or np.any(spacing <= 0)):
         raise ValueError(f"{path}: spacing must be {nd} positive values in mm, got {spacing.tolist()}")
     sp = tuple(float(v) for v in spacing) if spacing is not None else (float("nan"),) * nd
-    mlist = None
     if masks is not None:
         if masks.ndim == images.ndim + 1 and masks.shape[1] == 1:
             masks = masks[:, 0]
         if masks.shape != images.shape:
             raise ValueError(f"{path}: masks of shape {masks.shape} for images of shape {images.shape}")
-        mlist = [m != 0 for m in masks]
-    series = [make_series(images[i], sp, f"{path.name}[{i}]", "OT") for i in range(n)]
     if volumes is not None and (nd == 3) != volumes:
         raise ValueError(f"{path}: {nd}D images; this set needs {_what(volumes)}")
-    return LabelledSeries(series, labels.astype(np.int64), findings, mlist)
+
+    def reader(i: int) -> Callable[[], Series]:
+        return lambda: make_series(images[i], sp, f"{path.name}[{i}]", "OT")
+
+    def mask_reader(i: int) -> Callable[[Series], np.ndarray]:
+        assert masks is not None
+        return lambda _s: np.asarray(masks[i]) != 0
+
+    return LabelledSeries(labels.astype(np.int64), findings, [reader(i) for i in range(n)],
+                          [mask_reader(i) for i in range(n)] if masks is not None else None)
