@@ -28,41 +28,64 @@ VOLUME_BINS = ((0.0, 1.0), (1.0, 5.0), (5.0, 20.0), (20.0, float("inf")))
 
 
 @dataclass
-class CaseMap:
-    """One evaluated case: its map on the source grid, what was detected and the truth."""
+class CaseView:
+    """One 2D slice of a case for its overlay: the image, the map, the binarised map, the truth."""
 
-    image: np.ndarray  # source volume (HU) for the overlay
-    values: np.ndarray  # map on the source grid (NaN = not covered)
-    binary: np.ndarray  # binarised map on the source grid
+    image: np.ndarray
+    values: np.ndarray
+    binary: np.ndarray
+    truth: np.ndarray | None
+    name: str  # "axial 12"
+
+
+@dataclass
+class CaseMap:
+    """One evaluated case: what was detected, the truth, the per-case measures, and the two
+    slices its overlay shows. The volumes themselves are not kept, so evaluating hundreds of
+    full-size CTs holds one at a time."""
+
     lesions: list[Lesion]
     abnormal_cm3: float
     abnormal: bool
     peak: float
     label: int
     finding: str
-    truth: np.ndarray | None  # ground-truth lesion mask on the source grid
-    truth_cm3: float
+    truth_cm3: float  # 0 without a mask or without a lesion
+    hit: bool | None  # a detected component overlaps the lesion (None: no lesion mask)
+    dice: float | None  # of the binarised map against the lesion mask (None: no lesion mask)
+    views: tuple[CaseView, CaseView]  # axial and coronal through the lesion (or the centre)
 
 
 def case_from_result(image: np.ndarray, result: MapResult, voxel_threshold: float, *,
                      label: int, finding: str, truth: np.ndarray | None,
                      spacing: tuple[float, ...]) -> CaseMap:
     """A :class:`CaseMap` from a patch scorer's result and the case's ground truth."""
+    binary = np.nan_to_num(result.values, nan=-np.inf) >= voxel_threshold
+    lesion = truth is not None and bool(truth.any())
     cm3 = float(truth.sum() * np.prod(spacing) / 1000.0) if truth is not None else 0.0
-    return CaseMap(image=image, values=result.values,
-                   binary=np.nan_to_num(result.values, nan=-np.inf) >= voxel_threshold,
-                   lesions=result.lesions, abnormal_cm3=result.abnormal_cm3,
+    ref = truth if truth is not None and lesion else binary
+    if ref.any():
+        c = np.argwhere(ref).mean(axis=0)
+        z, y = int(c[0]), int(c[1])
+    else:
+        z, y = image.shape[0] // 2, image.shape[1] // 2
+    def view(cut: Any, name: str) -> CaseView:  # copies: a view would keep the volume alive
+        return CaseView(np.array(image[cut]), np.array(result.values[cut]), np.array(binary[cut]),
+                        None if truth is None else np.array(truth[cut]), name)
+
+    coronal = (slice(None, None, -1), y)  # [:, y] with the slices flipped: head up
+    views = (view((z,), f"axial {z}"), view(coronal, f"coronal {y}"))
+    hit = dice = None
+    if lesion:
+        assert truth is not None
+        hit, dice = bool((binary & truth).any()), _dice(binary, truth)
+    return CaseMap(lesions=result.lesions, abnormal_cm3=result.abnormal_cm3,
                    abnormal=result.abnormal, peak=result.peak, label=label, finding=finding,
-                   truth=truth, truth_cm3=cm3)
+                   truth_cm3=cm3 if lesion else 0.0, hit=hit, dice=dice, views=views)
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return float(2 * (a & b).sum() / max(int(a.sum() + b.sum()), 1))
-
-
-def _hit(case: CaseMap) -> bool:
-    assert case.truth is not None
-    return bool((case.binary & case.truth).any())
 
 
 def summarise(cases: Sequence[CaseMap], *, n_boot: int = 1000) -> dict[str, Any]:
@@ -87,49 +110,36 @@ def summarise(cases: Sequence[CaseMap], *, n_boot: int = 1000) -> dict[str, Any]
     out["f1"] = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0
     out["sensitivity"] = tp / max(int(y.sum()), 1)
     out["specificity"] = float((~pred & (y == 0)).sum()) / max(int((y == 0).sum()), 1)
-    with_truth = [c for c in cases if c.label and c.truth is not None and c.truth.any()]
+    with_truth = [c for c in cases if c.label and c.hit is not None]
     if with_truth:
         bins = {}
         for lo, hi in VOLUME_BINS:
             in_bin = [c for c in with_truth if lo <= c.truth_cm3 < hi]
             if in_bin:
-                rate = float(np.mean([_hit(c) for c in in_bin]))
+                rate = float(np.mean([bool(c.hit) for c in in_bin]))
                 bins[f"{lo:g}-{hi:g} cm3"] = {"n": len(in_bin), "hit_rate": rate}
         out["lesion_hit_rate"] = bins
         big = [c for c in with_truth if c.truth_cm3 >= 1.0]
-        out["hit_rate_ge_1cm3"] = float(np.mean([_hit(c) for c in big])) if big else None
-        dice = [_dice(c.binary, c.truth) for c in with_truth if c.truth is not None]
-        out["dice_abnormal_mean"] = float(np.mean(dice))
+        out["hit_rate_ge_1cm3"] = float(np.mean([bool(c.hit) for c in big])) if big else None
+        out["dice_abnormal_mean"] = float(np.mean([c.dice for c in with_truth]))
     return out
-
-
-def _slices(case: CaseMap) -> tuple[int, int]:
-    ref = case.truth if case.truth is not None and case.truth.any() else case.binary
-    if ref.any():
-        c = np.argwhere(ref).mean(axis=0)
-        return int(c[0]), int(c[1])
-    return case.image.shape[0] // 2, case.image.shape[1] // 2
 
 
 def overlay_png(case: CaseMap, path: Path, *, window: tuple[float, float], title: str) -> Path:
     """Axial and coronal slices with the map (colour, transparent where low) and outlines."""
     fig = _figure(8, 4.2)
-    z, y = _slices(case)
-    finite = case.values[np.isfinite(case.values)]
+    finite = np.concatenate([v.values[np.isfinite(v.values)] for v in case.views])
     vmin, vmax = (np.percentile(finite, [50, 99.5]) if finite.size else (0.0, 1.0))
-    for k, (img, val, binary, truth) in enumerate((
-            (case.image[z], case.values[z], case.binary[z], None if case.truth is None else case.truth[z]),
-            (case.image[:, y][::-1], case.values[:, y][::-1], case.binary[:, y][::-1],
-             None if case.truth is None else case.truth[:, y][::-1]))):
+    for k, v in enumerate(case.views):
         ax = fig.add_subplot(1, 2, k + 1)
-        ax.imshow(img, cmap="gray", vmin=window[0], vmax=window[1], interpolation="nearest")
-        shown = np.ma.masked_where(~np.isfinite(val) | (val < vmin), val)
+        ax.imshow(v.image, cmap="gray", vmin=window[0], vmax=window[1], interpolation="nearest")
+        shown = np.ma.masked_where(~np.isfinite(v.values) | (v.values < vmin), v.values)
         ax.imshow(shown, cmap="inferno", alpha=0.5, vmin=vmin, vmax=vmax, interpolation="nearest")
-        if binary.any():
-            ax.contour(binary, [0.5], colors="cyan", linewidths=0.8)
-        if truth is not None and truth.any():
-            ax.contour(truth, [0.5], colors="lime", linewidths=0.8, linestyles="dashed")
-        ax.set_title(("axial" if k == 0 else "coronal") + f" {z if k == 0 else y}", fontsize=8)
+        if v.binary.any():
+            ax.contour(v.binary, [0.5], colors="cyan", linewidths=0.8)
+        if v.truth is not None and v.truth.any():
+            ax.contour(v.truth, [0.5], colors="lime", linewidths=0.8, linestyles="dashed")
+        ax.set_title(v.name, fontsize=8)
         ax.axis("off")
     fig.suptitle(title, fontsize=9)
     _save(fig, path)

@@ -185,3 +185,29 @@ def test_patch_batches_go_to_the_models_device(patch_bundle: Bundle) -> None:
     prepared = [_prepared(b, s.images[0, 0], s.spacing, "lung")[:2]]
     _maps(b, prepared, "likelihood", 8, 4, scorer=scorer)
     assert seen and set(seen) == {"meta"}
+
+
+def test_an_evaluated_case_keeps_its_measures_and_two_slices_not_the_volume() -> None:
+    """flows.mapeval.case_from_result: hit and Dice from the full volumes, then only the
+    overlay's axial and coronal slices (copies) are kept."""
+    from flows.mapeval import case_from_result, summarise
+    from flows.patchbundle import MapResult
+
+    vol = np.arange(6 * 8 * 10, dtype=np.float32).reshape(6, 8, 10)
+    values = np.zeros_like(vol)
+    values[4, 2:4, 5:7] = 5.0  # detected: 4 voxels
+    truth = np.zeros(vol.shape, dtype=bool)
+    truth[4, 3:5, 5:7] = True  # 4 voxels, 2 shared
+    r = MapResult(values=values, lesions=[], abnormal_cm3=0.004, abnormal=True, peak=5.0, source="x")
+    c = case_from_result(vol, r, 1.0, label=1, finding="nodule", truth=truth, spacing=(1.0, 1.0, 1.0))
+    assert c.hit is True and c.dice == pytest.approx(0.5) and c.truth_cm3 == pytest.approx(0.004)
+    axial, coronal = c.views
+    assert axial.name == "axial 4" and np.array_equal(axial.image, vol[4]) and axial.image.base is None
+    assert coronal.name == "coronal 3" and np.array_equal(coronal.image, vol[::-1, 3])  # head up
+    assert coronal.truth is not None and coronal.truth[1].any()  # slice 4 of 6, flipped: row 1
+    normal = case_from_result(vol, r, 1.0, label=0, finding="normal", truth=np.zeros_like(truth),
+                              spacing=(1.0, 1.0, 1.0))
+    assert normal.hit is None and normal.dice is None and normal.views[0].name == "axial 4"
+    s = summarise([c, normal], n_boot=10)
+    assert s["hit_rate_ge_1cm3"] is None and s["dice_abnormal_mean"] == pytest.approx(0.5)
+    assert s["lesion_hit_rate"] == {"0-1 cm3": {"n": 1, "hit_rate": 1.0}}

@@ -456,10 +456,10 @@ def _radiograph_overlays(imgs: object, maps: object, score: object, findings: li
                 title="abnormality map as the node computes it, most abnormal first")
 
 
-def _labelled_volumes(data: Path) -> list[tuple[Any, tuple[float, ...], int, str, Any]]:
-    """(volume in HU, spacing, label, finding, lesion mask or None) per case of a labelled set
-    of CT volumes: a phantom set, or anything triage.labelled reads."""
-
+def _labelled_volumes(data: Path) -> tuple[int, Iterator[tuple[Any, tuple[float, ...], int, str, Any]]]:
+    """How many cases a labelled set of CT volumes holds, and (volume in HU, spacing, label,
+    finding, lesion mask or None) per case, read as reached: a phantom set, or anything
+    triage.labelled reads."""
     from triage.labelled import has_labels, read_labelled
 
     ps = _phantom_set(data)
@@ -467,13 +467,13 @@ def _labelled_volumes(data: Path) -> list[tuple[Any, tuple[float, ...], int, str
         if ps.images.ndim != 5:
             raise ValueError(f"{data}: not a set of volumes (images of shape {ps.images.shape})")
         sp = tuple(float(x) for x in ps.spacing)
-        return [(ps.images[i, 0], sp, int(ps.labels[i]), ps.findings[i], ps.masks[i, 0])
-                for i in range(len(ps))]
+        return len(ps), ((ps.images[i, 0], sp, int(ps.labels[i]), ps.findings[i], ps.masks[i, 0])
+                         for i in range(len(ps)))
     if not has_labels(data):
         raise ValueError(f"{data}: evaluation needs labels: {NO_LABELS}")
     ls = read_labelled(data, volumes=True)
-    return [(s.array, s.spacing, int(label), finding, mask)
-            for (s, mask), label, finding in zip(ls.cases(), ls.labels, ls.findings, strict=True)]
+    return len(ls), ((s.array, s.spacing, int(label), finding, mask)
+                     for (s, mask), label, finding in zip(ls.cases(), ls.labels, ls.findings, strict=True))
 
 
 def _evaluate_patch_bundle(b: object, data: Path, out: Path, n_boot: int) -> None:
@@ -483,8 +483,9 @@ def _evaluate_patch_bundle(b: object, data: Path, out: Path, n_boot: int) -> Non
     from flows.patchbundle import PatchMapScorer
 
     scorer = PatchMapScorer(b)  # type: ignore[arg-type]
-    cases = []
-    for v, sp, label, finding, truth in track(_labelled_volumes(data), description="mapping volumes",
+    n, volumes = _labelled_volumes(data)
+    cases = []  # compact: each volume is dropped once its map is read (flows.mapeval.CaseMap)
+    for v, sp, label, finding, truth in track(volumes, total=n, description="mapping volumes",
                                               console=console):
         r = scorer.score(v, sp)  # type: ignore[arg-type]
         cases.append(case_from_result(v, r, scorer.cal.voxel_threshold, label=label,
