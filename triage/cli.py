@@ -342,11 +342,11 @@ def evaluate(
         import numpy as np
 
         ps = _phantom_set(data)
-        grid = b.preprocessing.shape
-        truth: list[Any] | None  # lesion masks on the model grid, where given
+        grid, radiographs = b.preprocessing.shape, b.preprocessing.ndim == 2
+        truth: list[Any] | None  # radiographs' lesion masks on the model grid, where given
         if ps is None:  # a labelled folder or .npz: images of any size, read one at a time
-            ls = read_labelled(data, volumes=b.preprocessing.ndim == 3)
-            findings, truth = ls.findings, [] if ls.has_masks else None
+            ls = read_labelled(data, volumes=not radiographs)
+            findings, truth = ls.findings, [] if ls.has_masks and radiographs else None
             each, per = [], []
             for x, mask in ls.cases():
                 each.append(b.preprocessing.apply_with_boxes(x.array[None]))
@@ -358,10 +358,11 @@ def evaluate(
         else:
             findings = ps.findings
             imgs, boxes = b.preprocessing.apply_with_boxes(ps.images)
-            truth = [_mask_on_grid(m, box, grid) for m, box in zip(ps.masks[:, 0], boxes, strict=True)]
+            truth = [_mask_on_grid(m, box, grid) for m, box in zip(ps.masks[:, 0], boxes, strict=True)
+                     ] if radiographs else None
             base = trivial_baselines(ps.images, kind=b.kind)
         with console.status(f"scoring {len(imgs)} images"):
-            s, maps = PosteriorScorer(b).score_maps(imgs) if b.preprocessing.ndim == 2 else (
+            s, maps = PosteriorScorer(b).score_maps(imgs) if radiographs else (
                 PosteriorScorer(b).score(imgs), None)
         chosen = {} if s.method == "whole" else {f"posterior {s.method}": s.score}
         scores = {**chosen, "posterior": s.abnormality, "likelihood": -s.log_p_normal,
