@@ -52,6 +52,9 @@ def test_pictures_that_are_not_radiographs_are_refused(tmp_path: Path) -> None:
     pages[0].save(tmp_path / "pages.tif", save_all=True, append_images=pages[1:])
     with pytest.raises(ImagingError, match="2 pages"):
         read_image_file(tmp_path / "pages.tif")
+    Image.new("CMYK", (8, 8), (0, 0, 0, 128)).save(tmp_path / "cmyk.jpg")
+    with pytest.raises(ImagingError, match="CMYK pixels"):
+        read_image_file(tmp_path / "cmyk.jpg")
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     with pytest.raises(ImagingError, match=r"broken\.png: unreadable image file"):
         read_image_file(tmp_path / "broken.png")

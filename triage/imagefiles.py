@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 _GREY_TOLERANCE = 0.02  # RGB channels within 2 % of the range count as one grey
+_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F", "RGB", "RGBA"}  # PIL modes read
 
 
 def image_file_kind(path: Path) -> str | None:
@@ -79,6 +80,9 @@ def _read_picture(path: Path, name: str) -> Series:
             if im.mode == "P":
                 im = im.convert("RGBA" if "transparency" in im.info else "RGB")
             mode = im.mode
+            if mode not in _MODES:
+                raise ImagingError(f"{name}: {mode} pixels; store radiographs as greyscale (L, I;16) "
+                                   "or grey RGB")
             arr = np.asarray(im)
     except (UnidentifiedImageError, OSError) as exc:
         raise ImagingError(f"{name}: unreadable image file ({type(exc).__name__}: {exc})") from exc
