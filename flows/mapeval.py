@@ -62,8 +62,8 @@ def case_from_result(image: np.ndarray, result: MapResult, voxel_threshold: floa
     """A :class:`CaseMap` from a patch scorer's result and the case's ground truth."""
     binary = np.nan_to_num(result.values, nan=-np.inf) >= voxel_threshold
     lesion = truth is not None and bool(truth.any())
-    cm3 = float(truth.sum() * np.prod(spacing) / 1000.0) if truth is not None else 0.0
-    ref = truth if truth is not None and lesion else binary
+    ref = truth if lesion else binary
+    assert ref is not None
     if ref.any():
         c = np.argwhere(ref).mean(axis=0)
         z, y = int(c[0]), int(c[1])
@@ -76,12 +76,14 @@ def case_from_result(image: np.ndarray, result: MapResult, voxel_threshold: floa
     coronal = (slice(None, None, -1), y)  # [:, y] with the slices flipped: head up
     views = (view((z,), f"axial {z}"), view(coronal, f"coronal {y}"))
     hit = dice = None
+    cm3 = 0.0
     if lesion:
         assert truth is not None
         hit, dice = bool((binary & truth).any()), _dice(binary, truth)
+        cm3 = float(truth.sum() * np.prod(spacing) / 1000.0)
     return CaseMap(lesions=result.lesions, abnormal_cm3=result.abnormal_cm3,
                    abnormal=result.abnormal, peak=result.peak, label=label, finding=finding,
-                   truth_cm3=cm3 if lesion else 0.0, hit=hit, dice=dice, views=views)
+                   truth_cm3=cm3, hit=hit, dice=dice, views=views)
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:

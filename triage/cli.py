@@ -138,18 +138,14 @@ def _iter_folder(path: Path) -> Iterator[Any]:
 def _load_volumes(path: Path) -> tuple[list[object], list[tuple[float, ...]], object]:
     """CT volumes in HU on their own grids, all in memory (training and calibration sample
     them repeatedly): (volumes, spacings, labels or None)."""
-    from triage.labelled import has_labels, read_labelled
+    import numpy as np
 
-    ps = _phantom_set(path)
-    if ps is not None:
-        if ps.images.ndim != 5:
-            raise ValueError(f"{path}: not a set of volumes (images of shape {ps.images.shape})")
-        sp = tuple(float(x) for x in ps.spacing)
-        return [v[0] for v in ps.images], [sp] * len(ps), ps.labels
-    if has_labels(path):
-        ls = read_labelled(path, volumes=True)
-        series = list(ls)
-        return [s.array for s in series], [s.spacing for s in series], ls.labels
+    from triage.labelled import has_labels
+
+    if _phantom_set(path) is not None or has_labels(path):
+        _, cases = _labelled_volumes(path)
+        vols, sps, labels, _, _ = zip(*cases, strict=True)
+        return list(vols), list(sps), np.asarray(labels, dtype=np.int64)
     if not path.is_dir():
         raise ValueError(f"{path}: not a set of volumes (a phantom or labelled .npz, or a folder of "
                          "DICOM series or NIfTI files)")
