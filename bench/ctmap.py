@@ -64,11 +64,6 @@ def _make(kind: str, n: int, af: float, seed: int, source: str = "", mm: float =
     return make_headct(n, abnormal_fraction=af, seed=seed)
 
 
-def _volumes(s: PhantomSet) -> tuple[list[np.ndarray], list[tuple[float, float, float]]]:
-    sp = tuple(float(x) for x in s.spacing)
-    return [v[0] for v in s.images], [sp] * len(s)  # type: ignore[list-item]
-
-
 def main() -> None:
     torch.set_num_threads(int(os.environ.get("NT", "2")))
     tag, kind = sys.argv[1], sys.argv[2]
@@ -87,15 +82,14 @@ def main() -> None:
     mm = float(cfg.get("mm", 0.0))
     val, test = _make(kind, nv, 0.5, 23, src, mm), _make(kind, nt, 0.5, 24, src, mm)
     if cfg.get("reuse"):  # recalibrate an already trained patch bundle
-        b = calibrate_patch_bundle(load_bundle(cfg["reuse"]), (*_volumes(val), val.labels),
+        b = calibrate_patch_bundle(load_bundle(cfg["reuse"]), (val.volumes(), val.labels),
                                    overlap=cfg.get("overlap"), log=print,
                                    min_mask_fraction=cfg.get("min_mask", 0.1))
     else:
         nor, mix = _make(kind, n, 0.0, 21, src, mm), _make(kind, n, 0.5, 22, src, mm)
         b = build_patch_bundle(
-            Path("runs/ctmap") / tag, preset=preset, normal=_volumes(nor)[0],
-            normal_spacing=_volumes(nor)[1], mixture=_volumes(mix)[0],
-            mixture_spacing=_volumes(mix)[1], validation=(*_volumes(val), val.labels), name=tag,
+            Path("runs/ctmap") / tag, preset=preset, normal=nor.volumes(), mixture=mix.volumes(),
+            validation=(val.volumes(), val.labels), name=tag,
             patches_per_volume=cfg.get("per", 64), overlap=cfg.get("overlap"), log=print,
             min_mask_fraction=cfg.get("min_mask", 0.1), reference=cfg.get("reference", "mixture"),
             options=BuildOptions(epochs=cfg.get("ep"), finetune_epochs=cfg.get("fep"),
@@ -103,7 +97,7 @@ def main() -> None:
                                  focus_tail=cfg.get("tail"), device=cfg.get("device"),
                                  max_seconds_per_model=cfg.get("max_s"), progress=False))
     t1 = time.time()
-    vols, sps = _volumes(test)
+    vols, sps = zip(*test.volumes(), strict=True)
     # the nuisance a density model measures first: the scan's own noise level (docs/results.md,
     # session 5: r 0.98 with the likelihood's per-volume mean), before any harmonisation
     noise = [noise_sd(v, b.preprocessing.window) for v in vols]

@@ -207,23 +207,20 @@ def _build_whole(out: Path, preset_name: str, device: str | None, log: Callable[
 def _build_patch(out: Path, preset_name: str, device: str | None, log: Callable[[str], None]) -> None:
     from flows.build import BuildOptions
     from flows.patchbundle import build_patch_bundle
+    from flows.phantoms import PhantomSet
     from flows.phantoms.chestct import make_chestct
     from flows.presets import get_preset
 
     preset = get_preset(preset_name)
     shape = (64, 96, 96)  # 2 mm: a field of view of 128 x 192 x 192 mm, a small chest
 
-    def split(n: int, ab: float, seed: int) -> tuple[list[np.ndarray], list[tuple[float, float, float]],
-                                                    np.ndarray]:
-        ps = make_chestct(n, shape=shape, spacing_mm=CHEST_SPACING_MM, abnormal_fraction=ab, seed=seed)
-        sp = tuple(float(s) for s in ps.spacing)
-        return [x[0] for x in ps.images], [sp] * n, np.asarray(ps.labels)  # type: ignore[list-item]
+    def phantoms(n: int, ab: float, seed: int) -> PhantomSet:
+        return make_chestct(n, shape=shape, spacing_mm=CHEST_SPACING_MM, abnormal_fraction=ab, seed=seed)
 
-    nv, ns, _ = split(6, 0.0, 21)
-    mv, ms, _ = split(6, 0.5, 22)
-    vv, vs, vl = split(8, 0.5, 23)
-    build_patch_bundle(out, preset=preset, normal=nv, normal_spacing=ns, mixture=mv, mixture_spacing=ms,
-                       validation=(vv, vs, vl), name=f"bench-{preset.name}",
+    val = phantoms(8, 0.5, 23)
+    build_patch_bundle(out, preset=preset, normal=phantoms(6, 0.0, 21).volumes(),
+                       mixture=phantoms(6, 0.5, 22).volumes(),
+                       validation=(val.volumes(), np.asarray(val.labels)), name=f"bench-{preset.name}",
                        options=BuildOptions(progress=False, epochs=EPOCHS, finetune_epochs=FINETUNE_EPOCHS,
                                             device=device), log=log)
 

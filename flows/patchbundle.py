@@ -10,12 +10,19 @@ The scorer takes a volume in HU on its own grid, resamples it, computes the mask
 map, binarises it, lists the lesions (sizes in cm³ from the model grid's voxel size,
 centroids mapped back to the source grid) and returns the map resampled onto the source
 grid for the overlay.
+
+Training and calibration take their CT volumes as a :data:`VolumeSet`: any sequence of
+(volume in HU, spacing) pairs. It is walked in order, one volume at a time, and only what is
+derived from each (its patches, its model-grid copy) is kept, so a sequence that reads each
+volume from disk when it is indexed (``triage.cli`` passes one) holds one full-size CT in
+memory at a time.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -34,6 +41,9 @@ PATCHMAP_FILE = "patchmap.json"
 MASKS: dict[str, Callable[[np.ndarray, tuple[float, float, float]], np.ndarray]] = {
     "lung": lung_mask, "intracranial": intracranial_mask, "body": body_mask}
 DEFAULT_MASK = {"chestct": "lung", "bct": "intracranial"}
+Spacing3 = tuple[float, float, float]
+# (volume in HU, spacing in mm) per case; may read each case when it is indexed
+VolumeSet = Sequence[tuple[np.ndarray, Spacing3]]
 
 
 @dataclass
@@ -112,15 +122,14 @@ def _grid(iso: float, volume_hu: np.ndarray, spacing: tuple[float, float, float]
     return grid, m
 
 
-def choose_noise_floor(volumes: Sequence[np.ndarray], spacings: Sequence[tuple[float, float, float]],
-                       prep: Preprocessing, mask: str, percentile: float = 95.0,
-                       margin: float = 1.2) -> float:
+def choose_noise_floor(volumes: Iterable[tuple[np.ndarray, Spacing3]], prep: Preprocessing,
+                       mask: str, percentile: float = 95.0, margin: float = 1.2) -> float:
     """The noise floor (HU on the model grid) for :func:`flows.preprocess.harmonise_noise`:
     ``margin`` times the ``percentile`` of the training volumes' own noise, so that nearly
     every scan is topped up to one level while one unusually noisy scan cannot set it."""
     assert prep.spacing is not None
     est = []
-    for v, sp in zip(volumes, spacings, strict=True):
+    for v, sp in volumes:
         grid, m = _grid(prep.spacing, v, sp, mask)
         est.append(noise_sd(grid, prep.window, m))
     ok = np.asarray([e for e in est if np.isfinite(e)])
@@ -147,12 +156,8 @@ def _sizes(maps: list[np.ndarray], thr: float, spacing: float, min_size: float) 
                      for m in maps])
 
 
-def build_patch_bundle(out: str | Path, *, preset: Preset, normal: Sequence[np.ndarray],
-                       normal_spacing: Sequence[tuple[float, float, float]],
-                       mixture: Sequence[np.ndarray],
-                       mixture_spacing: Sequence[tuple[float, float, float]],
-                       validation: tuple[Sequence[np.ndarray], Sequence[tuple[float, float, float]],
-                                         np.ndarray],
+def build_patch_bundle(out: str | Path, *, preset: Preset, normal: VolumeSet, mixture: VolumeSet,
+                       validation: tuple[VolumeSet, np.ndarray],
                        name: str, version: str = "1", options: BuildOptions | None = None,
                        patches_per_volume: int = 64, overlap: int | None = None,
                        mask: str | None = None, min_mask_fraction: float = 0.1,
@@ -160,6 +165,8 @@ def build_patch_bundle(out: str | Path, *, preset: Preset, normal: Sequence[np.n
                        reference: str = "mixture",
                        log: Callable[[str], None] = print) -> Bundle:
     """Train M0/M1 patch models on mask-guided patches, then :func:`calibrate_patch_bundle`.
+    Each training volume is read once for its patches (twice when the preset sets the noise
+    floor from the data) and dropped.
 
     ``reference="body"`` trains M1 on the mixture's patches from anywhere in the body rather
     than under ``mask``: a general-domain model in the sense of Schirrmeister et al. (2020).
@@ -175,32 +182,36 @@ def build_patch_bundle(out: str | Path, *, preset: Preset, normal: Sequence[np.n
         raise ValueError(f"unknown mask {mask!r}; use lung, intracranial, body or none")
     if reference not in ("mixture", "body"):
         raise ValueError(f"unknown reference {reference!r}; use mixture or body")
-    y = np.asarray(validation[2]).astype(bool)
+    y = np.asarray(validation[1]).astype(bool)
     if y.all() or not y.any():
         raise ValueError("the validation set needs normal and abnormal volumes")
+    if len(validation[0]) != len(y):
+        raise ValueError(f"the validation set has {len(validation[0])} volumes and {len(y)} labels")
+    for what, vols in (("normal", normal), ("mixture", mixture)):
+        if len(vols) == 0:
+            raise ValueError(f"no {what} training volumes")
     patch = prep.shape[0]
     overlap = patch // 2 if overlap is None else overlap
     rng = np.random.default_rng((options or BuildOptions()).seed)
     if preset.noise_floor_percentile and prep.noise_floor is None:
-        floor = choose_noise_floor([*normal, *mixture], [*normal_spacing, *mixture_spacing], prep,
-                                   mask, preset.noise_floor_percentile)
+        floor = choose_noise_floor(itertools.chain(normal, mixture), prep, mask,
+                                   preset.noise_floor_percentile)
         prep = replace(prep, noise_floor=floor)
         preset = replace(preset, preprocessing=prep)
         log(f"noise floor {floor} HU ({preset.noise_floor_percentile:g}th percentile of the "
             "training volumes' noise × 1.2): every volume is topped up to it")
 
-    def patches(vols: Sequence[np.ndarray], sps: Sequence[tuple[float, float, float]],
-                where: str, fraction: float) -> np.ndarray:
+    def patches(vols: VolumeSet, where: str, fraction: float) -> np.ndarray:
         got = []
-        for v, sp in zip(vols, sps, strict=True):
+        for v, sp in vols:  # one volume in memory at a time: only its patches are kept
             grid01, m, _ = _prepared(preset, v, sp, where)
             got.append(sample_patches(grid01[None], m[None] if m is not None else None, patch,
                                       patches_per_volume, rng, min_mask_fraction=fraction))
         return np.concatenate(got)
 
-    pn = patches(normal, normal_spacing, mask, min_mask_fraction)
-    pm = (patches(mixture, mixture_spacing, mask, min_mask_fraction) if reference == "mixture"
-          else patches(mixture, mixture_spacing, "body", 0.5))
+    pn = patches(normal, mask, min_mask_fraction)
+    pm = (patches(mixture, mask, min_mask_fraction) if reference == "mixture"
+          else patches(mixture, "body", 0.5))
     log(f"{len(pn)} normal and {len(pm)} mixture patches ({reference}) of {patch}³ at "
         f"{prep.spacing} mm")
     opts = replace(options or BuildOptions(), map_scores=False)
@@ -212,8 +223,7 @@ def build_patch_bundle(out: str | Path, *, preset: Preset, normal: Sequence[np.n
                                   reference=reference, log=log)
 
 
-def calibrate_patch_bundle(b: Bundle, validation: tuple[Sequence[np.ndarray],
-                                                        Sequence[tuple[float, float, float]], np.ndarray],
+def calibrate_patch_bundle(b: Bundle, validation: tuple[VolumeSet, np.ndarray],
                            *, overlap: int | None = None, mask: str | None = None,
                            min_mask_fraction: float = 0.1, voxel_percentile: float = 99.0,
                            min_size_cm3: float = 0.2, reference: str | None = None,
@@ -237,12 +247,15 @@ def calibrate_patch_bundle(b: Bundle, validation: tuple[Sequence[np.ndarray],
     if reference is None:  # recalibration keeps what M1 was trained on
         reference = (map_calibration(b).reference if b.extra(PATCHMAP_FILE) is not None
                      else "mixture")
-    vvols, vsp, vlabels = validation
+    vols, vlabels = validation
     y = np.asarray(vlabels).astype(bool)
     if y.all() or not y.any():
         raise ValueError("the validation set needs normal and abnormal volumes")
-    # resample, window and mask each validation volume once for all four maps
-    prepared = [_prepared(b, v, sp, mask)[:2] for v, sp in zip(vvols, vsp, strict=True)]
+    if len(vols) != len(y):
+        raise ValueError(f"the validation set has {len(vols)} volumes and {len(y)} labels")
+    # resample, window and mask each validation volume once for all four maps; only the
+    # model-grid copies are kept
+    prepared = [_prepared(b, v, sp, mask)[:2] for v, sp in vols]
     cals: dict[str, MapCalibration] = {}
     sizes_of: dict[str, np.ndarray] = {}
     report: dict[str, Any] = {}

@@ -140,15 +140,8 @@ def chest_ct_patch_bundle(out: Path) -> Bundle:
     n = make_chestct(4, shape=CHEST_SHAPE, spacing_mm=2.0, seed=1)
     m = make_chestct(4, shape=CHEST_SHAPE, spacing_mm=2.0, abnormal_fraction=0.5, seed=2)
     v = make_chestct(6, shape=CHEST_SHAPE, spacing_mm=2.0, abnormal_fraction=0.5, seed=3)
-
-    def split(ps: object) -> tuple[list[np.ndarray], list[tuple[float, float, float]]]:
-        imgs = ps.images  # type: ignore[attr-defined]
-        sp = tuple(float(s) for s in ps.spacing)  # type: ignore[attr-defined]
-        return [x[0] for x in imgs], [sp] * len(imgs)  # type: ignore[list-item]
-
-    (nv, ns), (mv, ms), (vv, vs) = split(n), split(m), split(v)
-    return build_patch_bundle(out, preset=get_preset("tiny-chestct"), normal=nv, normal_spacing=ns,
-                              mixture=mv, mixture_spacing=ms, validation=(vv, vs, np.asarray(v.labels)),
+    return build_patch_bundle(out, preset=get_preset("tiny-chestct"), normal=n.volumes(),
+                              mixture=m.volumes(), validation=(v.volumes(), np.asarray(v.labels)),
                               name="tiny-chestct", options=BuildOptions(progress=False), log=lambda s: None)
 
 

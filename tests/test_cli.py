@@ -167,21 +167,7 @@ def test_chest_ct_patch_bundle_synth_train_evaluate(tmp_path: Path) -> None:
     assert "auc" in dicom["auroc_abnormal_volume"]
     assert summary.get("lesion_hit_rate") and not dicom.get("lesion_hit_rate")
     # as NIfTI files with mask files named in a labels.csv: the same figures, hit rates included
-    import nibabel as nib
-    import numpy as np
-
-    from flows.phantoms import PhantomSet
-
-    ps = PhantomSet.load_npz(d / "v.npz")
-    aff = np.diag([-ps.spacing[2], -ps.spacing[1], ps.spacing[0], 1.0])  # LPS axial -> RAS
-    (d / "nii").mkdir()
-    rows = ["file,label,finding,mask"]
-    for i in range(len(ps)):
-        nib.save(nib.Nifti1Image(ps.images[i, 0].transpose(2, 1, 0).copy(), aff), d / "nii" / f"{i}.nii.gz")
-        nib.save(nib.Nifti1Image(ps.masks[i, 0].transpose(2, 1, 0).astype(np.uint8), aff),
-                 d / "nii" / f"{i}-mask.nii.gz")
-        rows.append(f"{i}.nii.gz,{ps.labels[i]},{ps.findings[i]},{i}-mask.nii.gz")
-    (d / "nii" / "labels.csv").write_text("\n".join(rows) + "\n")
+    _phantoms_as_nifti(d / "v.npz", d / "nii", labels=True)
     _ok(["evaluate", "--bundle", str(d / "b"), "--data", str(d / "nii"), "--out", str(d / "e3"),
          "--n-boot", "20"])
     nii = json.loads((d / "e3" / "summary.json").read_text())
@@ -199,6 +185,49 @@ def test_chest_ct_patch_bundle_synth_train_evaluate(tmp_path: Path) -> None:
     load_bundle(d / "b")  # hashes re-checked
     res = runner.invoke(app, ["calibrate", "--bundle", str(d / "b"), "--validation", str(d / "n.npz")])
     assert res.exit_code == 2 and "normal and abnormal" in res.output
+
+
+def _phantoms_as_nifti(npz: Path, out: Path, *, labels: bool) -> None:
+    """The phantom volumes in ``npz`` as NIfTI files (``0.nii.gz``, ...) under ``out``; with
+    ``labels`` also their lesion masks and a labels.csv naming both."""
+    import nibabel as nib
+    import numpy as np
+
+    from flows.phantoms import PhantomSet
+
+    ps = PhantomSet.load_npz(npz)
+    aff = np.diag([-ps.spacing[2], -ps.spacing[1], ps.spacing[0], 1.0])  # LPS axial -> RAS
+    out.mkdir()
+    rows = ["file,label,finding,mask"]
+    for i in range(len(ps)):
+        nib.save(nib.Nifti1Image(ps.images[i, 0].transpose(2, 1, 0).copy(), aff), out / f"{i}.nii.gz")
+        if labels:
+            nib.save(nib.Nifti1Image(ps.masks[i, 0].transpose(2, 1, 0).astype(np.uint8), aff),
+                     out / f"{i}-mask.nii.gz")
+            rows.append(f"{i}.nii.gz,{ps.labels[i]},{ps.findings[i]},{i}-mask.nii.gz")
+    if labels:
+        (out / "labels.csv").write_text("\n".join(rows) + "\n")
+
+
+def test_chest_ct_patch_bundle_trained_from_nifti_folders_is_the_npz_bundle(tmp_path: Path) -> None:
+    """Training and calibration read a site's CT folders one volume at a time
+    (triage.labelled.Volumes): from NIfTI files the bundle is bit for bit the one the same
+    volumes give from a phantom .npz: the same patches, weights and map calibration."""
+    d = tmp_path
+    shape = ["--shape", "16,24,32", "--spacing", "8"]
+    for name, seed, af in (("n", 1, "0"), ("m", 2, "0.6"), ("v", 3, "0.5")):
+        _ok(["synth", "chestct", str(d / f"{name}.npz"), "--n", "5", "--seed", str(seed),
+             "--abnormal-fraction", af, *shape])
+        _phantoms_as_nifti(d / f"{name}.npz", d / name, labels=name == "v")
+    common = ["--preset", "tiny-chestct", "--noise-floor", "95", "--epochs", "1"]
+    _ok(["train", *common, "--normal", str(d / "n.npz"), "--mixture", str(d / "m.npz"),
+         "--validation", str(d / "v.npz"), "--out", str(d / "from-npz")])
+    _ok(["train", *common, "--normal", str(d / "n"), "--mixture", str(d / "m"),
+         "--validation", str(d / "v"), "--out", str(d / "from-nifti")])
+    a, b = (json.loads((d / x / "manifest.json").read_text()) for x in ("from-npz", "from-nifti"))
+    assert a["files"] == b["files"] and a["preprocessing"] == b["preprocessing"]
+    assert ((d / "from-npz" / "patchmap.json").read_text()
+            == (d / "from-nifti" / "patchmap.json").read_text())
 
 
 def test_user_add_and_token_then_log_in_and_call_the_api(tmp_path: Path, sqlite_db: Database,

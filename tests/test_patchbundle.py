@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 from flows.build import BuildOptions
 from flows.bundle import Bundle, BundleError
 from flows.patchbundle import PatchMapScorer, build_patch_bundle, choose_noise_floor, map_calibration
+from flows.phantoms import PhantomSet
 from flows.phantoms.chestct import make_chestct
 from flows.presets import get_preset
 
@@ -21,17 +23,11 @@ def patch_bundle(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
     nor = make_chestct(6, shape=shape, spacing_mm=8.0, seed=1)
     mix = make_chestct(6, shape=shape, spacing_mm=8.0, abnormal_fraction=0.5, seed=2)
     val = make_chestct(8, shape=shape, spacing_mm=8.0, abnormal_fraction=0.5, seed=3)
-
-    def vols(s):  # type: ignore[no-untyped-def]
-        return [v[0] for v in s.images], [s.spacing] * len(s)
-
     out = tmp_path_factory.mktemp("pb") / "bundle"
     # the noise floor is set from the training volumes (flows.patchbundle.choose_noise_floor)
     preset = replace(get_preset("tiny-chestct"), noise_floor_percentile=95.0)
-    return build_patch_bundle(out, preset=preset,
-                              normal=vols(nor)[0], normal_spacing=vols(nor)[1],
-                              mixture=vols(mix)[0], mixture_spacing=vols(mix)[1],
-                              validation=(*vols(val), val.labels), name="pb",
+    return build_patch_bundle(out, preset=preset, normal=nor.volumes(), mixture=mix.volumes(),
+                              validation=(val.volumes(), val.labels), name="pb",
                               options=BuildOptions(progress=False), patches_per_volume=16,
                               overlap=4, log=lambda s: None)
 
@@ -52,13 +48,13 @@ def test_patch_bundle_records_its_map_calibration(patch_bundle: Bundle) -> None:
 
 def test_noise_floor_is_chosen_on_the_training_volumes_and_recorded(patch_bundle: Bundle) -> None:
     shape = (16, 24, 32)
-    train = [v[0] for seed, af in ((1, 0.0), (2, 0.5))
-             for v in make_chestct(6, shape=shape, spacing_mm=8.0, abnormal_fraction=af, seed=seed).images]
+    train = [v for seed, af in ((1, 0.0), (2, 0.5))
+             for v in make_chestct(6, shape=shape, spacing_mm=8.0, abnormal_fraction=af, seed=seed).volumes()]
     prep = replace(patch_bundle.preprocessing, noise_floor=None)
-    floor = choose_noise_floor(train, [(8.0, 8.0, 8.0)] * len(train), prep, "lung")
+    floor = choose_noise_floor(train, prep, "lung")
     assert floor > 0 and patch_bundle.preprocessing.noise_floor == floor
     # a volume is harmonised the same way every time it is scored
-    vol = train[0]
+    vol = train[0][0]
     a = PatchMapScorer(patch_bundle).score(vol, (8.0,) * 3).values
     b = PatchMapScorer(patch_bundle).score(vol, (8.0,) * 3).values
     np.testing.assert_array_equal(a, b)
@@ -124,12 +120,10 @@ def test_scorer_refuses_bad_volumes_and_whole_image_bundles(patch_bundle: Bundle
 
 def test_patch_bundle_needs_a_labelled_validation_set(tmp_path: Path) -> None:
     s = make_chestct(2, shape=(16, 24, 32), spacing_mm=8.0, seed=1)
-    v = [x[0] for x in s.images]
+    v = s.volumes()
     with pytest.raises(ValueError, match="normal and abnormal"):
-        build_patch_bundle(tmp_path / "b", preset=get_preset("tiny-chestct"), normal=v,
-                           normal_spacing=[s.spacing] * 2, mixture=v,
-                           mixture_spacing=[s.spacing] * 2,
-                           validation=(v, [s.spacing] * 2, np.zeros(2)), name="b",
+        build_patch_bundle(tmp_path / "b", preset=get_preset("tiny-chestct"), normal=v, mixture=v,
+                           validation=(v, np.zeros(2)), name="b",
                            options=BuildOptions(progress=False), patches_per_volume=4,
                            log=lambda m: None)
 
@@ -142,11 +136,10 @@ def test_general_domain_reference_is_trained_on_body_patches_and_recorded(tmp_pa
     shape = (16, 24, 32)
     nor = make_chestct(2, shape=shape, spacing_mm=8.0, seed=1)
     val = make_chestct(4, shape=shape, spacing_mm=8.0, abnormal_fraction=0.5, seed=3)
-    v = [x[0] for x in nor.images]
-    sp = [nor.spacing] * len(v)
-    vv = ([x[0] for x in val.images], [val.spacing] * len(val), val.labels)
-    kw = dict(preset=get_preset("tiny-chestct"), normal=v, normal_spacing=sp, mixture=v,
-              mixture_spacing=sp, validation=vv, options=BuildOptions(progress=False),
+    v = nor.volumes()
+    vv = (val.volumes(), val.labels)
+    kw = dict(preset=get_preset("tiny-chestct"), normal=v, mixture=v,
+              validation=vv, options=BuildOptions(progress=False),
               patches_per_volume=4, overlap=4)
     with pytest.raises(ValueError, match="unknown reference"):
         build_patch_bundle(tmp_path / "x", name="x", reference="elsewhere", log=lambda m: None, **kw)
@@ -211,3 +204,47 @@ def test_an_evaluated_case_keeps_its_measures_and_two_slices_not_the_volume() ->
     s = summarise([c, normal], n_boot=10)
     assert s["hit_rate_ge_1cm3"] is None and s["dice_abnormal_mean"] == pytest.approx(0.5)
     assert s["lesion_hit_rate"] == {"0-1 cm3": {"n": 1, "hit_rate": 1.0}}
+
+
+def test_training_and_calibration_hold_one_full_size_volume_at_a_time(tmp_path: Path) -> None:
+    """A VolumeSet may read each CT when it is indexed (triage.labelled.Volumes does): the build
+    keeps only patches and model-grid copies, so at most the volume being read and the one
+    before it are alive, whatever the set's size."""
+    import gc
+    import weakref
+
+    live: list[weakref.ref[np.ndarray]] = []
+    most, reads = [0], [0]
+
+    class Counted(Sequence[tuple[np.ndarray, tuple[float, float, float]]]):
+        def __init__(self, ps: PhantomSet) -> None:
+            self.ps = ps
+
+        def __len__(self) -> int:
+            return len(self.ps)
+
+        def __getitem__(self, i):  # type: ignore[no-untyped-def]
+            if isinstance(i, slice):
+                raise TypeError("not needed")
+            gc.collect()
+            live[:] = [r for r in live if r() is not None]
+            v = self.ps.images[i, 0].copy()  # a fresh array, as a file read gives
+            live.append(weakref.ref(v))
+            most[0], reads[0] = max(most[0], len(live)), reads[0] + 1
+            return v, tuple(float(x) for x in self.ps.spacing)
+
+    shape = (16, 24, 32)
+    nor = make_chestct(6, shape=shape, spacing_mm=8.0, seed=1)
+    mix = make_chestct(6, shape=shape, spacing_mm=8.0, abnormal_fraction=0.5, seed=2)
+    val = make_chestct(6, shape=shape, spacing_mm=8.0, abnormal_fraction=0.5, seed=3)
+    preset = replace(get_preset("tiny-chestct"), noise_floor_percentile=95.0)
+    build_patch_bundle(tmp_path / "b", preset=preset, normal=Counted(nor), mixture=Counted(mix),
+                       validation=(Counted(val), val.labels), name="b",
+                       options=BuildOptions(progress=False, epochs=1, finetune_epochs=1),
+                       patches_per_volume=4, overlap=4, log=lambda m: None)
+    # training volumes twice (noise floor, patches), validation volumes once
+    assert reads[0] == 2 * 12 + 6
+    assert most[0] <= 2
+    with pytest.raises(ValueError, match="6 volumes and 5 labels"):
+        build_patch_bundle(tmp_path / "c", preset=preset, normal=nor.volumes(), mixture=mix.volumes(),
+                           validation=(val.volumes(), val.labels[:5]), name="c", log=lambda m: None)

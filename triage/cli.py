@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Iterable, Iterator
 
     from flows.preprocess import Preprocessing
     from triage.config import Settings
@@ -105,54 +105,64 @@ def _phantom_set(path: Path) -> Any:
 
 def _load_set(path: Path, prep: Preprocessing) -> tuple[object, object, object]:
     """(preprocessed images, labels or None, phantom set or None) from .npz / folder. Images
-    may differ in size (each is preprocessed on its own, so only model-grid copies are kept);
-    a labelled set (triage.labelled) gives labels."""
-    import numpy as np
-
+    may differ in size (each is preprocessed on its own as it is read, into one array of
+    model-grid copies); a labelled set (triage.labelled) gives labels."""
     from flows.train import load_images
-    from triage.labelled import has_labels, read_labelled
+    from triage.labelled import folder_readers, has_labels, read_labelled
 
     ps = _phantom_set(path)
     if ps is not None:
         return prep.apply(ps.images), ps.labels, ps
     if has_labels(path):
         ls = read_labelled(path, volumes=prep.ndim == 3)
-        return np.concatenate([prep.apply(s.array[None]) for s in ls]), ls.labels, None
+        return _on_model_grid(ls, len(ls), prep), ls.labels, None
     if path.is_dir():  # DICOM series and image files, each brought onto the model grid as read
-        grids = [prep.apply(s.array[None]) for s in _iter_folder(path) if s.array.ndim == prep.ndim]
-        if grids:
-            return np.concatenate(grids), None, None
+        readers = folder_readers(path)
+        grids = _on_model_grid((read() for read in readers), len(readers), prep)
+        if len(grids):
+            return grids, None, None
     raw = load_images(path, prep.ndim)
     return prep.apply(raw), None, None
 
 
-def _iter_folder(path: Path) -> Iterator[Any]:
-    """The DICOM series under ``path``, then its picture and NIfTI files (triage.imagefiles)."""
-    from triage.imagefiles import iter_image_files
-    from triage.imaging import iter_series_folder
-
-    yield from iter_series_folder(path)
-    yield from iter_image_files(path)
-
-
-def _load_volumes(path: Path) -> tuple[list[object], list[tuple[float, ...]], object]:
-    """CT volumes in HU on their own grids, all in memory (training and calibration sample
-    them repeatedly): (volumes, spacings, labels or None)."""
+def _on_model_grid(series: Iterable[Any], n: int, prep: Preprocessing) -> Any:
+    """The images of ``prep``'s dimension among ``n`` series, preprocessed one at a time into
+    one preallocated array (no list of copies to concatenate: the set is in memory once)."""
     import numpy as np
 
-    from triage.labelled import has_labels
+    out: np.ndarray | None = None
+    k = 0
+    for s in series:
+        if s.array.ndim != prep.ndim:
+            continue
+        g = prep.apply(s.array[None])
+        if out is None:
+            out = np.empty((n, *g.shape[1:]), dtype=g.dtype)
+        out[k] = g[0]
+        k += 1
+    return out[:k] if out is not None else np.empty((0, 1, *prep.shape), dtype=np.float32)
 
-    if _phantom_set(path) is not None or has_labels(path):
-        _, cases = _labelled_volumes(path)
-        vols, sps, labels, _, _ = zip(*cases, strict=True)
-        return list(vols), list(sps), np.asarray(labels, dtype=np.int64)
+
+def _load_volumes(path: Path) -> tuple[Any, Any]:
+    """CT volumes in HU on their own grids, each read from disk when reached (a phantom set is
+    in memory already): (flows.patchbundle.VolumeSet, labels or None)."""
+    import numpy as np
+
+    from triage.labelled import Volumes, folder_readers, has_labels, read_labelled
+
+    ps = _phantom_set(path)
+    if ps is not None:
+        return ps.volumes(), np.asarray(ps.labels, dtype=np.int64)
+    if has_labels(path):
+        ls = read_labelled(path, volumes=True)
+        return Volumes(ls.readers), ls.labels
     if not path.is_dir():
         raise ValueError(f"{path}: not a set of volumes (a phantom or labelled .npz, or a folder of "
                          "DICOM series or NIfTI files)")
-    series = [s for s in _iter_folder(path) if s.is_volume]
-    if not series:
+    vols = Volumes(folder_readers(path, volumes=True))
+    if not len(vols):
         raise ValueError(f"{path}: no CT volumes found (DICOM series or NIfTI files)")
-    return [s.array for s in series], [s.spacing for s in series], None
+    return vols, None
 
 
 def _train_patch_bundle(p: object, out: Path, normal: Path, mixture: Path, validation: Path | None,
@@ -161,14 +171,14 @@ def _train_patch_bundle(p: object, out: Path, normal: Path, mixture: Path, valid
 
     if validation is None:
         raise ValueError("a patch bundle calibrates its map on a labelled --validation set")
-    nv, ns, _ = _load_volumes(normal)
-    mv, ms, _ = _load_volumes(mixture)
-    vv, vs, vl = _load_volumes(validation)
+    nv, _ = _load_volumes(normal)
+    mv, _ = _load_volumes(mixture)
+    vv, vl = _load_volumes(validation)
     if vl is None:
         raise ValueError(f"{validation}: {NO_LABELS}")
-    build_patch_bundle(out, preset=p, normal=nv, normal_spacing=ns, mixture=mv,  # type: ignore[arg-type]
-                       mixture_spacing=ms, validation=(vv, vs, vl), name=name,  # type: ignore[arg-type]
-                       version=version, options=options, log=console.print)  # type: ignore[arg-type]
+    build_patch_bundle(out, preset=p, normal=nv, mixture=mv, validation=(vv, vl),  # type: ignore[arg-type]
+                       name=name, version=version, options=options,  # type: ignore[arg-type]
+                       log=console.print)
 
 
 @app.command()
@@ -293,8 +303,9 @@ def calibrate(
 
     Chooses the map (likelihood or posterior ratio, per patch or per voxel), its voxel
     threshold, T and the reference of normal abnormal-volumes that percentiles are read
-    against; the manifest's hashes are updated. The set is a labelled .npz (images in HU,
-    labels, spacing: the format in models/README.md), e.g. a site's own volumes. The bundle
+    against; the manifest's hashes are updated. The set is any labelled set of volumes in HU
+    (a labelled .npz, or a folder of DICOM series or NIfTI files with a labels.csv: the forms
+    in models/README.md), e.g. a site's own volumes, read one at a time. The bundle
     keeps its name and version; a running node uses the new calibration after a restart.
     """
     from flows.bundle import BundleError, load_bundle
@@ -303,10 +314,10 @@ def calibrate(
     try:
         b = load_bundle(bundle)
         old = map_calibration(b)
-        vv, vs, vl = _load_volumes(validation)
+        vv, vl = _load_volumes(validation)
         if vl is None:
             raise ValueError(f"{validation}: {NO_LABELS}")
-        calibrate_patch_bundle(b, (vv, vs, vl), overlap=old.overlap, mask=old.mask,  # type: ignore[arg-type]
+        calibrate_patch_bundle(b, (vv, vl), overlap=old.overlap, mask=old.mask,
                                min_mask_fraction=old.min_mask_fraction, min_size_cm3=old.min_size_cm3,
                                log=console.print)
     except (ValueError, FileNotFoundError, BundleError) as e:
@@ -461,11 +472,12 @@ def _labelled_volumes(data: Path) -> tuple[int, Iterator[tuple[Any, tuple[float,
 
     ps = _phantom_set(data)
     if ps is not None:
-        if ps.images.ndim != 5:
-            raise ValueError(f"{data}: not a set of volumes (images of shape {ps.images.shape})")
-        sp = tuple(float(x) for x in ps.spacing)
-        return len(ps), ((ps.images[i, 0], sp, int(ps.labels[i]), ps.findings[i], ps.masks[i, 0])
-                         for i in range(len(ps)))
+        try:
+            vols = ps.volumes()
+        except ValueError as e:
+            raise ValueError(f"{data}: {e}") from e
+        return len(ps), ((v, sp, int(ps.labels[i]), ps.findings[i], ps.masks[i, 0])
+                         for i, (v, sp) in enumerate(vols))
     if not has_labels(data):
         raise ValueError(f"{data}: evaluation needs labels: {NO_LABELS}")
     ls = read_labelled(data, volumes=True)

@@ -164,11 +164,16 @@ def read_image_file(path: Path, *, root: Path | None = None) -> Series:
     raise ImagingError(f"{name}: not an image file this node reads (PNG, JPEG, TIFF, BMP, NIfTI, .npy)")
 
 
+def image_file_paths(folder: Path, *, kinds: frozenset[str] = frozenset({"picture", "nifti"})
+                     ) -> list[Path]:
+    """The image files under ``folder`` of the given kinds ("picture", "nifti", "npy"), in
+    sorted path order; nothing is read but their names."""
+    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and image_file_kind(p) in kinds)
+
+
 def iter_image_files(folder: Path, *, npy: bool = False) -> Iterator[Series]:
     """Every picture and NIfTI file under ``folder`` (and ``.npy`` files with ``npy=True``),
     in sorted path order, one at a time."""
-    folder = Path(folder)
-    kinds = {"picture", "nifti", "npy"} if npy else {"picture", "nifti"}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        if image_file_kind(path) in kinds:
-            yield read_image_file(path, root=folder)
+    kinds = frozenset({"picture", "nifti", "npy"} if npy else {"picture", "nifti"})
+    for path in image_file_paths(folder, kinds=kinds):
+        yield read_image_file(path, root=Path(folder))

@@ -21,9 +21,11 @@
 from __future__ import annotations
 
 import csv
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import overload
 
 import numpy as np
 
@@ -61,6 +63,48 @@ class LabelledSeries:
 
     def __iter__(self) -> Iterator[Series]:
         return (read() for read in self.readers)
+
+
+def folder_readers(folder: Path, *, volumes: bool | None = None) -> list[Callable[[], Series]]:
+    """One reader per image series under ``folder``, nothing read yet but DICOM headers: its
+    DICOM series (grouped from their headers), then its picture and NIfTI files. With
+    ``volumes=True`` only what reads as a 3D volume (DICOM CT/MR/..., NIfTI), with ``False``
+    only 2D images (projection radiographs, pictures)."""
+    from triage.imagefiles import image_file_paths, read_image_file
+
+    readers: list[Callable[[], Series]] = [g.read for g in scan_series_folder(folder)
+                                           if _kind_ok(g, volumes)]
+    kinds = {None: {"picture", "nifti"}, True: {"nifti"}, False: {"picture"}}[volumes]
+    readers += [partial(read_image_file, p, root=folder)
+                for p in image_file_paths(folder, kinds=frozenset(kinds))]
+    return readers
+
+
+class Volumes(Sequence[tuple[np.ndarray, tuple[float, float, float]]]):
+    """CT volumes with their spacing, each read from disk when it is indexed and not kept:
+    what :mod:`flows.patchbundle` trains and calibrates on (a ``VolumeSet``), so a training
+    set of hundreds of full-size CTs needs the memory of one."""
+
+    def __init__(self, readers: Sequence[Callable[[], Series]]) -> None:
+        self.readers = list(readers)
+
+    def __len__(self) -> int:
+        return len(self.readers)
+
+    @overload
+    def __getitem__(self, i: int) -> tuple[np.ndarray, tuple[float, float, float]]: ...
+    @overload
+    def __getitem__(self, i: slice) -> Volumes: ...
+
+    def __getitem__(self, i: int | slice) -> tuple[np.ndarray, tuple[float, float, float]] | Volumes:
+        if isinstance(i, slice):
+            return Volumes(self.readers[i])
+        s = self.readers[i]()
+        if not s.is_volume:
+            raise ValueError(f"case {i} ({s.series_instance_uid}) is not a volume "
+                             f"(shape {s.array.shape})")
+        sz, sy, sx = (float(x) for x in s.spacing)
+        return s.array, (sz, sy, sx)
 
 
 def has_labels(path: Path) -> bool:

@@ -140,6 +140,14 @@ class PhantomSet:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def volumes(self) -> list[tuple[np.ndarray, tuple[float, float, float]]]:
+        """Each CT volume (a view, no copy) with its spacing: the (volume, spacing) pairs a
+        patch bundle trains and calibrates on (:mod:`flows.patchbundle`)."""
+        if self.images.ndim != 5:
+            raise ValueError(f"not a set of volumes (images of shape {self.images.shape})")
+        sp = tuple(float(x) for x in self.spacing)
+        return [(v[0], sp) for v in self.images]  # type: ignore[misc]
+
     def subset(self, idx: Any) -> PhantomSet:
         """Cases ``idx`` (an index array, a boolean mask or a slice) as a new set."""
         n = len(self)
