@@ -32,8 +32,9 @@ from flows.densitymap import ScoreChoice, choose_score, pair_log_p_maps
 from flows.glow import Averaged, Conditioned, FlowModel, Translated
 from flows.posterior import map_pair_scores, two_model_scores
 from flows.presets import Preset
+from flows.rows import ImageSet, Rows, fingerprint
 from flows.tailfocus import check_fraction, select_tail
-from flows.train import TrainOptions, TrainResult, fingerprint, pick_device, train
+from flows.train import TrainOptions, TrainResult, pick_device, train
 
 Strategy = Literal["conditional", "independent", "finetune-m1", "finetune-m0", "shared"]
 STRATEGIES: tuple[str, ...] = ("conditional", "independent", "finetune-m1", "finetune-m0", "shared")
@@ -76,15 +77,17 @@ class BuildOptions:
     focus_tail: float | None = None
 
 
-def split_reference(mixture: np.ndarray, fraction: float, minimum: int, seed: int
-                    ) -> tuple[np.ndarray, np.ndarray | None]:
-    """(training part, held-out reference part or None) of the mixture set, seeded."""
+def split_reference(mixture: ImageSet, fraction: float, minimum: int, seed: int
+                    ) -> tuple[ImageSet, np.ndarray | None]:
+    """(training part, held-out reference part or None) of the mixture set, seeded. The
+    training part is a selection of the set's rows (:class:`flows.rows.Rows`), not a copy."""
     n = len(mixture)
     k = max(minimum, round(fraction * n)) if fraction > 0 else 0
     if k == 0 or n - k < max(minimum, k):  # too small to spare a reference: use the training set
         return mixture, None
     order = np.random.default_rng(seed + 7919).permutation(n)
-    return mixture[np.sort(order[k:])], mixture[np.sort(order[:k])]
+    rows = Rows.cat(mixture)
+    return rows.take(np.sort(order[k:])), rows[np.sort(order[:k])]
 
 
 def _mirror_axis(preset: Preset, on: bool) -> int | None:
@@ -103,14 +106,15 @@ def _choice_line(choice: ScoreChoice) -> str:
     return line + ")"
 
 
-def build_bundle(out: str | Path, *, preset: Preset, normal: np.ndarray, mixture: np.ndarray,
+def build_bundle(out: str | Path, *, preset: Preset, normal: ImageSet, mixture: ImageSet,
                  name: str, version: str = "1", options: BuildOptions | None = None,
                  validation: tuple[np.ndarray, np.ndarray] | None = None,
                  log: Callable[[str], None] = print) -> Bundle:
     """Train M0 and M1 on preprocessed images in [0, 1] and write a verified bundle.
 
     ``validation`` = (images, labels) picks the operating threshold by Youden's J; without
-    it the threshold is a percentile of the mixture's score distribution.
+    it the threshold is a percentile of the mixture's score distribution. The sets are read
+    in place (:mod:`flows.rows`): training holds no copy of them.
     """
     opts = options or BuildOptions()
     if opts.strategy is None:
@@ -119,7 +123,7 @@ def build_bundle(out: str | Path, *, preset: Preset, normal: np.ndarray, mixture
         raise ValueError(f"unknown strategy {opts.strategy!r}; use one of {', '.join(STRATEGIES)}")
     out = Path(out)
     mixture, held = split_reference(mixture, opts.reference_holdout, opts.min_reference, opts.seed)
-    reference = held if held is not None else mixture
+    reference = held if held is not None else np.asarray(mixture)
     if held is not None:
         log(f"{len(held)} mixture images held out of training for the reference distribution")
     scratch = TrainOptions.from_preset(preset, epochs=opts.epochs, batch_size=opts.batch_size,
@@ -138,7 +142,7 @@ def build_bundle(out: str | Path, *, preset: Preset, normal: np.ndarray, mixture
 
     advanced: set[int] = set()  # results that took training steps in this run
 
-    def fit(images: np.ndarray, label: str, o: TrainOptions, init: TrainResult | None,
+    def fit(images: ImageSet, label: str, o: TrainOptions, init: TrainResult | None,
             init_name: str = "", work: Path = out / "work") -> TrainResult:
         how = f"fine-tuned from {init_name}" if init else "from scratch"
         log(f"training {label} on {len(images)} images ({preset.name}, {how})")
@@ -162,7 +166,7 @@ def build_bundle(out: str | Path, *, preset: Preset, normal: np.ndarray, mixture
             cp = replace(preset, glow=replace(preset.glow, conditions=2))
             log(f"training a conditional Glow on {len(normal)} normal + {len(mixture)} mixture images "
                 f"({preset.name})")
-            joint = train(np.concatenate([normal, mixture]), cp, out_dir=work / "joint",
+            joint = train(Rows.cat(normal, mixture), cp, out_dir=work / "joint",
                           options=sc, device=opts.device, progress=opts.progress, label="M0|M1",
                           conditions=np.repeat([0, 1], [len(normal), len(mixture)]))
             return Conditioned(joint.model, 0), Conditioned(joint.model, 1), {"joint": joint.metrics}
@@ -177,7 +181,7 @@ def build_bundle(out: str | Path, *, preset: Preset, normal: np.ndarray, mixture
             r1 = fit(mixture, "M1", sc, None, work=work)
             r0 = fit(normal, "M0", tn, r1, "M1", work=work)
         else:
-            base = fit(np.concatenate([normal, mixture]), "base", sc, None, work=work)
+            base = fit(Rows.cat(normal, mixture), "base", sc, None, work=work)
             tn_normal, tn_mixture = normal, mixture
             if opts.focus_tail is not None:
                 tn_normal, tn_mixture, tau = select_tail(base.model, normal, mixture, opts.focus_tail,

@@ -24,12 +24,13 @@ import numpy as np
 
 from flows.densitymap import log_p_maps, top_mean
 from flows.glow import FlowModel
+from flows.rows import ImageSet
 
 MAP_TOP = 0.1  # the share of a sample's positions whose mean abnormality ranks it
 _CHUNK = 512  # samples mapped at once (a 3D map per sample is large)
 
 
-def tail_statistic(model: FlowModel, images01: np.ndarray, n_bits: int) -> np.ndarray:
+def tail_statistic(model: FlowModel, images01: ImageSet, n_bits: int) -> np.ndarray:
     """Per sample: mean of the top ``MAP_TOP`` of ``-log p`` over its positions (higher = less likely)."""
     out = np.empty(len(images01))
     for i in range(0, len(images01), _CHUNK):
@@ -43,7 +44,7 @@ def check_fraction(fraction: float) -> None:
         raise ValueError(f"tail fraction must be between 0 and 1 (exclusive), got {fraction}")
 
 
-def select_tail(model: FlowModel, normal: np.ndarray, mixture: np.ndarray, fraction: float,
+def select_tail(model: FlowModel, normal: ImageSet, mixture: ImageSet, fraction: float,
                 n_bits: int, log: Callable[[str], None] = print
                 ) -> tuple[np.ndarray, np.ndarray, float]:
     """(normal in R, mixture in R, tau): R holds the ``fraction`` of normals the model finds

@@ -8,7 +8,6 @@ checkpoints that ``resume=True`` continues from, and seeded determinism.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import math
@@ -27,6 +26,7 @@ from flows.atomic import torch_save
 from flows.glow import Glow, translate
 from flows.presets import Preset
 from flows.quantize import bits_per_dim, dequantize
+from flows.rows import ImageSet, as_rows
 
 log = logging.getLogger(__name__)
 
@@ -88,26 +88,24 @@ def _batched(arr: np.ndarray, ndim: int, where: Path) -> np.ndarray:
     raise ValueError(f"{where}: array of shape {arr.shape} is not a {ndim}D image or batch of them")
 
 
-def fingerprint(images: np.ndarray) -> dict[str, Any]:
-    """A short description of a training set that changes when any pixel does."""
-    arr = np.ascontiguousarray(images, dtype=np.float32)
-    return {"n": int(arr.shape[0]), "shape": list(arr.shape[1:]),
-            "sha256": hashlib.sha256(arr.tobytes()).hexdigest(),
-            "mean": float(arr.mean()), "std": float(arr.std())}
-
-
-def check_dataset(images: np.ndarray, preset: Preset, name: str = "training set") -> None:
+def check_dataset(images: ImageSet, preset: Preset, name: str = "training set") -> None:
     shape = (1, *preset.preprocessing.shape)
     if images.ndim != len(shape) + 1 or tuple(images.shape[1:]) != shape:
         raise ValueError(f"{name}: expected preprocessed images of shape (N, {', '.join(map(str, shape))}), "
                          f"got {images.shape}")
     if images.shape[0] == 0:
         raise ValueError(f"{name} is empty")
-    if not np.isfinite(images).all():
-        raise ValueError(f"{name} holds {int((~np.isfinite(images)).sum())} NaN/inf pixel(s)")
-    if images.min() < 0 or images.max() > 1:
+    bad, lo, hi = 0, math.inf, -math.inf
+    for c in as_rows(images).chunks():  # a batch at a time: no set-sized temporaries
+        finite = np.isfinite(c)
+        bad += int((~finite).sum())
+        if finite.any():
+            lo, hi = min(lo, float(c[finite].min())), max(hi, float(c[finite].max()))
+    if bad:
+        raise ValueError(f"{name} holds {bad} NaN/inf pixel(s)")
+    if lo < 0 or hi > 1:
         raise ValueError(f"{name}: values must be in [0, 1] after preprocessing, "
-                         f"got [{images.min():.3g}, {images.max():.3g}]")
+                         f"got [{lo:.3g}, {hi:.3g}]")
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -200,7 +198,7 @@ def _cond(conditions: np.ndarray | None, idx: np.ndarray | slice, dev: torch.dev
 
 
 @torch.no_grad()
-def evaluate_bpd(model: Glow, images: np.ndarray, n_bits: int, device: torch.device,
+def evaluate_bpd(model: Glow, images: ImageSet, n_bits: int, device: torch.device,
                  batch_size: int, conditions: np.ndarray | None = None) -> float:
     """Mean validation bits/dim with deterministic (bin-centre) dequantisation."""
     model.eval()
@@ -217,11 +215,12 @@ def evaluate_bpd(model: Glow, images: np.ndarray, n_bits: int, device: torch.dev
 
 
 
-def train(images: np.ndarray, preset: Preset, *, out_dir: str | Path | None = None,
+def train(images: ImageSet, preset: Preset, *, out_dir: str | Path | None = None,
           options: TrainOptions | None = None, init_state: dict[str, Any] | None = None,
           resume: bool = False, device: str | None = None, progress: bool = True,
           label: str = "train", conditions: np.ndarray | None = None) -> TrainResult:
-    """Train one Glow on preprocessed images ``(N, 1, *shape)`` in [0, 1].
+    """Train one Glow on preprocessed images ``(N, 1, *shape)`` in [0, 1] (an array, or a
+    :class:`flows.rows.Rows` selection of arrays: batches are gathered as they are drawn).
 
     ``init_state`` starts from another model's weights (fine-tuning; ActNorm stays as loaded).
     With ``out_dir`` a checkpoint is kept there, and ``resume=True`` continues from it.
@@ -249,7 +248,8 @@ def train(images: np.ndarray, preset: Preset, *, out_dir: str | Path | None = No
     n = len(images)
     n_val = round(n * opts.val_fraction) if n >= 10 else 0
     perm = rng.permutation(n)
-    val, trn = images[perm[:n_val]], images[perm[n_val:]]
+    rows = as_rows(images)  # a selection: the set is not copied
+    val, trn = rows.take(perm[:n_val]), rows.take(perm[n_val:])
     val_c = None if conditions is None else conditions[perm[:n_val]]
     trn_c = None if conditions is None else conditions[perm[n_val:]]
     n_bits = preset.preprocessing.n_bits

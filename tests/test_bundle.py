@@ -252,7 +252,7 @@ def test_reference_is_held_out_of_training(tiny_bundle: Bundle) -> None:
     x = np.arange(100, dtype=np.float32).reshape(100, 1)
     train, held = split_reference(x, 0.1, 10, seed=0)
     assert held is not None and len(held) == 10 and len(train) == 90
-    assert not set(train[:, 0]) & set(held[:, 0])  # disjoint
+    assert not set(np.asarray(train)[:, 0]) & set(held[:, 0])  # disjoint
     assert np.array_equal(split_reference(x, 0.1, 10, seed=0)[1], held)  # seeded
     assert split_reference(x[:15], 0.1, 10, seed=0)[1] is None  # too small to spare 10
     assert split_reference(x, 0.0, 10, seed=0)[1] is None

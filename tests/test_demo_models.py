@@ -23,7 +23,7 @@ from flows.build import BuildOptions, split_reference
 from flows.bundle import load_bundle
 from flows.phantoms import PhantomSet
 from flows.presets import get_preset
-from flows.train import fingerprint
+from flows.rows import fingerprint
 from triage.bundles import configured_bundles
 from triage.config import load_settings
 

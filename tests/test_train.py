@@ -38,6 +38,19 @@ def test_seeded_training_is_deterministic() -> None:
         assert torch.equal(va, vb), k
 
 
+def test_training_on_a_selection_of_rows_is_training_on_the_copy() -> None:
+    """flows.rows.Rows: two sets seen as one, without concatenating them, train bit for bit as
+    their concatenation does (the batches hold the same rows in the same order)."""
+    from flows.rows import Rows
+
+    x, _ = blobs(60, (16, 16))
+    a = train(np.concatenate([x[:25], x[25:]]), PRESET, options=_opts(epochs=2), progress=False)
+    b = train(Rows.cat(x[:25], x[25:]), PRESET, options=_opts(epochs=2), progress=False)
+    assert a.history == [h | {"seconds": a.history[i]["seconds"]} for i, h in enumerate(b.history)]
+    for (k, va), vb in zip(a.model.state_dict().items(), b.model.state_dict().values(), strict=True):
+        assert torch.equal(va, vb), k
+
+
 def test_step_floor_trains_a_small_set_for_more_epochs() -> None:
     x, _ = blobs(40, (16, 16))  # 36 training images, batch 16: 3 steps per epoch
     floored = train(x, PRESET, options=_opts(epochs=1, min_steps=7, patience=100), progress=False)
@@ -137,6 +150,13 @@ def test_persistent_non_finite_loss_raises(monkeypatch: pytest.MonkeyPatch) -> N
 def test_bad_training_data(make: object, msg: str) -> None:
     with pytest.raises(ValueError, match=msg):
         train(make(), PRESET, options=_opts(epochs=1), progress=False)  # type: ignore[operator]
+    from flows.rows import Rows
+
+    bad = make()  # type: ignore[operator]
+    if bad.ndim == 4 and len(bad):  # the same checks on a selection of rows
+        good = np.full((3, *bad.shape[1:]), 0.5, np.float32) if bad.shape[1:] == (1, 16, 16) else bad
+        with pytest.raises(ValueError, match=msg):
+            train(Rows.cat(good, bad), PRESET, options=_opts(epochs=1), progress=False)
 
 
 def test_load_images_from_files_and_folders(tmp_path: Path) -> None:
