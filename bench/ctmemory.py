@@ -3,7 +3,7 @@
     .venv/bin/python bench/ctmemory.py [--n 16,64] [--val 6] [--preset tiny-chestct] [--mm 2]
 
 Writes chest-CT phantoms (``flows.phantoms.chestct``, a 256 x 288 x 384 mm body) at ``--mm``
-spacing as int16 NIfTI files, as dcm2niix writes a site's CTs: for each N in ``--n``, N normal
+spacing as NIfTI files (``triage synth --format nifti``): for each N in ``--n``, N normal
 and N mixture volumes (half abnormal) in two folders, and one labelled validation folder of
 ``--val`` volumes with a labels.csv. Then, per N, in a subprocess, the command a user runs:
 ``triage train --preset P --normal DIR --mixture DIR --validation DIR --noise-floor 95`` (one
@@ -32,6 +32,7 @@ import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 
 from flows.phantoms.chestct import make_chestct  # noqa: E402
+from triage.phantom_files import write_image_files  # noqa: E402
 
 TRIAGE = str(Path(sys.executable).with_name("triage"))
 # the CLI of the checkout in argv[1]: drop the editable install's finder, which would win
@@ -41,27 +42,14 @@ FROM_SRC = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path if not "
 BODY_MM = (256, 288, 384)  # the phantom generator's default field at 4 mm: 64 x 72 x 96
 
 
-def write_nifti(out: Path, n: int, abnormal: float, seed: int, mm: float, labels: bool) -> int:
-    """``n`` phantoms as ``out/NNNN.nii.gz`` (int16 HU, LPS axial written as RAS); returns the
-    bytes they take in memory as float32 HU."""
-    part = out.with_name(out.name + ".part")  # renamed when complete: a rerun reuses it
-    part.mkdir(parents=True, exist_ok=True)
+def write_nifti(out: Path, n: int, abnormal: float, seed: int, mm: float, labels: bool) -> None:
+    """``n`` phantoms as NIfTI files under ``out`` (triage.phantom_files); without ``labels``
+    the volumes alone, as a site's training folder holds them."""
     shape = tuple(round(s / mm) for s in BODY_MM)
-    rows = ["file,label,finding"]
-    nbytes = 0
-    for i in range(n):  # one at a time: the writer holds one volume too
-        ps = make_chestct(1, shape=shape, spacing_mm=mm, abnormal_fraction=abnormal,  # type: ignore[arg-type]
-                          seed=seed * 100_000 + i)
-        vol = ps.images[0, 0]
-        nbytes += vol.nbytes
-        aff = np.diag([-mm, -mm, mm, 1.0])
-        img = nib.Nifti1Image(np.rint(vol).astype(np.int16).transpose(2, 1, 0).copy(), aff)
-        nib.save(img, part / f"{i:04d}.nii.gz")
-        rows.append(f"{i:04d}.nii.gz,{int(ps.labels[0])},{ps.findings[0]}")
-    if labels:
-        (part / "labels.csv").write_text("\n".join(rows) + "\n")
+    ps = make_chestct(n, shape=shape, spacing_mm=mm, abnormal_fraction=abnormal, seed=seed)  # type: ignore[arg-type]
+    part = out.with_name(out.name + ".part")  # renamed when complete: a rerun reuses it
+    write_image_files(ps, part, "nifti", labelled=labels)
     part.rename(out)
-    return nbytes
 
 
 def main() -> None:

@@ -26,44 +26,29 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
 
 from bench.altcxr import make_alt_cxr  # noqa: E402
 from flows.phantoms import PhantomSet, make_cxr  # noqa: E402
+from triage.phantom_files import write_image_files  # noqa: E402
 
 FORMATS = ("npz", "png16", "png8", "jpeg")
 TRIAGE = str(Path(sys.executable).with_name("triage"))
 
 
-def _pixels(img: np.ndarray, fmt: str) -> Image.Image:
-    x = np.clip(img, 0.0, 1.0)
-    if fmt == "png16":
-        return Image.fromarray(np.round(x * 65535).astype(np.uint16))
-    return Image.fromarray(np.round(x * 255).astype(np.uint8))
-
-
 def write(ps: PhantomSet, folder: Path, fmt: str, *, labelled: bool, quality: int) -> Path:
-    """``ps`` in ``fmt`` under ``folder``; returns what the CLI is given."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """``ps`` in ``fmt`` under ``folder``; returns what the CLI is given. Training folders hold
+    the pictures alone; the test folder also their masks and a labels.csv
+    (triage.phantom_files)."""
     if fmt == "npz":
         out = folder.with_suffix(".npz")
+        out.parent.mkdir(parents=True, exist_ok=True)
         arrays = {"images": ps.images[:, 0]}
         if labelled:
             arrays.update(labels=ps.labels, findings=np.asarray(ps.findings), masks=ps.masks[:, 0])
         np.savez(out, **arrays)  # type: ignore[arg-type]
         return out
-    ext = "jpg" if fmt == "jpeg" else "png"
-    rows = ["file,label,finding,mask"]
-    for i in range(len(ps)):
-        name = f"{i:05d}.{ext}"
-        im = _pixels(ps.images[i, 0], fmt)
-        im.save(folder / name, **({"quality": quality} if fmt == "jpeg" else {}))
-        if labelled:
-            Image.fromarray(ps.masks[i, 0].astype(np.uint8) * 255).save(folder / f"{i:05d}-mask.png")
-            rows.append(f"{name},{ps.labels[i]},{ps.findings[i]},{i:05d}-mask.png")
-    if labelled:
-        (folder / "labels.csv").write_text("\n".join(rows) + "\n")
-    return folder
+    return write_image_files(ps, folder, "png" if fmt == "png16" else fmt, quality=quality,
+                             labelled=labelled)
 
 
 def main() -> None:

@@ -124,7 +124,7 @@ def test_bad_input_gives_clear_errors(args: list[str], msg: str, tmp_path: Path,
 def test_synth_dicom_then_train_from_the_dicom_folder(tmp_path: Path) -> None:
     d = tmp_path / "ct"
     _ok(["synth", "bct", str(d), "--n", "3", "--abnormal-fraction", "0.5", "--shape", "8,32,32",
-         "--dicom"])
+         "--format", "dicom"])
     rows = (d / "labels.csv").read_text().splitlines()
     assert len(rows) == 4 and rows[0].startswith("case,")
     _ok(["train", "--preset", "tiny-bct", "--data", str(d), "--out", str(tmp_path / "m"),
@@ -159,7 +159,7 @@ def test_chest_ct_patch_bundle_synth_train_evaluate(tmp_path: Path) -> None:
     assert summary["overlays"] and (d / "e" / summary["overlays"][0]).stat().st_size > 2000
     # the same volumes as DICOM studies + labels.csv: evaluated alike, without lesion masks
     _ok(["synth", "chestct", str(d / "vdcm"), "--n", "6", "--seed", "3", "--abnormal-fraction",
-         "0.5", *shape, "--dicom"])
+         "0.5", *shape, "--format", "dicom"])
     _ok(["evaluate", "--bundle", str(d / "b"), "--data", str(d / "vdcm"), "--out", str(d / "e2"),
          "--n-boot", "20"])
     dicom = json.loads((d / "e2" / "summary.json").read_text())
@@ -167,7 +167,8 @@ def test_chest_ct_patch_bundle_synth_train_evaluate(tmp_path: Path) -> None:
     assert "auc" in dicom["auroc_abnormal_volume"]
     assert summary.get("lesion_hit_rate") and not dicom.get("lesion_hit_rate")
     # as NIfTI files with mask files named in a labels.csv: the same figures, hit rates included
-    _phantoms_as_nifti(d / "v.npz", d / "nii", labels=True)
+    _ok(["synth", "chestct", str(d / "nii"), "--n", "6", "--seed", "3", "--abnormal-fraction",
+         "0.5", *shape, "--format", "nifti"])
     _ok(["evaluate", "--bundle", str(d / "b"), "--data", str(d / "nii"), "--out", str(d / "e3"),
          "--n-boot", "20"])
     nii = json.loads((d / "e3" / "summary.json").read_text())
@@ -187,38 +188,21 @@ def test_chest_ct_patch_bundle_synth_train_evaluate(tmp_path: Path) -> None:
     assert res.exit_code == 2 and "normal and abnormal" in res.output
 
 
-def _phantoms_as_nifti(npz: Path, out: Path, *, labels: bool) -> None:
-    """The phantom volumes in ``npz`` as NIfTI files (``0.nii.gz``, ...) under ``out``; with
-    ``labels`` also their lesion masks and a labels.csv naming both."""
-    import nibabel as nib
-    import numpy as np
-
-    from flows.phantoms import PhantomSet
-
-    ps = PhantomSet.load_npz(npz)
-    aff = np.diag([-ps.spacing[2], -ps.spacing[1], ps.spacing[0], 1.0])  # LPS axial -> RAS
-    out.mkdir()
-    rows = ["file,label,finding,mask"]
-    for i in range(len(ps)):
-        nib.save(nib.Nifti1Image(ps.images[i, 0].transpose(2, 1, 0).copy(), aff), out / f"{i}.nii.gz")
-        if labels:
-            nib.save(nib.Nifti1Image(ps.masks[i, 0].transpose(2, 1, 0).astype(np.uint8), aff),
-                     out / f"{i}-mask.nii.gz")
-            rows.append(f"{i}.nii.gz,{ps.labels[i]},{ps.findings[i]},{i}-mask.nii.gz")
-    if labels:
-        (out / "labels.csv").write_text("\n".join(rows) + "\n")
-
-
 def test_chest_ct_patch_bundle_trained_from_nifti_folders_is_the_npz_bundle(tmp_path: Path) -> None:
     """Training and calibration read a site's CT folders one volume at a time
     (triage.labelled.Volumes): from NIfTI files the bundle is bit for bit the one the same
     volumes give from a phantom .npz: the same patches, weights and map calibration."""
     d = tmp_path
     shape = ["--shape", "16,24,32", "--spacing", "8"]
+    from flows.phantoms import PhantomSet
+    from triage.phantom_files import write_image_files
+
     for name, seed, af in (("n", 1, "0"), ("m", 2, "0.6"), ("v", 3, "0.5")):
         _ok(["synth", "chestct", str(d / f"{name}.npz"), "--n", "5", "--seed", str(seed),
              "--abnormal-fraction", af, *shape])
-        _phantoms_as_nifti(d / f"{name}.npz", d / name, labels=name == "v")
+        # training folders as a site has them: the volumes alone, no table, no masks
+        write_image_files(PhantomSet.load_npz(d / f"{name}.npz"), d / name, "nifti",
+                          labelled=name == "v")
     common = ["--preset", "tiny-chestct", "--noise-floor", "95", "--epochs", "1"]
     _ok(["train", *common, "--normal", str(d / "n.npz"), "--mixture", str(d / "m.npz"),
          "--validation", str(d / "v.npz"), "--out", str(d / "from-npz")])

@@ -19,6 +19,7 @@ from triage.cli import app
 from triage.imagefiles import iter_image_files, read_image_file
 from triage.imaging import ImagingError, read_series_folder
 from triage.labelled import LABELS_CSV, read_labelled
+from triage.phantom_files import write_image_files
 
 runner = CliRunner()
 
@@ -120,14 +121,7 @@ def cxr_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Pat
     ps = make_cxr(16, size=32, abnormal_fraction=0.5, seed=5)
     ps.save_npz(root / "set.npz")
     folder = root / "png"
-    (folder / "img").mkdir(parents=True)
-    (folder / "mask").mkdir()
-    lines = ["file,label,finding,mask"]
-    for i in range(len(ps)):
-        Image.fromarray(np.round(ps.images[i, 0] * 65535).astype(np.uint16)).save(folder / "img" / f"{i}.png")
-        Image.fromarray(ps.masks[i, 0].astype(np.uint8) * 255).save(folder / "mask" / f"{i}.png")
-        lines.append(f"img/{i}.png,{ps.labels[i]},{ps.findings[i]},mask/{i}.png")
-    (folder / LABELS_CSV).write_text("\n".join(lines) + "\n")
+    write_image_files(ps, folder, "png")
     np.savez(root / "bare.npz", images=ps.images, labels=ps.labels, masks=ps.masks,
              findings=np.asarray(ps.findings))
     return root / "set.npz", folder, root / "bare.npz"
@@ -147,9 +141,9 @@ def test_a_labels_csv_can_name_image_files_and_their_masks(cxr_files: tuple[Path
 
 
 @pytest.mark.parametrize("table, msg", [
-    ("file,label\nimg/0.png,1\nimg/99.png,0\n", "img/99.png: no such file"),
+    ("file,label\n00000.png,1\nimg/99.png,0\n", "img/99.png: no such file"),
     ("file,label\n../set.npz,0\n", "outside the folder"),
-    ("file,label,mask\nimg/0.png,1,mask/0.png\nimg/1.png,0,\n", "1 of 2 rows name a mask"),
+    ("file,label,mask\n00000.png,1,00000-mask.png\n00001.png,0,\n", "1 of 2 rows name a mask"),
     ("series_instance_uid,label,mask\n1.2,1,m.png\n", "'mask' column goes with a 'file' column"),
 ])
 def test_a_file_table_that_does_not_match_the_folder_is_refused(
@@ -199,9 +193,11 @@ def test_training_reads_a_folder_of_pictures(cxr_files: tuple[Path, Path, Path],
     from flows.presets import get_preset
     from triage.cli import _load_set
 
-    imgs, labels, _ = _load_set(cxr_files[1] / "img", get_preset("tiny-cxr").preprocessing)
+    img = tmp_path / "img"  # pictures alone, as a site's export folder holds them
+    write_image_files(PhantomSet.load_npz(cxr_files[0]), img, "png", labelled=False)
+    imgs, labels, _ = _load_set(img, get_preset("tiny-cxr").preprocessing)
     assert np.asarray(imgs).shape == (16, 1, 16, 16) and labels is None
-    res = runner.invoke(app, ["train", "--preset", "tiny-cxr", "--data", str(cxr_files[1] / "img"),
+    res = runner.invoke(app, ["train", "--preset", "tiny-cxr", "--data", str(img),
                               "--out", str(tmp_path / "m"), "--epochs", "1"])
     assert res.exit_code == 0, (res.output, res.exception)
 
@@ -228,3 +224,34 @@ def test_ct_in_stored_values_instead_of_hounsfield_units_is_refused(preset: str)
     with pytest.raises(ValueError, match=r"do not look like Hounsfield units.*usually 1024"):
         prepare(vol + 1024.0)
     prepare(np.where(vol > 0, np.clip(vol, 0, 80), 0.0))  # skull-stripped, background 0: still HU
+
+
+def test_phantoms_written_as_files_read_back_as_the_set(tmp_path: Path) -> None:
+    """triage.phantom_files: the labelled-folder form, read back by triage.labelled: labels,
+    findings and masks exactly; pixels to the format's precision (NIfTI: exactly)."""
+    from flows.phantoms.chestct import make_chestct
+
+    cxr = make_cxr(6, size=32, abnormal_fraction=0.5, seed=2)
+    for fmt, tol in (("png", 1 / 65535), ("png8", 1 / 255), ("jpeg", 0.1)):
+        write_image_files(cxr, tmp_path / fmt, fmt)
+        ls = read_labelled(tmp_path / fmt, volumes=False)
+        assert ls.labels.tolist() == cxr.labels.tolist() and ls.findings == cxr.findings
+        for (s, m), img, mask in zip(ls.cases(), cxr.images[:, 0], cxr.masks[:, 0], strict=True):
+            assert np.array_equal(m, mask)
+            assert np.abs(s.array / (65535 if fmt == "png" else 255) - img).max() <= tol, fmt
+    ct = make_chestct(3, shape=(16, 24, 32), spacing_mm=8.0, abnormal_fraction=0.7, seed=1)
+    write_image_files(ct, tmp_path / "nii", "nifti")
+    ls = read_labelled(tmp_path / "nii", volumes=True)
+    for (s, m), vol, mask in zip(ls.cases(), ct.images[:, 0], ct.masks[:, 0], strict=True):
+        assert np.array_equal(s.array, vol) and np.array_equal(m, mask)
+        assert s.spacing == (8.0, 8.0, 8.0)
+    write_image_files(ct, tmp_path / "nii", "nifti")  # an earlier output is replaced
+    (tmp_path / "nii" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"notes\.txt"):
+        write_image_files(ct, tmp_path / "nii", "nifti")
+    with pytest.raises(ValueError, match="NIfTI is for volumes"):
+        write_image_files(cxr, tmp_path / "x", "nifti")
+    with pytest.raises(ValueError, match="cannot be written as png"):
+        write_image_files(ct, tmp_path / "y", "png")
+    res = runner.invoke(app, ["synth", "cxr", str(tmp_path / "z"), "--n", "2", "--format", "nifti"])
+    assert res.exit_code == 2 and "NIfTI is for volumes" in res.output

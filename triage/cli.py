@@ -36,6 +36,15 @@ class Kind(StrEnum):
 DEFAULT_SHAPES = {"bct": "16,64,64", "chestct": "64,72,96"}
 
 
+class SynthFormat(StrEnum):
+    npz = "npz"
+    dicom = "dicom"
+    png = "png"
+    png8 = "png8"
+    jpeg = "jpeg"
+    nifti = "nifti"
+
+
 def _fail(msg: str) -> typer.Exit:
     console.print(f"[red]error:[/] {msg}")
     return typer.Exit(code=2)
@@ -44,7 +53,7 @@ def _fail(msg: str) -> typer.Exit:
 @app.command()
 def synth(
     kind: Annotated[Kind, typer.Argument(help="cxr (chest radiographs), bct (head CT) or chestct")],
-    out: Annotated[Path, typer.Argument(help="output .npz file, or a folder with --dicom")],
+    out: Annotated[Path, typer.Argument(help="output .npz file, or a folder for the other formats")],
     n: Annotated[int, typer.Option(help="number of cases")] = 1000,
     abnormal_fraction: Annotated[float, typer.Option(help="0 = all normal; 0.5 = a mixture")] = 0.0,
     size: Annotated[int, typer.Option(help="CXR image size (pixels)")] = 64,
@@ -52,7 +61,12 @@ def synth(
         help="CT volume D,H,W (default 16,64,64 head CT; 64,72,96 chest CT at 4 mm)")] = None,
     spacing: Annotated[float, typer.Option(help="chest-CT voxel size (mm, isotropic)")] = 4.0,
     seed: Annotated[int, typer.Option(help="random seed; case i depends only on (seed, i)")] = 0,
-    dicom: Annotated[bool, typer.Option(help="write DICOM studies + labels.csv instead of .npz")] = False,
+    fmt: Annotated[SynthFormat, typer.Option(
+        "--format", help="npz (one file); dicom (one study per case); png (16-bit), png8 or jpeg "
+                         "radiographs; nifti volumes. Folders get a labels.csv and, for the "
+                         "image files, a lesion mask per case (the forms `evaluate` reads)"),
+    ] = SynthFormat.npz,
+    quality: Annotated[int, typer.Option(help="JPEG quality (1-100) for --format jpeg")] = 90,
 ) -> None:
     """Generate a phantom data set with labelled abnormalities."""
     from flows.phantoms import make_cxr, make_headct
@@ -76,13 +90,20 @@ def synth(
                                       abnormal_fraction=abnormal_fraction, seed=seed)
     except ValueError as e:
         raise _fail(str(e)) from e
-    if dicom:
-        from triage.phantom_dicom import write_dicom_studies
+    try:
+        if fmt == "dicom":
+            from triage.phantom_dicom import write_dicom_studies
 
-        write_dicom_studies(ps, out, seed=seed)
-    else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        ps.save_npz(out)
+            write_dicom_studies(ps, out, seed=seed)
+        elif fmt == "npz":
+            out.parent.mkdir(parents=True, exist_ok=True)
+            ps.save_npz(out)
+        else:
+            from triage.phantom_files import write_image_files
+
+            write_image_files(ps, out, fmt.value, quality=quality)
+    except (ValueError, OSError) as e:
+        raise _fail(str(e)) from e
     counts = {f: ps.findings.count(f) for f in sorted(set(ps.findings))}
     console.print(f"wrote {n} {kind.value} cases to {out}: {counts}")
 

@@ -4,7 +4,7 @@
   optional ``finding`` column, and what each row labels:
 
   - ``series_instance_uid`` (or, where a study holds one image series, ``study_instance_uid``):
-    any tree of DICOM files, the layout ``triage synth --dicom`` writes and a site can export
+    any tree of DICOM files, the layout ``triage synth --format dicom`` writes and a site can export
     from its PACS. Rows are matched by UID, so the folder's layout does not matter, and every
     series must have a row;
   - ``file``: a path relative to the folder of a PNG/JPEG/TIFF/BMP radiograph, a NIfTI
