@@ -255,3 +255,27 @@ def test_phantoms_written_as_files_read_back_as_the_set(tmp_path: Path) -> None:
         write_image_files(ct, tmp_path / "y", "png")
     res = runner.invoke(app, ["synth", "cxr", str(tmp_path / "z"), "--n", "2", "--format", "nifti"])
     assert res.exit_code == 2 and "NIfTI is for volumes" in res.output
+
+
+def test_a_set_too_large_for_memory_trains_from_disk_as_from_memory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """triage.cli keeps a training set's model-grid copies in a memory-mapped file when they
+    would exceed a quarter of the free memory: the bundle is the one trained in memory, and
+    the file is gone afterwards."""
+    import triage.cli
+
+    for name, seed, af in (("n", 1, 0.0), ("m", 2, 0.5)):
+        write_image_files(make_cxr(24, size=32, abnormal_fraction=af, seed=seed), tmp_path / name,
+                          "png", labelled=False)
+    args = ["train", "--preset", "tiny-cxr", "--normal", str(tmp_path / "n"), "--mixture",
+            str(tmp_path / "m"), "--epochs", "1", "--finetune-epochs", "1"]
+    res = runner.invoke(app, [*args, "--out", str(tmp_path / "ram")])
+    assert res.exit_code == 0, (res.output, res.exception)
+    assert "kept on disk" not in res.output
+    monkeypatch.setattr(triage.cli, "_memory_budget", lambda: 0.0)
+    res = runner.invoke(app, [*args, "--out", str(tmp_path / "disk")])
+    assert res.exit_code == 0, (res.output, res.exception)
+    assert "kept on disk" in " ".join(res.output.split())
+    assert not (tmp_path / "disk" / "work" / "sets").exists()
+    ram, disk = (json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("ram", "disk"))
+    assert ram["files"] == disk["files"] and ram["training"]["normal"] == disk["training"]["normal"]

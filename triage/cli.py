@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import shutil
 from dataclasses import replace
 from enum import StrEnum
 from pathlib import Path
@@ -124,10 +125,12 @@ def _phantom_set(path: Path) -> Any:
         return None
 
 
-def _load_set(path: Path, prep: Preprocessing) -> tuple[object, object, object]:
+def _load_set(path: Path, prep: Preprocessing, store: Path | None = None
+              ) -> tuple[object, object, object]:
     """(preprocessed images, labels or None, phantom set or None) from .npz / folder. Images
     may differ in size (each is preprocessed on its own as it is read, into one array of
-    model-grid copies); a labelled set (triage.labelled) gives labels."""
+    model-grid copies: on disk at ``store`` when it would not fit in memory); a labelled set
+    (triage.labelled) gives labels."""
     from flows.train import load_images
     from triage.labelled import folder_readers, has_labels, read_labelled
 
@@ -136,19 +139,35 @@ def _load_set(path: Path, prep: Preprocessing) -> tuple[object, object, object]:
         return prep.apply(ps.images), ps.labels, ps
     if has_labels(path):
         ls = read_labelled(path, volumes=prep.ndim == 3)
-        return _on_model_grid(ls, len(ls), prep), ls.labels, None
+        return _on_model_grid(ls, len(ls), prep, store), ls.labels, None
     if path.is_dir():  # DICOM series and image files, each brought onto the model grid as read
         readers = folder_readers(path)
-        grids = _on_model_grid((read() for read in readers), len(readers), prep)
+        grids = _on_model_grid((read() for read in readers), len(readers), prep, store)
         if len(grids):
             return grids, None, None
     raw = load_images(path, prep.ndim)
     return prep.apply(raw), None, None
 
 
-def _on_model_grid(series: Iterable[Any], n: int, prep: Preprocessing) -> Any:
+def _memory_budget() -> float:
+    """Bytes a training set may take in memory: a quarter of what the system has available
+    (Linux MemAvailable), the rest left to the models, the batches and everything else."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024 / 4
+    except (OSError, ValueError, IndexError):
+        pass
+    return float("inf")  # unknown: in memory, as before
+
+
+def _on_model_grid(series: Iterable[Any], n: int, prep: Preprocessing, store: Path | None = None
+                   ) -> Any:
     """The images of ``prep``'s dimension among ``n`` series, preprocessed one at a time into
-    one preallocated array (no list of copies to concatenate: the set is in memory once)."""
+    one preallocated array (no list of copies to concatenate: the set is in memory once). When
+    that array would exceed :func:`_memory_budget` and ``store`` is given, it is a memory-mapped
+    ``.npy`` file there instead: training reads its batches from disk through the page cache,
+    so a set larger than the machine's memory still trains."""
     import numpy as np
 
     out: np.ndarray | None = None
@@ -158,7 +177,15 @@ def _on_model_grid(series: Iterable[Any], n: int, prep: Preprocessing) -> Any:
             continue
         g = prep.apply(s.array[None])
         if out is None:
-            out = np.empty((n, *g.shape[1:]), dtype=g.dtype)
+            shape = (n, *g.shape[1:])
+            nbytes = float(np.prod(shape)) * g.dtype.itemsize
+            if store is not None and nbytes > _memory_budget():
+                store.parent.mkdir(parents=True, exist_ok=True)
+                console.print(f"{n} images on the model grid ({nbytes / 2**30:.1f} GiB) exceed a "
+                              f"quarter of the free memory: kept on disk in {store}")
+                out = np.lib.format.open_memmap(store, mode="w+", dtype=g.dtype, shape=shape)
+            else:
+                out = np.empty(shape, dtype=g.dtype)
         out[k] = g[0]
         k += 1
     return out[:k] if out is not None else np.empty((0, 1, *prep.shape), dtype=np.float32)
@@ -257,6 +284,7 @@ def train(
     from flows.train import TrainOptions
     from flows.train import train as train_one
 
+    sets = out / "work" / "sets"  # training sets too large for memory, memory-mapped (removed after)
     try:
         p = get_preset(preset)
         if crop_above is not None:
@@ -268,7 +296,7 @@ def train(
             raise ValueError(f"--mirror: preset {p.name} has no mirror axis (its anatomy is not "
                              "left-right symmetric)")
         if data is not None:
-            imgs, _, _ = _load_set(data, p.preprocessing)
+            imgs, _, _ = _load_set(data, p.preprocessing, sets / "data.npy")
             opts = TrainOptions.from_preset(p, epochs=epochs, batch_size=batch_size, seed=seed)
             if mirror is not None:
                 opts = replace(opts, augment_mirror=p.mirror_axis if mirror else None)
@@ -295,11 +323,11 @@ def train(
                                              batch_size=batch_size, device=device, members=members,
                                              resume=resume))
             return
-        n_imgs, _, _ = _load_set(normal, p.preprocessing)
-        m_imgs, _, _ = _load_set(mixture, p.preprocessing)
+        n_imgs, _, _ = _load_set(normal, p.preprocessing, sets / "normal.npy")
+        m_imgs, _, _ = _load_set(mixture, p.preprocessing, sets / "mixture.npy")
         val = None
         if validation is not None:
-            v_imgs, v_labels, _ = _load_set(validation, p.preprocessing)
+            v_imgs, v_labels, _ = _load_set(validation, p.preprocessing, sets / "validation.npy")
             if v_labels is None:
                 raise ValueError(f"{validation}: {NO_LABELS}, or give none")
             val = (v_imgs, v_labels)
@@ -313,6 +341,8 @@ def train(
                      log=console.print)
     except (ValueError, FileNotFoundError) as e:
         raise _fail(str(e)) from e
+    finally:
+        shutil.rmtree(sets, ignore_errors=True)
 
 
 @app.command()
