@@ -156,6 +156,16 @@ def _sizes(maps: list[np.ndarray], thr: float, spacing: float, min_size: float) 
                      for m in maps])
 
 
+def _validation_labels(validation: tuple[VolumeSet, np.ndarray]) -> np.ndarray:
+    """The labels as booleans, once they are known to fit the volumes and hold both classes."""
+    y = np.asarray(validation[1]).astype(bool)
+    if y.all() or not y.any():
+        raise ValueError("the validation set needs normal and abnormal volumes")
+    if len(validation[0]) != len(y):
+        raise ValueError(f"the validation set has {len(validation[0])} volumes and {len(y)} labels")
+    return y
+
+
 def build_patch_bundle(out: str | Path, *, preset: Preset, normal: VolumeSet, mixture: VolumeSet,
                        validation: tuple[VolumeSet, np.ndarray],
                        name: str, version: str = "1", options: BuildOptions | None = None,
@@ -182,11 +192,7 @@ def build_patch_bundle(out: str | Path, *, preset: Preset, normal: VolumeSet, mi
         raise ValueError(f"unknown mask {mask!r}; use lung, intracranial, body or none")
     if reference not in ("mixture", "body"):
         raise ValueError(f"unknown reference {reference!r}; use mixture or body")
-    y = np.asarray(validation[1]).astype(bool)
-    if y.all() or not y.any():
-        raise ValueError("the validation set needs normal and abnormal volumes")
-    if len(validation[0]) != len(y):
-        raise ValueError(f"the validation set has {len(validation[0])} volumes and {len(y)} labels")
+    _validation_labels(validation)  # before any training
     for what, vols in (("normal", normal), ("mixture", mixture)):
         if len(vols) == 0:
             raise ValueError(f"no {what} training volumes")
@@ -247,12 +253,7 @@ def calibrate_patch_bundle(b: Bundle, validation: tuple[VolumeSet, np.ndarray],
     if reference is None:  # recalibration keeps what M1 was trained on
         reference = (map_calibration(b).reference if b.extra(PATCHMAP_FILE) is not None
                      else "mixture")
-    vols, vlabels = validation
-    y = np.asarray(vlabels).astype(bool)
-    if y.all() or not y.any():
-        raise ValueError("the validation set needs normal and abnormal volumes")
-    if len(vols) != len(y):
-        raise ValueError(f"the validation set has {len(vols)} volumes and {len(y)} labels")
+    vols, y = validation[0], _validation_labels(validation)
     # resample, window and mask each validation volume once for all four maps; only the
     # model-grid copies are kept
     prepared = [_prepared(b, v, sp, mask)[:2] for v, sp in vols]

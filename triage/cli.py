@@ -141,7 +141,7 @@ def _load_set(path: Path, prep: Preprocessing, store: Path | None = None
         ls = read_labelled(path, volumes=prep.ndim == 3)
         return _on_model_grid(ls, len(ls), prep, store), ls.labels, None
     if path.is_dir():  # DICOM series and image files, each brought onto the model grid as read
-        readers = folder_readers(path)
+        readers = folder_readers(path, volumes=prep.ndim == 3)
         grids = _on_model_grid((read() for read in readers), len(readers), prep, store)
         if len(grids):
             return grids, None, None
