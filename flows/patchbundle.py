@@ -33,7 +33,15 @@ from flows.build import BuildOptions, build_bundle
 from flows.bundle import Bundle, BundleError, add_extra, load_bundle
 from flows.lesions import Lesion, abnormal_size, choose_size_threshold, find_lesions, voxel_threshold
 from flows.masks import body_mask, intracranial_mask, lung_mask
-from flows.patchmap import PatchScorer, glow_patch_scorer, patch_map, sample_patches, to_source_grid
+from flows.patchmap import (
+    PatchScorer,
+    glow_map_sources_scorer,
+    glow_patch_scorer,
+    patch_map,
+    patch_maps,
+    sample_patches,
+    to_source_grid,
+)
 from flows.preprocess import Preprocessing, check_hounsfield, noise_sd, resample_to_spacing
 from flows.presets import Preset
 
@@ -254,15 +262,23 @@ def calibrate_patch_bundle(b: Bundle, validation: tuple[VolumeSet, np.ndarray],
         reference = (map_calibration(b).reference if b.extra(PATCHMAP_FILE) is not None
                      else "mixture")
     vols, y = validation[0], _validation_labels(validation)
-    # resample, window and mask each validation volume once for all four maps; only the
-    # model-grid copies are kept
-    prepared = [_prepared(b, v, sp, mask)[:2] for v, sp in vols]
+    # all four maps of a volume from one pass of the pair (flows.patchmap.patch_maps), as each
+    # volume is read; only the maps are kept, as float32
+    scorer = glow_map_sources_scorer(b.m0, b.m1, prep.n_bits)
+    device = next(b.m0.parameters()).device
+    maps_of: dict[str, list[np.ndarray]] = {}
+    for v, sp in vols:
+        grid01, m, _ = _prepared(b, v, sp, mask)
+        for name, pm in patch_maps(grid01, scorer, patch=patch, overlap=overlap, mask=m,
+                                   min_mask_fraction=min_mask_fraction, batch_size=64,
+                                   device=device).items():
+            maps_of.setdefault(name, []).append(pm.values.astype(np.float32))
     cals: dict[str, MapCalibration] = {}
     sizes_of: dict[str, np.ndarray] = {}
     report: dict[str, Any] = {}
     for source, per_voxel in (("likelihood", False), ("posterior", False),
                               ("likelihood", True), ("posterior", True)):
-        maps = _maps(b, prepared, source, patch, overlap, per_voxel, min_mask_fraction)
+        maps = maps_of[f"{source}:voxel" if per_voxel else source]
         thr = voxel_threshold([m for m, lab in zip(maps, y, strict=True) if not lab], voxel_percentile)
         sizes = _sizes(maps, thr, prep.spacing, min_size_cm3)
         t = choose_size_threshold(sizes, y)

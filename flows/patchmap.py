@@ -128,6 +128,28 @@ class PatchMap:
         return np.isfinite(self.values)
 
 
+class _Aggregator:
+    """The Gaussian-weighted average of patch scores at every voxel, built up a batch at a
+    time (so a per-voxel map never needs every patch's scores at once)."""
+
+    def __init__(self, grid: PatchGrid, sigma_scale: float) -> None:
+        self.grid = grid
+        self.w = gaussian_weights(grid.patch, sigma_scale)
+        self.num = np.zeros(grid.shape, dtype=np.float64)
+        self.den = np.zeros(grid.shape, dtype=np.float64)
+
+    def add(self, starts: list[tuple[int, ...]], scores: np.ndarray) -> None:
+        for s, v in zip(starts, scores, strict=True):
+            sl = self.grid.slices(s)
+            self.num[sl] += self.w * v
+            self.den[sl] += self.w
+
+    def values(self) -> np.ndarray:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out = np.where(self.den > 0, self.num / np.where(self.den > 0, self.den, 1.0), np.nan)
+        return self.grid.crop(out)
+
+
 def aggregate(grid: PatchGrid, starts: list[tuple[int, ...]], scores: np.ndarray,
               sigma_scale: float = 0.125) -> np.ndarray:
     """Gaussian-weighted average of per-patch scores at every voxel (NaN where uncovered).
@@ -137,16 +159,9 @@ def aggregate(grid: PatchGrid, starts: list[tuple[int, ...]], scores: np.ndarray
     """
     if len(starts) != len(scores):
         raise PatchMapError(f"{len(starts)} patches but {len(scores)} scores")
-    w = gaussian_weights(grid.patch, sigma_scale)
-    num = np.zeros(grid.shape, dtype=np.float64)
-    den = np.zeros(grid.shape, dtype=np.float64)
-    for s, v in zip(starts, scores, strict=True):
-        sl = grid.slices(s)
-        num[sl] += w * v
-        den[sl] += w
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out = np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
-    return grid.crop(out)
+    agg = _Aggregator(grid, sigma_scale)
+    agg.add(starts, scores)
+    return agg.values()
 
 
 def _batches(volume: np.ndarray, grid: PatchGrid, starts: list[tuple[int, ...]],
@@ -181,12 +196,28 @@ def glow_patch_scorer(m0: FlowModel, m1: FlowModel | None, n_bits: int,
     return ShapeTraced(eager, [m0, m1], "patch scorer") if trace else eager
 
 
-@torch.no_grad()
-def patch_map(volume01: np.ndarray, scorer: PatchScorer, *, patch: int | tuple[int, ...] = 48,
-              overlap: int = 10, mask: np.ndarray | None = None, min_mask_fraction: float = 0.1,
-              batch_size: int = 16, pad_value: float = 0.0, sigma_scale: float = 0.125,
-              device: str | torch.device = "cpu") -> PatchMap:
-    """The aggregated map of one preprocessed volume (or image) with values in [0, 1]."""
+MAP_SOURCES = ("likelihood", "posterior")
+
+
+def glow_map_sources_scorer(m0: FlowModel, m1: FlowModel, n_bits: int, trace: bool = True
+                            ) -> PatchScorer:
+    """Both per-voxel maps of a batch of patches from one pass of the pair, stacked
+    ``(B, 2, *patch)`` in :data:`MAP_SOURCES` order: ``-log p0`` and ``log p1 - log p0`` per
+    position. What four :func:`glow_patch_scorer` passes (each source, per patch and per
+    voxel) give, for a third of the model evaluations: :func:`patch_maps`."""
+    pair = ModelPair(m0, m1)
+
+    def eager(x01: torch.Tensor) -> torch.Tensor:
+        lp0, lp1 = pair.log_p_maps(dequantize(x01, n_bits, noise=False))
+        return torch.stack([-lp0, lp1 - lp0], dim=1)
+
+    return ShapeTraced(eager, [m0, m1], "map sources scorer") if trace else eager
+
+
+def _plan(volume01: np.ndarray, patch: int | tuple[int, ...], overlap: int, mask: np.ndarray | None,
+          min_mask_fraction: float, pad_value: float
+          ) -> tuple[PatchGrid, list[tuple[int, ...]], np.ndarray]:
+    """The patch grid, the selected patches and the padded volume, after the input checks."""
     vol = np.asarray(volume01)
     if vol.ndim not in (2, 3):
         raise PatchMapError(f"expected a 2D image or a 3D volume, got shape {vol.shape}")
@@ -196,15 +227,65 @@ def patch_map(volume01: np.ndarray, scorer: PatchScorer, *, patch: int | tuple[i
         raise PatchMapError(f"mask shape {mask.shape} differs from the volume's {vol.shape}")
     grid = PatchGrid.plan(vol.shape, patch, overlap)
     starts = select_patches(grid, mask, min_mask_fraction)
-    padded = grid.pad(vol.astype(np.float32, copy=False), pad_value)
-    out = []
-    for batch in _batches(padded, grid, starts, batch_size):
-        out.append(scorer(torch.from_numpy(batch).to(device)).double().cpu().numpy())
-    scores = np.concatenate(out)
-    if not np.isfinite(scores).all():
-        raise ScoringError(f"{int((~np.isfinite(scores)).sum())} patch(es) got a non-finite score")
-    per_patch = scores.reshape(len(scores), -1).mean(axis=1)
-    return PatchMap(aggregate(grid, starts, scores, sigma_scale), per_patch, starts, grid)
+    return grid, starts, grid.pad(vol.astype(np.float32, copy=False), pad_value)
+
+
+def _scored(padded: np.ndarray, grid: PatchGrid, starts: list[tuple[int, ...]], scorer: PatchScorer,
+            batch_size: int, device: str | torch.device
+            ) -> Iterator[tuple[list[tuple[int, ...]], np.ndarray]]:
+    """(the batch's patch starts, their scores) batch by batch; a non-finite score is an error
+    once every batch is counted."""
+    bad = 0
+    for i, batch in enumerate(_batches(padded, grid, starts, batch_size)):
+        scores = scorer(torch.from_numpy(batch).to(device)).double().cpu().numpy()
+        bad += int((~np.isfinite(scores)).sum())
+        yield starts[i * batch_size:(i + 1) * batch_size], scores
+    if bad:
+        raise ScoringError(f"{bad} non-finite patch score value(s)")
+
+
+@torch.no_grad()
+def patch_map(volume01: np.ndarray, scorer: PatchScorer, *, patch: int | tuple[int, ...] = 48,
+              overlap: int = 10, mask: np.ndarray | None = None, min_mask_fraction: float = 0.1,
+              batch_size: int = 16, pad_value: float = 0.0, sigma_scale: float = 0.125,
+              device: str | torch.device = "cpu") -> PatchMap:
+    """The aggregated map of one preprocessed volume (or image) with values in [0, 1]. The
+    scorer gives one score per patch ``(B,)`` or a map per patch ``(B, *patch)``; either is
+    aggregated batch by batch."""
+    grid, starts, padded = _plan(volume01, patch, overlap, mask, min_mask_fraction, pad_value)
+    agg = _Aggregator(grid, sigma_scale)
+    per_patch = []
+    for batch_starts, scores in _scored(padded, grid, starts, scorer, batch_size, device):
+        agg.add(batch_starts, scores)
+        per_patch.append(scores.reshape(len(scores), -1).mean(axis=1))
+    return PatchMap(agg.values(), np.concatenate(per_patch), starts, grid)
+
+
+@torch.no_grad()
+def patch_maps(volume01: np.ndarray, scorer: PatchScorer, sources: tuple[str, ...] = MAP_SOURCES, *,
+               patch: int | tuple[int, ...] = 48, overlap: int = 10, mask: np.ndarray | None = None,
+               min_mask_fraction: float = 0.1, batch_size: int = 16, pad_value: float = 0.0,
+               sigma_scale: float = 0.125, device: str | torch.device = "cpu") -> dict[str, PatchMap]:
+    """From one pass of a scorer that gives per-voxel maps of several sources ``(B, S, *patch)``
+    (:func:`glow_map_sources_scorer`), each source's per-patch map (named as the source: every
+    patch contributes the mean of its map) and per-voxel map (``source:voxel``) — what
+    :func:`patch_map` gives with the per-patch and the per-voxel scorer of each source."""
+    grid, starts, padded = _plan(volume01, patch, overlap, mask, min_mask_fraction, pad_value)
+    names = [n for src in sources for n in (src, f"{src}:voxel")]
+    aggs = {n: _Aggregator(grid, sigma_scale) for n in names}
+    per_patch: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for batch_starts, scores in _scored(padded, grid, starts, scorer, batch_size, device):
+        if scores.shape[1] != len(sources):
+            raise PatchMapError(f"the scorer gave {scores.shape[1]} maps per patch for "
+                                f"{len(sources)} sources")
+        for k, src in enumerate(sources):
+            voxel = scores[:, k]
+            means = voxel.reshape(len(voxel), -1).mean(axis=1)
+            for name, values, patch_values in ((src, means, means),
+                                               (f"{src}:voxel", voxel, means)):
+                aggs[name].add(batch_starts, values)
+                per_patch[name].append(patch_values)
+    return {n: PatchMap(aggs[n].values(), np.concatenate(per_patch[n]), starts, grid) for n in names}
 
 
 def to_source_grid(values: np.ndarray, source_shape: tuple[int, ...]) -> np.ndarray:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from flows.errors import ScoringError
 from flows.glow import Glow, GlowConfig
 from flows.lesions import choose_size_threshold, find_lesions, unit_size, voxel_threshold
 from flows.patchmap import (
@@ -181,6 +182,42 @@ def test_per_voxel_patch_maps_average_to_the_per_patch_scores() -> None:
         np.testing.assert_allclose(b.patch_scores, a.patch_scores, rtol=1e-6, atol=1e-8)
         assert b.values.shape == vol.shape and np.isfinite(b.values).all()
         assert b.values.std() > a.values.std() * 0.5  # voxel detail survives aggregation
+
+
+def test_one_pass_of_the_pair_gives_all_four_maps() -> None:
+    """patch_maps with glow_map_sources_scorer: each source's per-patch and per-voxel maps as
+    four patch_map passes give them, from one pass of M0 and M1 (the calibration's maps)."""
+    from flows.patchmap import glow_map_sources_scorer, patch_maps
+
+    g0, g1 = (Glow(GlowConfig(1, 3, levels=2, steps=1, hidden=4), seed=s) for s in (0, 1))
+    for g in (g0, g1):
+        g.initialize(torch.rand(4, 1, 8, 8, 8) - 0.5)
+        g.eval()
+    vol = np.random.default_rng(3).random((12, 16, 20)).astype(np.float32)
+    mask = np.zeros(vol.shape, bool)
+    mask[2:10, 3:14, 4:18] = True
+    kw: dict[str, object] = dict(patch=8, overlap=4, mask=mask, batch_size=5)
+    maps = patch_maps(vol, glow_map_sources_scorer(g0, g1, 8), **kw)  # type: ignore[arg-type]
+    assert set(maps) == {"likelihood", "posterior", "likelihood:voxel", "posterior:voxel"}
+    for name, pm in maps.items():
+        source, _, voxel = name.partition(":")
+        one = patch_map(vol, glow_patch_scorer(g0, g1 if source == "posterior" else None, 8,
+                                               per_voxel=bool(voxel)), **kw)  # type: ignore[arg-type]
+        assert pm.starts == one.starts, name
+        np.testing.assert_allclose(pm.patch_scores, one.patch_scores, rtol=1e-5, atol=1e-6)
+        covered = one.covered
+        assert np.array_equal(pm.covered, covered), name
+        np.testing.assert_allclose(pm.values[covered], one.values[covered], rtol=1e-5, atol=1e-6)
+    with pytest.raises(PatchMapError, match="2 maps per patch for 3 sources"):
+        patch_maps(vol, glow_map_sources_scorer(g0, g1, 8), ("a", "b", "c"), patch=8, overlap=4)
+
+    def broken(x: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(x.shape[0], 2, *x.shape[2:])
+        out[0, 1, 0, 0, 0] = float("nan")
+        return out
+
+    with pytest.raises(ScoringError, match="non-finite"):
+        patch_maps(vol, broken, patch=8, overlap=4)
 
 
 def test_traced_scorer_agrees_with_the_eager_one_at_any_batch_size() -> None:
