@@ -10,7 +10,7 @@ axial and coronal slices through each case's largest lesion (or its centre) with
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from flows.atomic import write_bytes
-from flows.evaluate import _figure, _save, roc_auc_ci
+from flows.evaluate import _figure, _save, auc_difference_ci, roc_auc_ci
 from flows.lesions import Lesion
 
 if TYPE_CHECKING:
@@ -148,6 +148,25 @@ def overlay_png(case: CaseMap, path: Path, *, window: tuple[float, float], title
     return path
 
 
+def compare_maps(labels: Sequence[int], sizes: Mapping[str, Sequence[float]], chosen: str, *,
+                 n_boot: int = 1000) -> dict[str, dict[str, Any]]:
+    """Every map's patient-level AUROC (its abnormal volume, at its own calibrated threshold)
+    with a 95 % CI, and its difference from the bundle's chosen map on the same volumes with a
+    paired bootstrap CI: issue 3's "both maps side by side", on a site's own test set."""
+    y = np.asarray(labels)
+    if not 0 < y.sum() < len(y):
+        return {}
+    out: dict[str, dict[str, Any]] = {}
+    for name, vol in sizes.items():
+        ci = roc_auc_ci(y, vol, n_boot=n_boot)
+        entry: dict[str, Any] = {"auc": ci.auc, "lo": ci.lo, "hi": ci.hi, "chosen": name == chosen}
+        if name != chosen and chosen in sizes:
+            d, lo, hi = auc_difference_ci(y, vol, sizes[chosen], n_boot=n_boot)
+            entry["minus_chosen"] = {"difference": d, "lo": lo, "hi": hi}
+        out[name] = entry
+    return out
+
+
 def write_report(out: Path, cases: Sequence[CaseMap], *, title: str, window: tuple[float, float],
                  extra: dict[str, Any] | None = None, n_overlays: int = 8,
                  n_boot: int = 1000) -> dict[str, Any]:
@@ -176,6 +195,15 @@ def write_report(out: Path, cases: Sequence[CaseMap], *, title: str, window: tup
             lines.append(f"- {key}: {summary[key]:.3f}")
     for b, e in summary.get("lesion_hit_rate", {}).items():
         lines.append(f"- hit rate {b}: {e['hit_rate']:.2f} (n={e['n']})")
+    if summary.get("maps"):
+        lines += ["", "Every calibrated map on these volumes (abnormal volume at the map's own "
+                  "threshold; difference from the chosen map with a paired bootstrap 95 % CI):", "",
+                  "| map | AUROC [95 % CI] | minus the chosen map |", "|---|---|---|"]
+        for name, e in summary["maps"].items():
+            diff = e.get("minus_chosen")
+            d = (f"{diff['difference']:+.3f} [{diff['lo']:+.3f}, {diff['hi']:+.3f}]" if diff
+                 else "(chosen)" if e["chosen"] else "")
+            lines.append(f"| {name} | {e['auc']:.3f} [{e['lo']:.3f}, {e['hi']:.3f}] | {d} |")
     lines += ["", *[f"![{p}]({p})" for p in pngs], ""]
     write_bytes(out / "summary.md", "\n".join(lines).encode())
     return summary

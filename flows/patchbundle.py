@@ -336,6 +336,7 @@ class PatchMapScorer:
         # one scorer for every volume this scorer maps, so its trace is made once
         self._scorer = glow_patch_scorer(bundle.m0, bundle.m1 if c.source == "posterior" else None,
                                          bundle.preprocessing.n_bits, per_voxel=c.per_voxel)
+        self._all: PatchScorer | None = None  # both sources per voxel (score_all), when asked
 
     def score(self, volume_hu: np.ndarray, spacing: tuple[float, float, float],
               affine: np.ndarray | None = None) -> MapResult:
@@ -344,6 +345,33 @@ class PatchMapScorer:
         prepared = _prepared(self.bundle, volume_hu, spacing, c.mask)[:2]
         vals = _maps(self.bundle, [prepared], c.source, c.patch, c.overlap, c.per_voxel,
                      c.min_mask_fraction, self._scorer)[0]
+        return self._result(vals, volume_hu, spacing, affine)
+
+    def score_all(self, volume_hu: np.ndarray, spacing: tuple[float, float, float],
+                  affine: np.ndarray | None = None) -> tuple[MapResult, dict[str, float]]:
+        """:meth:`score`'s result and, from the same single pass of M0 and M1
+        (:func:`flows.patchmap.patch_maps`), the abnormal volume (cm³) of every map the bundle
+        was calibrated with, each at its own voxel threshold: the maps side by side."""
+        c = self.cal
+        iso = self.bundle.preprocessing.spacing
+        assert iso is not None
+        if self._all is None:
+            self._all = glow_map_sources_scorer(self.bundle.m0, self.bundle.m1,
+                                                self.bundle.preprocessing.n_bits)
+        grid01, m, _ = _prepared(self.bundle, volume_hu, spacing, c.mask)
+        maps = patch_maps(grid01, self._all, patch=c.patch, overlap=c.overlap, mask=m,
+                          min_mask_fraction=c.min_mask_fraction, batch_size=64,
+                          device=next(self.bundle.m0.parameters()).device)
+        sizes = {name: abnormal_size(find_lesions(maps[name].values, float(v["voxel_threshold"]),
+                                                  (iso,) * 3, min_size=c.min_size_cm3))
+                 for name, v in c.validation.items() if name in maps}
+        return self._result(maps[c.name].values, volume_hu, spacing, affine), sizes
+
+    def _result(self, vals: np.ndarray, volume_hu: np.ndarray, spacing: tuple[float, float, float],
+                affine: np.ndarray | None) -> MapResult:
+        """Lesions, abnormal volume and decision from a map on the model grid; the map and the
+        lesions moved onto the source grid."""
+        c = self.cal
         iso = self.bundle.preprocessing.spacing
         assert iso is not None
         les = find_lesions(vals, c.voxel_threshold, (iso,) * 3, min_size=c.min_size_cm3)

@@ -157,6 +157,13 @@ def test_chest_ct_patch_bundle_synth_train_evaluate(tmp_path: Path) -> None:
     assert summary["map"].split(":")[0] in ("likelihood", "posterior")
     assert "auroc_abnormal_volume" in summary and "f1" in summary and "lesion_hit_rate" in summary
     assert summary["overlays"] and (d / "e" / summary["overlays"][0]).stat().st_size > 2000
+    # every calibrated map side by side, from the same pass; the chosen one is the report's
+    maps = summary["maps"]
+    assert set(maps) == {"likelihood", "posterior", "likelihood:voxel", "posterior:voxel"}
+    assert [k for k, e in maps.items() if e["chosen"]] == [summary["map"]]
+    assert maps[summary["map"]]["auc"] == summary["auroc_abnormal_volume"]["auc"]
+    assert all("minus_chosen" in e for k, e in maps.items() if k != summary["map"])
+    assert "| posterior:voxel |" in (d / "e" / "summary.md").read_text()
     # the same volumes as DICOM studies + labels.csv: evaluated alike, without lesion masks
     _ok(["synth", "chestct", str(d / "vdcm"), "--n", "6", "--seed", "3", "--abnormal-fraction",
          "0.5", *shape, "--format", "dicom"])

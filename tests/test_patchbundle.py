@@ -248,3 +248,19 @@ def test_training_and_calibration_hold_one_full_size_volume_at_a_time(tmp_path: 
     with pytest.raises(ValueError, match="6 volumes and 5 labels"):
         build_patch_bundle(tmp_path / "c", preset=preset, normal=nor.volumes(), mixture=mix.volumes(),
                            validation=(val.volumes(), val.labels[:5]), name="c", log=lambda m: None)
+
+
+def test_score_all_gives_the_bundle_result_and_every_map_side_by_side(patch_bundle: Bundle) -> None:
+    vol, sp = make_chestct(1, shape=(16, 24, 32), spacing_mm=8.0, abnormal_fraction=1.0,
+                           seed=11).volumes()[0]
+    scorer = PatchMapScorer(patch_bundle)
+    one = scorer.score(vol, sp)
+    both, sizes = scorer.score_all(vol, sp)
+    np.testing.assert_allclose(both.values, one.values, rtol=1e-5, atol=1e-6)
+    assert both.abnormal_cm3 == pytest.approx(one.abnormal_cm3) and both.abnormal == one.abnormal
+    cal = map_calibration(patch_bundle)
+    assert set(sizes) == set(cal.validation) and sizes[cal.name] == pytest.approx(one.abnormal_cm3)
+    assert any(v > 0 for v in sizes.values()), sizes  # something to compare
+    for name in cal.validation:  # each map's own calibration, as a scorer for that map gives it
+        assert sizes[name] == pytest.approx(PatchMapScorer(patch_bundle, source=name).score(vol, sp)
+                                            .abnormal_cm3), name

@@ -539,22 +539,26 @@ def _labelled_volumes(data: Path) -> tuple[int, Iterator[tuple[Any, tuple[float,
 def _evaluate_patch_bundle(b: object, data: Path, out: Path, n_boot: int) -> None:
     from rich.progress import track
 
-    from flows.mapeval import case_from_result, write_report
+    from flows.mapeval import case_from_result, compare_maps, write_report
     from flows.patchbundle import PatchMapScorer
 
     scorer = PatchMapScorer(b)  # type: ignore[arg-type]
     n, volumes = _labelled_volumes(data)
     cases = []  # compact: each volume is dropped once its map is read (flows.mapeval.CaseMap)
+    sizes: dict[str, list[float]] = {}  # every calibrated map's abnormal volume, side by side
     for v, sp, label, finding, truth in track(volumes, total=n, description="mapping volumes",
                                               console=console):
-        r = scorer.score(v, sp)  # type: ignore[arg-type]
+        r, all_sizes = scorer.score_all(v, sp)  # type: ignore[arg-type]
+        for name, size in all_sizes.items():
+            sizes.setdefault(name, []).append(size)
         cases.append(case_from_result(v, r, scorer.cal.voxel_threshold, label=label,
                                       finding=finding, truth=truth, spacing=sp))
     window = (-1000.0, 300.0) if b.kind == "chestct" else (-20.0, 100.0)  # type: ignore[attr-defined]
+    maps = compare_maps([c.label for c in cases], sizes, scorer.cal.name, n_boot=n_boot)
     summary = write_report(out, cases, title=f"{b.name} on {data.name}",  # type: ignore[attr-defined]
                            window=window, n_boot=n_boot,
                            extra={"bundle": b.name, "map": scorer.cal.name,  # type: ignore[attr-defined]
-                                  "T_cm3": scorer.cal.size_threshold_cm3})
+                                  "T_cm3": scorer.cal.size_threshold_cm3, "maps": maps})
     table = Table(title=f"{b.name} on {data.name} ({scorer.cal.name} map)")  # type: ignore[attr-defined]
     table.add_column("metric")
     table.add_column("value")
@@ -565,6 +569,10 @@ def _evaluate_patch_bundle(b: object, data: Path, out: Path, n_boot: int) -> Non
     for key in ("f1", "accuracy", "hit_rate_ge_1cm3", "dice_abnormal_mean"):
         if summary.get(key) is not None:
             table.add_row(key, f"{summary[key]:.3f}")
+    for name, e in maps.items():  # the other maps, side by side
+        diff = e.get("minus_chosen")
+        table.add_row(f"map {name}", f"{e['auc']:.3f} [{e['lo']:.3f}, {e['hi']:.3f}]"
+                      + (f", {diff['difference']:+.3f} vs chosen" if diff else " (chosen)"))
     Console().print(table)
     console.print(f"report: {out / 'summary.md'}")
 
