@@ -16,7 +16,7 @@ from flows.bundle import Bundle
 from flows.phantoms import PhantomSet, make_cxr
 from tests import dicomgen
 from triage.cli import app
-from triage.imagefiles import iter_image_files, read_image_file
+from triage.imagefiles import read_image_file
 from triage.imaging import ImagingError, read_series_folder
 from triage.labelled import LABELS_CSV, read_labelled
 from triage.phantom_files import write_image_files
@@ -37,7 +37,9 @@ def test_greyscale_pictures_keep_their_values(tmp_path: Path) -> None:
         assert s.array.dtype == np.float32 and s.array.shape == (20, 30) and not s.is_volume, name
         assert np.array_equal(s.array, want.astype(np.float32)), name
         assert np.isnan(s.spacing).all()
-    assert [s.series_instance_uid for s in iter_image_files(tmp_path)] == ["a.png", "b.png", "c.tif", "d.png"]
+    from triage.labelled import folder_readers
+
+    assert [r().series_instance_uid for r in folder_readers(tmp_path)] == ["a.png", "b.png", "c.tif", "d.png"]
 
 
 def test_pictures_that_are_not_radiographs_are_refused(tmp_path: Path) -> None:

@@ -20,7 +20,6 @@ files alike.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ import numpy as np
 
 from triage.imaging import MAX_OUTPUT_BYTES, MAX_SIDE, ImagingError, Series
 
-__all__ = ["PICTURE_SUFFIXES", "image_file_kind", "iter_image_files", "make_series", "read_image_file"]
+__all__ = ["PICTURE_SUFFIXES", "image_file_kind", "image_file_paths", "make_series", "read_image_file"]
 
 log = logging.getLogger(__name__)
 
@@ -169,11 +168,3 @@ def image_file_paths(folder: Path, *, kinds: frozenset[str] = frozenset({"pictur
     """The image files under ``folder`` of the given kinds ("picture", "nifti", "npy"), in
     sorted path order; nothing is read but their names."""
     return sorted(p for p in Path(folder).rglob("*") if p.is_file() and image_file_kind(p) in kinds)
-
-
-def iter_image_files(folder: Path, *, npy: bool = False) -> Iterator[Series]:
-    """Every picture and NIfTI file under ``folder`` (and ``.npy`` files with ``npy=True``),
-    in sorted path order, one at a time."""
-    kinds = frozenset({"picture", "nifti", "npy"} if npy else {"picture", "nifti"})
-    for path in image_file_paths(folder, kinds=kinds):
-        yield read_image_file(path, root=Path(folder))
