@@ -405,13 +405,13 @@ def evaluate(
         if ps is None:  # a labelled folder or .npz: images of any size, read one at a time
             ls = read_labelled(data, volumes=not radiographs)
             findings, truth = ls.findings, [] if ls.has_masks and radiographs else None
-            each, per = [], []
-            for x, mask in ls.cases():
-                each.append(b.preprocessing.apply_with_boxes(x.array[None]))
+            imgs, per = np.empty((len(ls), 1, *grid), dtype=np.float32), []
+            for i, (x, mask) in enumerate(ls.cases()):  # into one preallocated array, no copies
+                g, box = b.preprocessing.apply_with_boxes(x.array[None])
+                imgs[i] = g[0]
                 per.append(trivial_baselines(_display(x.array, b.kind)[None], kind=b.kind))
                 if truth is not None and mask is not None:
-                    truth.append(_mask_on_grid(mask, each[-1][1][0], grid))
-            imgs = np.concatenate([e[0] for e in each])
+                    truth.append(_mask_on_grid(mask, box[0], grid))
             base = {k: np.concatenate([p[k] for p in per]) for k in per[0]}
         else:
             findings = ps.findings
