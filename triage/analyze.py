@@ -30,6 +30,7 @@ from flows.patchmap import to_source_grid
 from flows.posterior import PosteriorScorer
 from triage.config import ModelSettings, RankSettings
 from triage.imaging import ImagingError, Series, read_series
+from triage.orientation import canonical_volume, volume_affine
 from triage.rank import priority
 
 __all__ = ["Analysis", "AnalysisError", "Models", "analyse_series", "to_stored_grid", "volume_affine"]
@@ -115,19 +116,6 @@ class Models:
             return {k: f"{b.name} {b.version}" for k, b in self._cache.items()}
 
 
-def volume_affine(s: Series) -> np.ndarray:
-    """4x4 matrix from (slice, row, column) indices to patient LPS millimetres."""
-    if s.origin is None or s.direction is None:
-        raise AnalysisError("the volume has no patient geometry")
-    d = np.asarray(s.direction, dtype=float).reshape(3, 3)  # row cosine, column cosine, normal
-    a = np.eye(4)
-    a[:3, 0] = d[2] * s.spacing[0]  # slice index moves along the normal
-    a[:3, 1] = d[1] * s.spacing[1]  # row index moves along the column cosine
-    a[:3, 2] = d[0] * s.spacing[2]  # column index moves along the row cosine
-    a[:3, 3] = s.origin
-    return a
-
-
 def _posterior(kind: str, bundle: Bundle, s: Series, levels: RankSettings | None) -> Analysis:
     scorer = PosteriorScorer(bundle, batch_size=1)
     try:
@@ -208,6 +196,7 @@ def analyse_series(files: Sequence[Path], kind: str, models: Models,
         raise AnalysisError(f"routed as {kind} but the series is a single projection image")
     bundle = models.get(kind)
     t1 = time.perf_counter()
+    stored, (s, back) = s, canonical_volume(s)  # the models' axis order; maps go back to stored
     try:
         out = (_patch_map(kind, models.patch_scorer(kind), s, levels) if _is_patch_bundle(bundle)
                else _posterior(kind, bundle, s, levels))
@@ -222,6 +211,12 @@ def analyse_series(files: Sequence[Path], kind: str, models: Models,
             out.details["patch_bundle"] = f"{extra.bundle.name} {extra.bundle.version}"
     except (ValueError, BundleError, ScoringError) as exc:  # PatchMapError is a ValueError
         raise AnalysisError(f"scoring failed: {exc}") from exc
+    if back is not None:
+        out.map = back.values(out.map) if out.map is not None else None
+        for le in out.lesions or []:
+            le["centroid_index"], le["bbox"] = back.index(le["centroid_index"]), back.box(le["bbox"])
+        out.details["reoriented_from"] = s.meta["reoriented_from"]
+    s = stored
     if out.map is not None and s.meta.get("orientation_ops"):
         out.map = to_stored_grid(out.map, s.meta["orientation_ops"])
     out.details.update({

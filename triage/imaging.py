@@ -12,7 +12,10 @@ Two kinds of series come out of :func:`read_series`:
   -> a 3D ``(D, H, W)`` array in modality units (CT: Hounsfield units), slices sorted by
   the projection of Image Position (Patient) on the slice normal (the cross product of the
   Image Orientation (Patient) cosines), the slice spacing computed from those positions
-  (Slice Thickness says nothing about the gaps between slices).
+  (Slice Thickness says nothing about the gaps between slices), rows and columns as stored.
+  Folders of a site's data (:class:`SeriesFiles`) come back in the models' (S, P, L) axis
+  order instead (:mod:`triage.orientation`); the node scores in that order and takes its maps
+  back to the stored grid.
 
 Everything here handles untrusted input: headers are read and checked (sizes, geometry)
 before any pixel data is decoded, problems raise :class:`ImagingError` with a message an
@@ -509,8 +512,13 @@ class SeriesFiles:
         return self.modality not in PROJECTION_MODALITIES
 
     def read(self, *, spacing_tolerance: float = 0.01) -> Series:
+        """The series as the models see a site's data: a volume in the (S, P, L) axis order of
+        :func:`triage.orientation.canonical_volume` (what NIfTI files are read in), whatever
+        order its slices, rows and columns were stored in."""
+        from triage.orientation import canonical_volume
+
         try:
-            return read_series(self.files, spacing_tolerance=spacing_tolerance)
+            return canonical_volume(read_series(self.files, spacing_tolerance=spacing_tolerance))[0]
         except ImagingError as exc:
             where = self.files[0].parent.relative_to(self.folder)
             raise ImagingError(f"{self.folder}/{where}: {exc}") from exc
