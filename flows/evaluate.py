@@ -502,10 +502,11 @@ def _spearman_entry(x: FloatArray, y: FloatArray) -> dict[str, Any]:
     return {"rho": rho, "p": p, "n": int(x.size)}
 
 
-def _fmt_ci(e: Mapping[str, Any]) -> str:
+def format_auc(e: Mapping[str, Any], digits: int = 2) -> str:
+    """An AUROC entry as ``auc [lo, hi]``, or why there is none (too few cases of a class)."""
     if e.get("auc") is None:
-        return f"n={e['n_pos']} (too few)"
-    return f"{e['auc']:.2f} [{e['lo']:.2f}, {e['hi']:.2f}]"
+        return f"n/a: {e['n_pos']} abnormal, {e['n_neg']} normal (needs >= {MIN_CASES_FOR_AUC} of each)"
+    return f"{e['auc']:.{digits}f} [{e['lo']:.{digits}f}, {e['hi']:.{digits}f}]"
 
 
 def _display_slices(images: Any, n: int) -> Any:
@@ -599,7 +600,7 @@ def _plot_roc_overall(
     for c, (name, s) in enumerate(scores.items()):
         fpr, tpr, _ = roc_curve(y, s)
         e = entries[name]
-        ax.plot(fpr, tpr, color=_colour(c), linewidth=1.6, label=f"{name}: {_fmt_ci(e)}")
+        ax.plot(fpr, tpr, color=_colour(c), linewidth=1.6, label=f"{name}: {format_auc(e)}")
         cut = e.get("youden")
         if cut:
             ax.plot(1.0 - cut["specificity"], cut["sensitivity"], "o", color=_colour(c), ms=5)
@@ -642,7 +643,7 @@ def _plot_roc_findings(
             if e.get("auc") is None:
                 continue
             fpr, tpr, _ = roc_curve(y, s[sel])
-            ax.plot(fpr, tpr, color=_colour(c), linewidth=1.4, label=f"{sname}: {_fmt_ci(e)}")
+            ax.plot(fpr, tpr, color=_colour(c), linewidth=1.4, label=f"{sname}: {format_auc(e)}")
         n_pos = int(y.sum())
         if n_pos < MIN_CASES_FOR_AUC or int((~y).sum()) < MIN_CASES_FOR_AUC:
             ax.text(0.5, 0.5, f"n={n_pos}: too few cases", ha="center", va="center",
@@ -748,8 +749,8 @@ def _markdown(summary: Mapping[str, Any], names: Sequence[str]) -> str:
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "|".join(["---"] * len(header)) + "|")
     for sname, e in summary["scores"].items():
-        row = [sname, _fmt_ci(e["overall"])]
-        row += [_fmt_ci(e["per_finding"][f]) for f in finds]
+        row = [sname, format_auc(e["overall"])]
+        row += [format_auc(e["per_finding"][f]) for f in finds]
         lines.append("| " + " | ".join(row) + " |")
     paired = summary.get("paired_differences", {})
     if paired.get("differences"):

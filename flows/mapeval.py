@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from flows.atomic import write_bytes
-from flows.evaluate import _figure, _save, auc_difference_ci, roc_auc_ci
+from flows.evaluate import _figure, _save, auc_difference_ci, format_auc, roc_auc_ci
 from flows.lesions import Lesion
 
 if TYPE_CHECKING:
@@ -189,7 +189,7 @@ def write_report(out: Path, cases: Sequence[CaseMap], *, title: str, window: tup
     for key in ("auroc_abnormal_volume", "auroc_peak"):
         if key in summary:
             e = summary[key]
-            lines.append(f"- {key}: {e['auc']:.3f} [{e['lo']:.3f}, {e['hi']:.3f}]")
+            lines.append(f"- {key}: {format_auc(e, 3)}")
     for key in ("f1", "accuracy", "sensitivity", "specificity", "hit_rate_ge_1cm3", "dice_abnormal_mean"):
         if summary.get(key) is not None:
             lines.append(f"- {key}: {summary[key]:.3f}")
@@ -203,7 +203,7 @@ def write_report(out: Path, cases: Sequence[CaseMap], *, title: str, window: tup
             diff = e.get("minus_chosen")
             d = (f"{diff['difference']:+.3f} [{diff['lo']:+.3f}, {diff['hi']:+.3f}]" if diff
                  else "(chosen)" if e["chosen"] else "")
-            lines.append(f"| {name} | {e['auc']:.3f} [{e['lo']:.3f}, {e['hi']:.3f}] | {d} |")
+            lines.append(f"| {name} | {format_auc(e, 3)} | {d} |")
     lines += ["", *[f"![{p}]({p})" for p in pngs], ""]
     write_bytes(out / "summary.md", "\n".join(lines).encode())
     return summary

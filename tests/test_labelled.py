@@ -107,6 +107,20 @@ def test_evaluate_reads_a_labelled_dicom_folder_like_its_npz(
     assert "Localisation" not in (tmp_path / "dicom" / "summary.md").read_text()  # no lesion masks
 
 
+def test_evaluate_reports_a_class_too_small_for_an_auroc(tiny_bundle: Bundle, tmp_path: Path) -> None:
+    from tests.conftest import blobs
+
+    imgs, _ = blobs(6, (16, 16), seed=7)
+    labels = np.array([0, 0, 0, 0, 0, 1])
+    np.savez(tmp_path / "one_abnormal.npz", images=imgs, labels=labels)
+    res = runner.invoke(app, ["evaluate", "--bundle", str(tiny_bundle.path), "--data",
+                              str(tmp_path / "one_abnormal.npz"), "--out", str(tmp_path / "o"), "--n-boot", "20"])
+    assert res.exit_code == 0, (res.output, res.exception)
+    assert "n/a: 1 abnormal, 5 normal" in " ".join(res.output.split())
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["scores"]["posterior"]["overall"]["auc"] is None
+
+
 def test_training_reads_dicom_radiographs_of_different_sizes(tmp_path: Path) -> None:
     from flows.presets import get_preset
     from triage.cli import _load_set

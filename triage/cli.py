@@ -388,6 +388,7 @@ def evaluate(
     """Score a labelled set: AUROC with CIs, histograms, montages, confound plots."""
     from flows.bundle import BundleError, load_bundle
     from flows.evaluate import evaluate as run_eval
+    from flows.evaluate import format_auc
     from flows.phantoms.baselines import trivial_baselines
     from flows.posterior import PosteriorScorer
     from triage.labelled import read_labelled
@@ -445,7 +446,7 @@ def evaluate(
     table.add_column("AUROC [95% CI]")
     for name, entry in summary["scores"].items():
         o = entry["overall"]
-        table.add_row(name, f"{o['auc']:.3f} [{o['lo']:.3f}, {o['hi']:.3f}]")
+        table.add_row(name, format_auc(o, 3))
     Console().print(table)
     if loc.get("findings"):
         lt = Table(title="localisation: the map against the lesion masks")
@@ -539,6 +540,7 @@ def _labelled_volumes(data: Path) -> tuple[int, Iterator[tuple[Any, tuple[float,
 def _evaluate_patch_bundle(b: object, data: Path, out: Path, n_boot: int) -> None:
     from rich.progress import track
 
+    from flows.evaluate import format_auc
     from flows.mapeval import case_from_result, compare_maps, write_report
     from flows.patchbundle import PatchMapScorer
 
@@ -565,13 +567,13 @@ def _evaluate_patch_bundle(b: object, data: Path, out: Path, n_boot: int) -> Non
     for key in ("auroc_abnormal_volume", "auroc_peak"):
         if key in summary:
             e = summary[key]
-            table.add_row(key, f"{e['auc']:.3f} [{e['lo']:.3f}, {e['hi']:.3f}]")
+            table.add_row(key, format_auc(e, 3))
     for key in ("f1", "accuracy", "hit_rate_ge_1cm3", "dice_abnormal_mean"):
         if summary.get(key) is not None:
             table.add_row(key, f"{summary[key]:.3f}")
     for name, e in maps.items():  # the other maps, side by side
         diff = e.get("minus_chosen")
-        table.add_row(f"map {name}", f"{e['auc']:.3f} [{e['lo']:.3f}, {e['hi']:.3f}]"
+        table.add_row(f"map {name}", format_auc(e, 3)
                       + (f", {diff['difference']:+.3f} vs chosen" if diff else " (chosen)"))
     Console().print(table)
     console.print(f"report: {out / 'summary.md'}")
