@@ -503,9 +503,10 @@ def _spearman_entry(x: FloatArray, y: FloatArray) -> dict[str, Any]:
 
 
 def format_auc(e: Mapping[str, Any], digits: int = 2) -> str:
-    """An AUROC entry as ``auc [lo, hi]``, or why there is none (too few cases of a class)."""
+    """An AUROC entry as ``auc [lo, hi]``, or the class sizes that were too small for one
+    (fewer than ``MIN_CASES_FOR_AUC`` of a class)."""
     if e.get("auc") is None:
-        return f"n/a: {e['n_pos']} abnormal, {e['n_neg']} normal (needs >= {MIN_CASES_FOR_AUC} of each)"
+        return f"n/a ({e['n_pos']} abnormal, {e['n_neg']} normal)"
     return f"{e['auc']:.{digits}f} [{e['lo']:.{digits}f}, {e['hi']:.{digits}f}]"
 
 

@@ -117,6 +117,9 @@ class Preprocessing:
         boxes = []
         for i in range(arr.shape[0]):
             img = arr[i].astype(np.float32, copy=False)
+            if float(img.max()) == float(img.min()):  # blank: a failed export, not anatomy
+                raise ValueError(f"{self.kind}: image {i} is blank (every pixel {float(img.flat[0]):g}); "
+                                 "nothing to score")
             if self.intensity == "window":
                 check_hounsfield(img, self.kind)
             boxes.append(self.crop_box(img))

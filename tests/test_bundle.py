@@ -97,9 +97,12 @@ def test_scorer_refuses_bad_input(tiny_bundle: Bundle) -> None:
 def test_preprocessing_apply() -> None:
     p = Preprocessing(kind="bct", shape=(4, 8, 8), n_bits=7, intensity="window", window=(-14, 114))
     hu = np.full((2, 8, 16, 16), 50.0, np.float32)
+    hu[:, 0, 0, 0] = -1000.0  # one voxel of air: a blank volume is refused
     out = p.apply(hu)
     assert out.shape == (2, 1, 4, 8, 8)
-    np.testing.assert_allclose(out, 64 / 128, atol=1e-5)
+    np.testing.assert_allclose(out[:, :, 1:, 1:, 1:], 64 / 128, atol=1e-5)
+    with pytest.raises(ValueError, match="image 1 is blank"):
+        p.apply(np.stack([hu[0], np.full((8, 16, 16), 50.0, np.float32)]))
     with pytest.raises(ValueError, match="shaped"):
         p.apply(np.zeros((8, 16, 16)))
     assert Preprocessing.from_dict(p.to_dict()) == p

@@ -233,7 +233,7 @@ def test_evaluate_writes_report(tmp_path: Path) -> None:
 
     md = (out / "summary.md").read_text()
     assert "| score | overall | opacity | nodule | rare |" in md
-    assert "n=1 (too few)" in md and "Youden" in md and "Spearman" in md
+    assert "n/a (1 abnormal, 61 normal)" in md and "Youden" in md and "Spearman" in md
     assert "## AUROC of neg log posterior minus each other score" in md
 
 

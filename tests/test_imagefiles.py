@@ -42,6 +42,18 @@ def test_greyscale_pictures_keep_their_values(tmp_path: Path) -> None:
     assert [r().series_instance_uid for r in folder_readers(tmp_path)] == ["a.png", "b.png", "c.tif", "d.png"]
 
 
+@pytest.mark.parametrize("suffix", [".png", ".jpg"])
+def test_a_picture_turned_by_its_exif_orientation_reads_upright(tmp_path: Path, suffix: str) -> None:
+    upright = np.kron(np.arange(12, dtype=np.uint8).reshape(3, 4) * 20, np.ones((8, 8), np.uint8))
+    stored = Image.fromarray(np.ascontiguousarray(np.rot90(upright)))  # a phone's portrait shot
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned 90 degrees clockwise
+    stored.save(tmp_path / f"turned{suffix}", exif=exif, **({"quality": 95} if suffix == ".jpg" else {}))
+    got = read_image_file(tmp_path / f"turned{suffix}").array
+    assert got.shape == upright.shape
+    np.testing.assert_allclose(got, upright, atol=0 if suffix == ".png" else 12)
+
+
 def test_pictures_that_are_not_radiographs_are_refused(tmp_path: Path) -> None:
     rgb = np.zeros((8, 8, 3), dtype=np.uint8)
     rgb[..., 0] = 200

@@ -164,6 +164,20 @@ def test_monochrome1_inverted_and_monochrome2_kept(tmp_path: Path) -> None:
     assert s2.spacing == (0.2, 0.2) and s2.meta["spacing_source"] == "ImagerPixelSpacing"
 
 
+def test_inverse_presentation_lut_shape_inverts_once(tmp_path: Path) -> None:
+    stored = np.arange(48, dtype=np.uint16).reshape(6, 8) * 80
+    for photometric in ("MONOCHROME1", "MONOCHROME2"):
+        f = dx_image(tmp_path / f"{photometric}.dcm", stored, photometric=photometric)
+        ds = pydicom.dcmread(f)
+        ds.PresentationLUTShape = "INVERSE"
+        ds.save_as(f)
+        s = read_series([f])
+        # MONOCHROME1 + INVERSE (as the DX IOD requires) and MONOCHROME2 + INVERSE both display
+        # low values white: one inversion, not two
+        np.testing.assert_array_equal(s.array, 4095.0 - stored)
+        assert s.meta["inverted"]
+
+
 def test_projection_orientation_made_canonical(tmp_path: Path) -> None:
     stored = np.arange(48, dtype=np.uint16).reshape(6, 8)
     s = read_series([dx_image(tmp_path / "rf.dcm", stored, orientation=("R", "F"))])

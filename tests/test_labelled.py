@@ -113,10 +113,10 @@ def test_evaluate_reports_a_class_too_small_for_an_auroc(tiny_bundle: Bundle, tm
     imgs, _ = blobs(6, (16, 16), seed=7)
     labels = np.array([0, 0, 0, 0, 0, 1])
     np.savez(tmp_path / "one_abnormal.npz", images=imgs, labels=labels)
-    res = runner.invoke(app, ["evaluate", "--bundle", str(tiny_bundle.path), "--data",
-                              str(tmp_path / "one_abnormal.npz"), "--out", str(tmp_path / "o"), "--n-boot", "20"])
+    res = runner.invoke(app, ["evaluate", "--bundle", str(tiny_bundle.path), "--n-boot", "20",
+                              "--data", str(tmp_path / "one_abnormal.npz"), "--out", str(tmp_path / "o")])
     assert res.exit_code == 0, (res.output, res.exception)
-    assert "n/a: 1 abnormal, 5 normal" in " ".join(res.output.split())
+    assert "n/a (1 abnormal, 5 normal)" in " ".join(res.output.split())
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert summary["scores"]["posterior"]["overall"]["auc"] is None
 

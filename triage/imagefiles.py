@@ -1,7 +1,8 @@
 """Image files that are not DICOM: what an ML engineer's exported data set is usually made of.
 
 * **Radiographs** as PNG, JPEG, TIFF or BMP (8- or 16-bit greyscale; an RGB file is accepted
-  only when its three channels are the same grey, since a colour picture is not a radiograph).
+  only when its three channels are the same grey, since a colour picture is not a radiograph),
+  turned upright by their EXIF Orientation where they carry one.
   Higher values are denser (whiter), as in a display-ready export; the spacing is unknown (NaN).
 * **Volumes** as NIfTI (``.nii``, ``.nii.gz``): the voxel values after the header's scaling
   (CT in Hounsfield units, as dcm2niix writes them), brought onto the axis convention of an
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 _GREY_TOLERANCE = 0.02  # RGB channels within 2 % of the range count as one grey
+_EXIF_ORIENTATION = 0x0112  # EXIF tag: how the stored pixels are turned for display
 _MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F", "RGB", "RGBA"}  # PIL modes read
 
 
@@ -68,7 +70,7 @@ def make_series(arr: np.ndarray, spacing: tuple[float, ...], name: str, modality
 
 
 def _read_picture(path: Path, name: str) -> Series:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with Image.open(path) as f:
@@ -76,6 +78,8 @@ def _read_picture(path: Path, name: str) -> Series:
             if frames > 1:
                 raise ImagingError(f"{name}: {frames} pages; store one image per file")
             im: Image.Image = f
+            if im.getexif().get(_EXIF_ORIENTATION, 1) != 1:  # a camera or phone export: stored turned
+                im = ImageOps.exif_transpose(im)
             if im.mode == "P":
                 im = im.convert("RGBA" if "transparency" in im.info else "RGB")
             mode = im.mode

@@ -3,8 +3,9 @@
 Two kinds of series come out of :func:`read_series`:
 
 * **projection** images (DX, CR, MG, ...): one single-frame instance -> a 2D ``(H, W)``
-  array after the Modality LUT (Rescale or Modality LUT Sequence); MONOCHROME1 is inverted
-  within the modality LUT's output range, so that higher always means denser (whiter).
+  array after the Modality LUT (Rescale or Modality LUT Sequence); MONOCHROME1, and MONOCHROME2
+  shown through an INVERSE Presentation LUT Shape, are inverted within the modality LUT's output
+  range, so that higher always means denser (whiter).
   Frontal images whose Patient Orientation is a pair of L/R and H/F are flipped (or
   transposed) to the display convention ``L\\F`` (rows towards the patient's left,
   columns towards the feet), the way the phantoms and most training data are stored;
@@ -320,18 +321,22 @@ def _read_projection(headers: list[_Header], modality: str) -> Series:
     arr = _decode(h)
     lo, hi = _modality_range(ds)
     photometric = str(ds.get("PhotometricInterpretation", ""))
-    if photometric == "MONOCHROME1":
-        arr = (lo + hi) - arr
-    elif photometric != "MONOCHROME2":
+    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise ImagingError(f"{h.path.name}: PhotometricInterpretation {photometric or '(missing)'} "
                            "is not a grayscale image")
+    # displayed inverted: MONOCHROME1 (with or without the INVERSE Presentation LUT Shape the DX
+    # IOD pairs it with: one inversion, stated twice), or MONOCHROME2 shown through INVERSE
+    inverse_lut = str(ds.get("PresentationLUTShape", "")).strip().upper() == "INVERSE"
+    inverted = photometric == "MONOCHROME1" or inverse_lut
+    if inverted:
+        arr = (lo + hi) - arr
     orientation = _strings(ds.get("PatientOrientation"))
     arr, spacing, orientation, ops = _canonical_orientation(arr, spacing, orientation)
     meta = _common_meta(ds, 1)
     meta.update({
         "kind": "projection",
         "value_range": (lo, hi),
-        "inverted": photometric == "MONOCHROME1",
+        "inverted": inverted,
         "spacing_source": spacing_source,
         "patient_orientation": orientation,
         "orientation_ops": ops,
