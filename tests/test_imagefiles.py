@@ -159,16 +159,33 @@ def test_a_labels_csv_can_name_image_files_and_their_masks(cxr_files: tuple[Path
     ("file,label\n../set.npz,0\n", "outside the folder"),
     ("file,label,mask\n00000.png,1,00000-mask.png\n00001.png,0,\n", "1 of 2 rows name a mask"),
     ("series_instance_uid,label,mask\n1.2,1,m.png\n", "'mask' column goes with a 'file' column"),
+    ("file,label\n00000.png,1\n./00000.png,1\n", "00000.png is labelled twice"),
+    ("file,label,finding\n00000.png,0,nodule\n", r"label 0 \(normal\) but finding 'nodule'"),
+    ("file,label,finding\n00000.png,1,épanchement\n".encode("latin-1"), "not UTF-8 text .*save it as UTF-8"),
 ])
 def test_a_file_table_that_does_not_match_the_folder_is_refused(
-        cxr_files: tuple[Path, Path, Path], tmp_path: Path, table: str, msg: str) -> None:
+        cxr_files: tuple[Path, Path, Path], tmp_path: Path, table: str | bytes, msg: str) -> None:
     import shutil
 
     copy = tmp_path / "png"
     shutil.copytree(cxr_files[1], copy)
-    (copy / LABELS_CSV).write_text(table)
+    (copy / LABELS_CSV).write_bytes(table if isinstance(table, bytes) else table.encode())
     with pytest.raises(ValueError, match=msg):
         read_labelled(copy)
+
+
+def test_image_files_a_labels_csv_leaves_out_are_named(cxr_files: tuple[Path, Path, Path], tmp_path: Path,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    import shutil
+
+    copy = tmp_path / "png"
+    shutil.copytree(cxr_files[1], copy)
+    (copy / LABELS_CSV).write_text("file,label,finding,mask\n00001.png,0,normal,00001-mask.png\n")
+    with caplog.at_level("WARNING", logger="triage.labelled"):
+        assert len(read_labelled(copy)) == 1
+    n_files = len(list(copy.glob("*.png")))
+    assert f"lists 1 image file(s); {n_files - 2} other(s) in the folder are not in the set " \
+           "(first: 00000-mask.png)" in caplog.text
 
 
 @pytest.mark.parametrize("arrays, msg", [
@@ -214,6 +231,18 @@ def test_training_reads_a_folder_of_pictures(cxr_files: tuple[Path, Path, Path],
     res = runner.invoke(app, ["train", "--preset", "tiny-cxr", "--data", str(img),
                               "--out", str(tmp_path / "m"), "--epochs", "1"])
     assert res.exit_code == 0, (res.output, res.exception)
+
+
+@pytest.mark.parametrize("preset", ["tiny-cxr", "tiny-chestct"])
+def test_a_normal_set_with_abnormal_labels_is_refused(cxr_files: tuple[Path, Path, Path], tmp_path: Path,
+                                                      preset: str) -> None:
+    labelled = cxr_files[1]  # half of its rows are abnormal
+    res = runner.invoke(app, ["train", "--preset", preset, "--normal", str(labelled), "--mixture",
+                              str(labelled), "--validation", str(labelled), "--out", str(tmp_path / "b")])
+    assert res.exit_code != 0
+    n_abnormal = int(PhantomSet.load_npz(cxr_files[0]).labels.sum())
+    assert f"--normal holds {n_abnormal} of 16 cases labelled abnormal" in " ".join(res.output.split())
+    assert not (tmp_path / "b").exists()
 
 
 @pytest.mark.parametrize("preset", ["tiny-bct", "tiny-chestct"])

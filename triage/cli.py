@@ -213,12 +213,33 @@ def _load_volumes(path: Path) -> tuple[Any, Any]:
     return vols, None
 
 
+def _all_normal(path: Path) -> None:
+    """A labelled set given as ``--normal`` must hold normal cases only (M0 is the normal model);
+    checked from its labels before any pixel is read."""
+    import numpy as np
+
+    from triage.labelled import has_labels, read_labelled
+
+    if not has_labels(path):
+        return
+    if path.is_dir():
+        labels = read_labelled(path).labels
+    else:
+        with np.load(path, allow_pickle=False) as z:
+            labels = np.asarray(z["labels"])
+    if np.any(labels != 0):
+        k, n = int(np.count_nonzero(labels)), len(labels)
+        raise ValueError(f"{path}: --normal holds {k} of {n} cases labelled abnormal; the normal set "
+                         "must be all normal (drop those rows, or give the set as --mixture)")
+
+
 def _train_patch_bundle(p: object, out: Path, normal: Path, mixture: Path, validation: Path | None,
                         name: str, version: str, options: object) -> None:
     from flows.patchbundle import build_patch_bundle
 
     if validation is None:
         raise ValueError("a patch bundle calibrates its map on a labelled --validation set")
+    _all_normal(normal)
     nv, _ = _load_volumes(normal)
     mv, _ = _load_volumes(mixture)
     vv, vl = _load_volumes(validation)
@@ -323,6 +344,7 @@ def train(
                                              batch_size=batch_size, device=device, members=members,
                                              resume=resume))
             return
+        _all_normal(normal)
         n_imgs, _, _ = _load_set(normal, p.preprocessing, sets / "normal.npy")
         m_imgs, _, _ = _load_set(mixture, p.preprocessing, sets / "mixture.npy")
         val = None

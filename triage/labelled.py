@@ -21,6 +21,8 @@
 from __future__ import annotations
 
 import csv
+import logging
+import posixpath
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -30,6 +32,8 @@ from typing import overload
 import numpy as np
 
 from triage.imaging import Series, SeriesFiles, scan_series_folder
+
+log = logging.getLogger(__name__)
 
 LABELS_CSV = "labels.csv"
 UID_COLUMNS = ("series_instance_uid", "study_instance_uid")
@@ -126,11 +130,15 @@ class _Row:
 
 
 def _read_rows(path: Path) -> tuple[str, dict[str, _Row]]:
-    with path.open(encoding="utf-8-sig", newline="") as f:  # a spreadsheet's byte-order mark
-        reader = csv.DictReader(f)
-        cols = [c.strip() for c in reader.fieldnames or []]
-        reader.fieldnames = cols
-        rows = list(reader)
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as f:  # a spreadsheet's byte-order mark
+            reader = csv.DictReader(f)
+            cols = [c.strip() for c in reader.fieldnames or []]
+            reader.fieldnames = cols
+            rows = list(reader)
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+                         f"{exc.start}); save it as UTF-8 (CSV UTF-8 in a spreadsheet)") from exc
     if "label" not in cols:
         raise ValueError(f"{path}: no 'label' column (columns: {', '.join(cols) or 'none'})")
     key = next((c for c in KEY_COLUMNS if c in cols), None)
@@ -149,6 +157,10 @@ def _read_rows(path: Path) -> tuple[str, dict[str, _Row]]:
         finding = (row.get("finding") or "").strip()
         if label == "1" and finding.lower() == "normal":
             raise ValueError(f"{path}, line {line}: label 1 (abnormal) but finding 'normal'")
+        if label == "0" and finding.lower() not in ("", "normal"):
+            raise ValueError(f"{path}, line {line}: label 0 (normal) but finding {finding!r}")
+        if key == FILE_COLUMN:  # one file, one key: ./a.png and a.png are the same image
+            uid = posixpath.normpath(uid)
         if uid in table:
             raise ValueError(f"{path}, line {line}: {key} {uid} is labelled twice")
         table[uid] = _Row(int(label), "normal" if label == "0" else finding or "abnormal",
@@ -221,7 +233,7 @@ def _inside(folder: Path, rel: str, line: str) -> Path:
 
 
 def _read_file_rows(folder: Path, table: dict[str, _Row], volumes: bool | None) -> LabelledSeries:
-    from triage.imagefiles import image_file_kind, read_image_file
+    from triage.imagefiles import image_file_kind, image_file_paths, read_image_file
 
     csv_path = folder / LABELS_CSV
     with_masks = sum(bool(r.mask) for r in table.values())
@@ -237,6 +249,13 @@ def _read_file_rows(folder: Path, table: dict[str, _Row], volumes: bool | None) 
             if image_file_kind(p) is None:
                 raise ValueError(f"{csv_path}, row {rel}: {name}: not an image file this node reads "
                                  "(PNG, JPEG, TIFF, BMP, NIfTI, .npy)")
+
+    named = {(root / r).resolve() for rel, row in table.items() for r in (rel, row.mask) if r}
+    kinds = {None: {"picture", "nifti", "npy"}, True: {"nifti", "npy"}, False: {"picture", "npy"}}[volumes]
+    unlisted = [p for p in image_file_paths(folder, kinds=frozenset(kinds)) if p.resolve() not in named]
+    if unlisted:  # a subset of a folder is a set; say so, so that no case is lost unseen
+        log.warning("%s lists %d image file(s); %d other(s) in the folder are not in the set "
+                    "(first: %s)", csv_path, len(table), len(unlisted), unlisted[0].relative_to(folder))
 
     def reader(rel: str) -> Callable[[], Series]:
         def read() -> Series:
