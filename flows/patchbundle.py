@@ -112,6 +112,12 @@ def _prepared(bundle_or_preset: Bundle | Preset, volume_hu: np.ndarray,
     if prep.intensity == "window":
         check_hounsfield(volume_hu, prep.kind)
     grid, m = _grid(prep.spacing, volume_hu, spacing, mask)
+    covers = np.asarray(grid.shape, dtype=float) * prep.spacing
+    need = 0.5 * np.asarray(prep.shape, dtype=float) * prep.spacing
+    if np.any(covers < need):  # mostly padding in every patch: nothing the model can read
+        raise ValueError(f"{prep.kind}: the volume covers {' x '.join(f'{c:.0f}' for c in covers)} mm; "
+                         f"a patch model needs at least half a patch ({need[0]:.0f} mm) along every "
+                         "axis (a single slice, a localizer or a cropped fragment is not a study)")
     return prep.intensities(grid, m), m, prep.spacing
 
 

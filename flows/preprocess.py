@@ -117,6 +117,8 @@ class Preprocessing:
         boxes = []
         for i in range(arr.shape[0]):
             img = arr[i].astype(np.float32, copy=False)
+            if self.ndim == 3 and min(img.shape) < 2:
+                raise ValueError(f"{self.kind}: image {i} has shape {img.shape}: one slice is not a volume")
             if float(img.max()) == float(img.min()):  # blank: a failed export, not anatomy
                 raise ValueError(f"{self.kind}: image {i} is blank (every pixel {float(img.flat[0]):g}); "
                                  "nothing to score")

@@ -101,6 +101,8 @@ def test_preprocessing_apply() -> None:
     out = p.apply(hu)
     assert out.shape == (2, 1, 4, 8, 8)
     np.testing.assert_allclose(out[:, :, 1:, 1:, 1:], 64 / 128, atol=1e-5)
+    with pytest.raises(ValueError, match=r"image 0 has shape \(1, 16, 16\): one slice is not a volume"):
+        p.apply(hu[:, :1])
     with pytest.raises(ValueError, match="image 1 is blank"):
         p.apply(np.stack([hu[0], np.full((8, 16, 16), 50.0, np.float32)]))
     with pytest.raises(ValueError, match="shaped"):

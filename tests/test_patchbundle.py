@@ -114,6 +114,9 @@ def test_scorer_refuses_bad_volumes_and_whole_image_bundles(patch_bundle: Bundle
     # smaller than one patch after resampling: padded, not refused
     r = sc.score(np.full((4, 5, 6), -800.0), (8.0, 8.0, 8.0))
     assert r.values.shape == (4, 5, 6)
+    # less than half a patch (32 mm) along an axis: a slab, not a study
+    with pytest.raises(ValueError, match=r"covers 8 x 40 x 48 mm; .* at least half a patch \(32 mm\)"):
+        sc.score(np.full((1, 5, 6), -800.0), (8.0, 8.0, 8.0))
     with pytest.raises(BundleError, match="no patch models"):
         PatchMapScorer(tiny_bundle)
 
