@@ -25,7 +25,7 @@ import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -119,6 +119,17 @@ def _prepared(bundle_or_preset: Bundle | Preset, volume_hu: np.ndarray,
                          f"a patch model needs at least half a patch ({need[0]:.0f} mm) along every "
                          "axis (a single slice, a localizer or a cropped fragment is not a study)")
     return prep.intensities(grid, m), m, prep.spacing
+
+
+_T = TypeVar("_T")
+
+
+def _in_context(where: str, fn: Callable[..., _T], *args: Any) -> _T:
+    """``fn(*args)``, a ValueError saying which volume of a set it was about."""
+    try:
+        return fn(*args)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from exc
 
 
 def _grid(iso: float, volume_hu: np.ndarray, spacing: tuple[float, float, float], mask: str
@@ -221,17 +232,18 @@ def build_patch_bundle(out: str | Path, *, preset: Preset, normal: VolumeSet, mi
         log(f"noise floor {floor} HU ({preset.noise_floor_percentile:g}th percentile of the "
             "training volumes' noise × 1.2): every volume is topped up to it")
 
-    def patches(vols: VolumeSet, where: str, fraction: float) -> np.ndarray:
+    def patches(what: str, vols: VolumeSet, where: str, fraction: float) -> np.ndarray:
         got = []
-        for v, sp in vols:  # one volume in memory at a time: only its patches are kept
-            grid01, m, _ = _prepared(preset, v, sp, where)
+        for i, (v, sp) in enumerate(vols):  # one volume in memory at a time: only its patches are kept
+            where_i = f"{what} volume {i + 1} of {len(vols)}"
+            grid01, m, _ = _in_context(where_i, _prepared, preset, v, sp, where)
             got.append(sample_patches(grid01[None], m[None] if m is not None else None, patch,
                                       patches_per_volume, rng, min_mask_fraction=fraction))
         return np.concatenate(got)
 
-    pn = patches(normal, mask, min_mask_fraction)
-    pm = (patches(mixture, mask, min_mask_fraction) if reference == "mixture"
-          else patches(mixture, "body", 0.5))
+    pn = patches("normal", normal, mask, min_mask_fraction)
+    pm = (patches("mixture", mixture, mask, min_mask_fraction) if reference == "mixture"
+          else patches("mixture", mixture, "body", 0.5))
     log(f"{len(pn)} normal and {len(pm)} mixture patches ({reference}) of {patch}³ at "
         f"{prep.spacing} mm")
     opts = replace(options or BuildOptions(), map_scores=False)
@@ -273,8 +285,8 @@ def calibrate_patch_bundle(b: Bundle, validation: tuple[VolumeSet, np.ndarray],
     scorer = glow_map_sources_scorer(b.m0, b.m1, prep.n_bits)
     device = next(b.m0.parameters()).device
     maps_of: dict[str, list[np.ndarray]] = {}
-    for v, sp in vols:
-        grid01, m, _ = _prepared(b, v, sp, mask)
+    for i, (v, sp) in enumerate(vols):
+        grid01, m, _ = _in_context(f"validation volume {i + 1} of {len(vols)}", _prepared, b, v, sp, mask)
         for name, pm in patch_maps(grid01, scorer, patch=patch, overlap=overlap, mask=m,
                                    min_mask_fraction=min_mask_fraction, batch_size=64,
                                    device=device).items():

@@ -22,6 +22,7 @@ from triage.labelled import LABELS_CSV, read_labelled
 from triage.phantom_files import write_image_files
 
 runner = CliRunner()
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_greyscale_pictures_keep_their_values(tmp_path: Path) -> None:
@@ -322,3 +323,26 @@ def test_a_set_too_large_for_memory_trains_from_disk_as_from_memory(
     assert not (tmp_path / "disk" / "work" / "sets").exists()
     ram, disk = (json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("ram", "disk"))
     assert ram["files"] == disk["files"] and ram["training"]["normal"] == disk["training"]["normal"]
+
+
+def test_a_bad_case_is_named_and_a_one_class_set_refused(tmp_path: Path) -> None:
+    from flows.phantoms.chestct import make_chestct
+
+    chest = ROOT / "models" / "chestct"
+    ps = make_chestct(3, abnormal_fraction=0.0, seed=8)
+    folder = write_image_files(ps, tmp_path / "normals", "nifti")
+    res = runner.invoke(app, ["evaluate", "--bundle", str(chest), "--data", str(folder), "--out",
+                              str(tmp_path / "o1")])
+    assert res.exit_code != 0
+    out = " ".join(res.output.split())
+    assert "all 3 cases are label 0 (normal); an evaluation needs both classes" in out
+
+    mixed = write_image_files(make_chestct(4, abnormal_fraction=0.5, seed=9), tmp_path / "mixed", "nifti")
+    stored = next(p for p in sorted(mixed.glob("*.nii.gz")) if "mask" not in p.name)
+    img = nib.load(stored)
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj) + 1024.0, img.affine), stored)  # no intercept
+    res = runner.invoke(app, ["evaluate", "--bundle", str(chest), "--data", str(mixed), "--out",
+                              str(tmp_path / "o2")])
+    assert res.exit_code != 0
+    out = " ".join(res.output.split())
+    assert f"{stored.name}: chestct: the values do not look like Hounsfield units" in out

@@ -170,12 +170,17 @@ def _on_model_grid(series: Iterable[Any], n: int, prep: Preprocessing, store: Pa
     so a set larger than the machine's memory still trains."""
     import numpy as np
 
+    from triage.labelled import case_name
+
     out: np.ndarray | None = None
     k = 0
     for s in series:
         if s.array.ndim != prep.ndim:
             continue
-        g = prep.apply(s.array[None])
+        try:
+            g = prep.apply(s.array[None])
+        except ValueError as exc:
+            raise ValueError(f"{case_name(s)}: {exc}") from exc
         if out is None:
             shape = (n, *g.shape[1:])
             nbytes = float(np.prod(shape)) * g.dtype.itemsize
@@ -413,7 +418,7 @@ def evaluate(
     from flows.evaluate import format_auc
     from flows.phantoms.baselines import trivial_baselines
     from flows.posterior import PosteriorScorer
-    from triage.labelled import read_labelled
+    from triage.labelled import case_name, read_labelled
 
     try:
         b = load_bundle(bundle)
@@ -427,16 +432,21 @@ def evaluate(
         truth: list[Any] | None  # radiographs' lesion masks on the model grid, where given
         if ps is None:  # a labelled folder or .npz: images of any size, read one at a time
             ls = read_labelled(data, volumes=not radiographs)
+            _both_classes(ls.labels, data)
             findings, truth = ls.findings, [] if ls.has_masks and radiographs else None
             imgs, per = np.empty((len(ls), 1, *grid), dtype=np.float32), []
             for i, (x, mask) in enumerate(ls.cases()):  # into one preallocated array, no copies
-                g, box = b.preprocessing.apply_with_boxes(x.array[None])
+                try:
+                    g, box = b.preprocessing.apply_with_boxes(x.array[None])
+                except ValueError as exc:
+                    raise ValueError(f"{case_name(x)}: {exc}") from exc
                 imgs[i] = g[0]
                 per.append(trivial_baselines(_display(x.array, b.kind)[None], kind=b.kind))
                 if truth is not None and mask is not None:
                     truth.append(_mask_on_grid(mask, box[0], grid))
             base = {k: np.concatenate([p[k] for p in per]) for k in per[0]}
         else:
+            _both_classes(ps.labels, data)
             findings = ps.findings
             imgs, boxes = b.preprocessing.apply_with_boxes(ps.images)
             truth = [_mask_on_grid(m, box, grid) for m, box in zip(ps.masks[:, 0], boxes, strict=True)
@@ -538,24 +548,36 @@ def _radiograph_overlays(imgs: object, maps: object, score: object, findings: li
                 title="abnormality map as the node computes it, most abnormal first")
 
 
-def _labelled_volumes(data: Path) -> tuple[int, Iterator[tuple[Any, tuple[float, ...], int, str, Any]]]:
+def _both_classes(labels: Any, data: Path) -> None:
+    """An evaluation needs normal and abnormal cases: say so before any pixel is scored."""
+    import numpy as np
+
+    y = np.asarray(labels)
+    if y.size and (y == y[0]).all():
+        raise ValueError(f"{data}: all {y.size} cases are label {int(y[0])} "
+                         f"({'abnormal' if y[0] else 'normal'}); an evaluation needs both classes")
+
+
+def _labelled_volumes(data: Path) -> tuple[int, Iterator[tuple[Any, tuple[float, ...], int, str, Any, str]]]:
     """How many cases a labelled set of CT volumes holds, and (volume in HU, spacing, label,
-    finding, lesion mask or None) per case, read as reached: a phantom set, or anything
+    finding, lesion mask or None, name) per case, read as reached: a phantom set, or anything
     triage.labelled reads."""
-    from triage.labelled import has_labels, read_labelled
+    from triage.labelled import case_name, has_labels, read_labelled
 
     ps = _phantom_set(data)
     if ps is not None:
+        _both_classes(ps.labels, data)
         try:
             vols = ps.volumes()
         except ValueError as e:
             raise ValueError(f"{data}: {e}") from e
-        return len(ps), ((v, sp, int(ps.labels[i]), ps.findings[i], ps.masks[i, 0])
+        return len(ps), ((v, sp, int(ps.labels[i]), ps.findings[i], ps.masks[i, 0], f"case {i}")
                          for i, (v, sp) in enumerate(vols))
     if not has_labels(data):
         raise ValueError(f"{data}: evaluation needs labels: {NO_LABELS}")
     ls = read_labelled(data, volumes=True)
-    return len(ls), ((s.array, s.spacing, int(label), finding, mask)
+    _both_classes(ls.labels, data)
+    return len(ls), ((s.array, s.spacing, int(label), finding, mask, case_name(s))
                      for (s, mask), label, finding in zip(ls.cases(), ls.labels, ls.findings, strict=True))
 
 
@@ -570,9 +592,12 @@ def _evaluate_patch_bundle(b: object, data: Path, out: Path, n_boot: int) -> Non
     n, volumes = _labelled_volumes(data)
     cases = []  # compact: each volume is dropped once its map is read (flows.mapeval.CaseMap)
     sizes: dict[str, list[float]] = {}  # every calibrated map's abnormal volume, side by side
-    for v, sp, label, finding, truth in track(volumes, total=n, description="mapping volumes",
-                                              console=console):
-        r, all_sizes = scorer.score_all(v, sp)  # type: ignore[arg-type]
+    for v, sp, label, finding, truth, case in track(volumes, total=n, description="mapping volumes",
+                                                    console=console):
+        try:
+            r, all_sizes = scorer.score_all(v, sp)  # type: ignore[arg-type]
+        except ValueError as exc:
+            raise ValueError(f"{case}: {exc}") from exc
         for name, size in all_sizes.items():
             sizes.setdefault(name, []).append(size)
         cases.append(case_from_result(v, r, scorer.cal.voxel_threshold, label=label,

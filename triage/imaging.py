@@ -522,11 +522,13 @@ class SeriesFiles:
         order its slices, rows and columns were stored in."""
         from triage.orientation import canonical_volume
 
+        where = self.files[0].parent.relative_to(self.folder)
         try:
-            return canonical_volume(read_series(self.files, spacing_tolerance=spacing_tolerance))[0]
+            s = canonical_volume(read_series(self.files, spacing_tolerance=spacing_tolerance))[0]
         except ImagingError as exc:
-            where = self.files[0].parent.relative_to(self.folder)
             raise ImagingError(f"{self.folder}/{where}: {exc}") from exc
+        s.meta["source_folder"] = str(self.folder / where)
+        return s
 
 
 def scan_series_folder(folder: Path) -> list[SeriesFiles]:

@@ -103,12 +103,19 @@ class Volumes(Sequence[tuple[np.ndarray, tuple[float, float, float]]]):
     def __getitem__(self, i: int | slice) -> tuple[np.ndarray, tuple[float, float, float]] | Volumes:
         if isinstance(i, slice):
             return Volumes(self.readers[i])
+        from flows.preprocess import check_hounsfield
+
         s = self.readers[i]()
         if not s.is_volume:
-            raise ValueError(f"case {i} ({s.series_instance_uid}) is not a volume "
-                             f"(shape {s.array.shape})")
+            raise ValueError(f"{case_name(s)} is not a volume (shape {s.array.shape})")
+        check_hounsfield(s.array, case_name(s))
         sz, sy, sx = (float(x) for x in s.spacing)
         return s.array, (sz, sy, sx)
+
+
+def case_name(s: Series) -> str:
+    """Where a case of a site's set came from, for messages: its file, or its DICOM folder."""
+    return str(s.meta.get("source_file") or s.meta.get("source_folder") or "a series")
 
 
 def has_labels(path: Path) -> bool:
