@@ -245,7 +245,7 @@ def build_patch_bundle(out: str | Path, *, preset: Preset, normal: VolumeSet, mi
     pm = (patches("mixture", mixture, mask, min_mask_fraction) if reference == "mixture"
           else patches("mixture", mixture, "body", 0.5))
     log(f"{len(pn)} normal and {len(pm)} mixture patches ({reference}) of {patch}³ at "
-        f"{prep.spacing} mm")
+        f"{prep.spacing} mm, from {len(normal)} normal and {len(mixture)} mixture volumes")
     opts = replace(options or BuildOptions(), map_scores=False)
     b = build_bundle(out, preset=preset, normal=pn, mixture=pm, name=name, version=version,
                      options=opts, log=log)

@@ -346,3 +346,15 @@ def test_a_bad_case_is_named_and_a_one_class_set_refused(tmp_path: Path) -> None
     assert res.exit_code != 0
     out = " ".join(res.output.split())
     assert f"{stored.name}: chestct: the values do not look like Hounsfield units" in out
+
+
+def test_one_image_saved_in_two_formats_is_named(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from triage.labelled import folder_readers
+
+    img = nib.Nifti1Image(np.full((8, 8, 8), -500.0, np.float32), np.diag([2.0, 2.0, 2.0, 1.0]))
+    nib.save(img, tmp_path / "case1.nii.gz")
+    nib.save(img, tmp_path / "case1.nii")
+    nib.save(img, tmp_path / "case2.nii.gz")
+    with caplog.at_level("WARNING", logger="triage.labelled"):
+        assert len(folder_readers(tmp_path, volumes=True)) == 3
+    assert "1 image(s) stored twice under one name (first: case1.nii and case1.nii.gz)" in caplog.text

@@ -364,3 +364,26 @@ def test_loader_stacks_equal_shapes_and_refuses_mixed(tmp_path: Path) -> None:
     ct_series(tmp_path / "set" / "00009", n=4, seed=9)
     with pytest.raises(ValueError, match=r"different shapes \[\(3, 6, 7\), \(4, 6, 7\)\]; resample"):
         dicom_folder_loader(tmp_path / "set")
+
+
+def test_a_folder_of_unread_dicom_says_why(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from triage.labelled import LABELS_CSV, read_labelled_folder
+
+    stored = np.arange(48, dtype=np.uint16).reshape(6, 8)
+    f = dx_image(tmp_path / "bare" / "a.dcm", stored)
+    ds = pydicom.dcmread(f)
+    del ds.file_meta
+    ds.preamble = None
+    ds.save_as(f, enforce_file_format=False)  # the data set alone: no preamble, no 'DICM'
+    with caplog.at_level("WARNING", logger="triage.imaging"):
+        assert imaging.scan_series_folder(tmp_path / "bare") == []
+    assert "1 file(s) look like DICOM without the Part 10 header" in caplog.text and "a.dcm" in caplog.text
+
+    ot = dx_image(tmp_path / "ot" / "b.dcm", stored)  # a radiograph exported as Modality OT
+    ds = pydicom.dcmread(ot)
+    ds.Modality = "OT"
+    ds.save_as(ot)
+    (tmp_path / "ot" / LABELS_CSV).write_text(f"series_instance_uid,label\n{ds.SeriesInstanceUID},0\n")
+    msg = r"no DICOM images found \(1 series of modality OT read as volumes\)"
+    with pytest.raises(ValueError, match=msg):
+        read_labelled_folder(tmp_path / "ot", volumes=False)

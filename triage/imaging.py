@@ -491,6 +491,18 @@ def _is_part10(path: Path) -> bool:
     return len(head) == 132 and head[128:132] == b"DICM"
 
 
+def _looks_like_bare_dicom(path: Path) -> bool:
+    """A data set written without the Part 10 header: it starts with a group 0002 or 0008
+    element in little endian, tag then VR (explicit) or length (implicit)."""
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(8)
+    except OSError:
+        return False
+    return len(head) == 8 and head[:2] in (b"\x02\x00", b"\x08\x00") and (
+        head[4:6].isalpha() or head[4:8] != b"\x00\x00\x00\x00")
+
+
 def read_series_folder(folder: Path, *, spacing_tolerance: float = 0.01) -> list[Series]:
     """Every image series among the DICOM files under ``folder`` (recursively).
 
@@ -538,10 +550,12 @@ def scan_series_folder(folder: Path) -> list[SeriesFiles]:
     if not folder.is_dir():
         raise NotADirectoryError(f"not a folder: {folder}")
     groups: dict[str, tuple[str, str, list[Path]]] = {}
-    skipped = 0
+    skipped, headerless = 0, []
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         if not _is_part10(path):
             skipped += 1
+            if _looks_like_bare_dicom(path):
+                headerless.append(path)
             continue
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
@@ -556,6 +570,10 @@ def scan_series_folder(folder: Path) -> list[SeriesFiles]:
         groups.setdefault(uid, (study, modality, []))[2].append(path)
     if skipped:
         log.debug("skipped %d non-image or non-DICOM file(s) under %s", skipped, folder)
+    if headerless:
+        log.warning("%s: %d file(s) look like DICOM without the Part 10 header (128-byte preamble "
+                    "and 'DICM'; first: %s) and are not read; rewrite them as DICOM files, e.g. "
+                    "`dcmconv +F in out`", folder, len(headerless), headerless[0].relative_to(folder))
     return [SeriesFiles(uid, study, modality, tuple(files), folder)
             for uid, (study, modality, files) in groups.items()]
 

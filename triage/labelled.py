@@ -79,9 +79,34 @@ def folder_readers(folder: Path, *, volumes: bool | None = None) -> list[Callabl
     readers: list[Callable[[], Series]] = [g.read for g in scan_series_folder(folder)
                                            if _kind_ok(g, volumes)]
     kinds = {None: {"picture", "nifti"}, True: {"nifti"}, False: {"picture"}}[volumes]
-    readers += [partial(read_image_file, p, root=folder)
-                for p in image_file_paths(folder, kinds=frozenset(kinds))]
+    paths = image_file_paths(folder, kinds=frozenset(kinds))
+    _warn_same_names(folder, paths)
+    readers += [partial(read_image_file, p, root=folder) for p in paths]
     return readers
+
+
+def _warn_same_names(folder: Path, paths: Sequence[Path]) -> None:
+    """Two files of one name but for the format (a.nii and a.nii.gz, a.png and a.tif) are
+    usually one image saved twice: read both, but say so (it weighs that case twice)."""
+    from triage.imagefiles import NIFTI_SUFFIXES, PICTURE_SUFFIXES
+
+    def stem(p: Path) -> str:
+        name = p.name.lower()
+        for suffix in (*NIFTI_SUFFIXES[::-1], *PICTURE_SUFFIXES, ".npy"):
+            if name.endswith(suffix):
+                return str(p.parent / name[: -len(suffix)])
+        return str(p)
+
+    seen: dict[str, Path] = {}
+    twice = []
+    for p in paths:
+        if stem(p) in seen:
+            twice.append((seen[stem(p)], p))
+        seen.setdefault(stem(p), p)
+    if twice:
+        a, b = twice[0]
+        log.warning("%s: %d image(s) stored twice under one name (first: %s and %s); both are read",
+                    folder, len(twice), a.relative_to(folder), b.relative_to(folder))
 
 
 class Volumes(Sequence[tuple[np.ndarray, tuple[float, float, float]]]):
@@ -212,9 +237,12 @@ def read_labelled_folder(folder: Path, *, volumes: bool | None = None) -> Labell
     key, table = _read_rows(path)
     if key == FILE_COLUMN:
         return _read_file_rows(folder, table, volumes)
-    found = [g for g in scan_series_folder(folder) if _kind_ok(g, volumes)]
+    every = scan_series_folder(folder)
+    found = [g for g in every if _kind_ok(g, volumes)]
     if not found:
-        raise ValueError(f"{folder}: no DICOM {_what(volumes)} found")
+        other = (f" ({len(every)} series of modality {', '.join(sorted({g.modality or '?' for g in every}))} "
+                 f"read as {_what(not volumes)})" if every and volumes is not None else "")
+        raise ValueError(f"{folder}: no DICOM {_what(volumes)} found{other}")
     labels, findings, seen = [], [], set()
     for g in found:
         uid = g.series_instance_uid if key == "series_instance_uid" else g.study_instance_uid
