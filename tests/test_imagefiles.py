@@ -358,3 +358,16 @@ def test_one_image_saved_in_two_formats_is_named(tmp_path: Path, caplog: pytest.
     with caplog.at_level("WARNING", logger="triage.labelled"):
         assert len(folder_readers(tmp_path, volumes=True)) == 3
     assert "1 image(s) stored twice under one name (first: case1.nii and case1.nii.gz)" in caplog.text
+
+
+def test_a_mask_saved_with_another_affine_is_refused(tmp_path: Path) -> None:
+    from flows.phantoms.chestct import make_chestct
+
+    folder = write_image_files(make_chestct(2, abnormal_fraction=0.5, shape=(16, 32, 32), spacing_mm=8.0,
+                                            seed=3), tmp_path / "ct", "nifti")
+    ls = read_labelled(folder, volumes=True)
+    assert len(list(ls.cases())) == 2  # as written: image and mask share the affine
+    mask = sorted(folder.glob("*mask*.nii.gz"))[0]
+    nib.save(nib.Nifti1Image(np.asarray(nib.load(mask).dataobj), np.eye(4)), mask)  # a script's default
+    with pytest.raises(ValueError, match=f"the mask {mask.name} lies elsewhere in the patient"):
+        list(read_labelled(folder, volumes=True).cases())

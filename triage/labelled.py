@@ -138,6 +138,16 @@ class Volumes(Sequence[tuple[np.ndarray, tuple[float, float, float]]]):
         return s.array, (sz, sy, sx)
 
 
+def _same_geometry(a: Series, b: Series, tol_mm: float = 0.01) -> bool:
+    """Whether two volumes' voxels lie at the same patient positions (both without geometry,
+    like pictures and .npy arrays, count as the same)."""
+    from triage.orientation import volume_affine
+
+    if a.origin is None or a.direction is None or b.origin is None or b.direction is None:
+        return (a.origin is None) == (b.origin is None)
+    return bool(np.allclose(volume_affine(a), volume_affine(b), rtol=0.0, atol=tol_mm))
+
+
 def case_name(s: Series) -> str:
     """Where a case of a site's set came from, for messages: its file, or its DICOM folder."""
     return str(s.meta.get("source_file") or s.meta.get("source_folder") or "a series")
@@ -303,10 +313,15 @@ def _read_file_rows(folder: Path, table: dict[str, _Row], volumes: bool | None) 
 
     def mask_reader(rel: str, mask: str) -> Callable[[Series], np.ndarray]:
         def read(s: Series) -> np.ndarray:
-            m = read_image_file(root / mask, root=root).array
+            ms = read_image_file(root / mask, root=root)
+            m = ms.array
             if m.shape != s.array.shape:
                 raise ValueError(f"{csv_path}: the mask {mask} has shape {m.shape}, its image "
                                  f"{rel} {s.array.shape}")
+            if not _same_geometry(ms, s):  # same shape, another place: a mirrored mask, say
+                raise ValueError(f"{csv_path}: the mask {mask} lies elsewhere in the patient than "
+                                 f"its image {rel} (their affines differ, or one has none); save "
+                                 "the mask with the image's affine")
             return m != 0
         return read
 
