@@ -74,6 +74,23 @@ class MapCalibration:
     # what M1 was trained on: "mixture" (the mixture's patches under ``mask``: the posterior
     # ratio) or "body" (the mixture's patches anywhere in the body: a general-domain reference)
     reference: str = "mixture"
+    # domain_stats of the validation volumes, sorted per statistic (empty in older bundles):
+    # the range a volume is checked against (outside_domain)
+    domain: dict[str, list[float]] = field(default_factory=dict)
+    noise_floor: bool = False  # the bundle tops noise up: a quiet scan is not outside its domain
+
+    def outside_domain(self, stats: dict[str, float]) -> list[str]:
+        """Why a volume with ``stats`` lies outside the validation volumes' range (empty: inside,
+        or a bundle calibrated before this was recorded)."""
+        out = []
+        for k, v in stats.items():
+            ref = self.domain.get(k)
+            if not ref or not np.isfinite(v):
+                continue
+            lo, hi = ref[0] / DOMAIN_MARGIN, ref[-1] * DOMAIN_MARGIN
+            if v > hi or (v < lo and not (k == "noise_hu" and self.noise_floor)):
+                out.append(f"{k} {v:.3g} outside the validation volumes' {ref[0]:.3g}-{ref[-1]:.3g}")
+        return out
 
     @property
     def name(self) -> str:
@@ -102,10 +119,20 @@ class MapResult:
     peak: float
     source: str
     percentile: float | None = None  # of abnormal_cm3 among the validation normals'
+    domain: dict[str, Any] = field(default_factory=dict)  # domain_stats and "outside" (reasons)
 
 
 def _prepared(bundle_or_preset: Bundle | Preset, volume_hu: np.ndarray,
               spacing: tuple[float, float, float], mask: str) -> tuple[np.ndarray, np.ndarray | None, float]:
+    """The volume on the model grid as the patch model reads it, its mask there, the grid's mm."""
+    prep = bundle_or_preset.preprocessing
+    grid, m = _on_grid(bundle_or_preset, volume_hu, spacing, mask)
+    return prep.intensities(grid, m), m, float(prep.spacing)  # type: ignore[arg-type]
+
+
+def _on_grid(bundle_or_preset: Bundle | Preset, volume_hu: np.ndarray,
+             spacing: tuple[float, float, float], mask: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """The volume in HU on the model grid and its mask, checked: HU, and at least half a patch."""
     prep = bundle_or_preset.preprocessing
     if prep.spacing is None:
         raise BundleError(f"{prep.kind}: preprocessing has no spacing; not a patch model")
@@ -118,7 +145,22 @@ def _prepared(bundle_or_preset: Bundle | Preset, volume_hu: np.ndarray,
         raise ValueError(f"{prep.kind}: the volume covers {' x '.join(f'{c:.0f}' for c in covers)} mm; "
                          f"a patch model needs at least half a patch ({need[0]:.0f} mm) along every "
                          "axis (a single slice, a localizer or a cropped fragment is not a study)")
-    return prep.intensities(grid, m), m, prep.spacing
+    return grid, m
+
+
+DOMAIN_MARGIN = 1.25
+"""A volume is outside a bundle's domain when a statistic lies beyond the validation volumes'
+range widened by this factor (below min / margin or above max × margin)."""
+
+
+def domain_stats(grid_hu: np.ndarray, mask: np.ndarray | None, prep: Preprocessing) -> dict[str, float]:
+    """What a density model is most sensitive to besides anatomy, measured on the model grid
+    before any noise harmonisation: the scan's noise (HU, inside the mask; kernel and dose) and
+    the mask's volume (cm³, 0 when none is found; coverage, and a header whose voxel size is
+    wrong)."""
+    assert prep.spacing is not None
+    return {"noise_hu": float(noise_sd(grid_hu, prep.window, mask)),
+            "mask_cm3": float(mask.sum()) * prep.spacing ** 3 / 1000.0 if mask is not None else 0.0}
 
 
 _T = TypeVar("_T")
@@ -285,8 +327,12 @@ def calibrate_patch_bundle(b: Bundle, validation: tuple[VolumeSet, np.ndarray],
     scorer = glow_map_sources_scorer(b.m0, b.m1, prep.n_bits)
     device = next(b.m0.parameters()).device
     maps_of: dict[str, list[np.ndarray]] = {}
+    domain: dict[str, list[float]] = {}
     for i, (v, sp) in enumerate(vols):
-        grid01, m, _ = _in_context(f"validation volume {i + 1} of {len(vols)}", _prepared, b, v, sp, mask)
+        grid, m = _in_context(f"validation volume {i + 1} of {len(vols)}", _on_grid, b, v, sp, mask)
+        for k, x in domain_stats(grid, m, prep).items():
+            domain.setdefault(k, []).append(x)
+        grid01 = prep.intensities(grid, m)
         for name, pm in patch_maps(grid01, scorer, patch=patch, overlap=overlap, mask=m,
                                    min_mask_fraction=min_mask_fraction, batch_size=64,
                                    device=device).items():
@@ -305,7 +351,9 @@ def calibrate_patch_bundle(b: Bundle, validation: tuple[VolumeSet, np.ndarray],
         cal = MapCalibration(source=source, patch=patch, overlap=overlap, mask=mask,
                              voxel_threshold=thr, min_size_cm3=min_size_cm3, size_threshold_cm3=t,
                              per_voxel=per_voxel, min_mask_fraction=min_mask_fraction,
-                             reference=reference, reference_cm3=ref)
+                             reference=reference, reference_cm3=ref,
+                             domain={k: sorted(x for x in xs if np.isfinite(x)) for k, xs in domain.items()},
+                             noise_floor=prep.noise_floor is not None)
         cals[cal.name], sizes_of[cal.name] = cal, sizes
         report[cal.name] = {"auroc_volume": round(auc, 4), "voxel_threshold": thr, "T_cm3": t,
                             "reference_cm3": ref}
@@ -360,10 +408,11 @@ class PatchMapScorer:
               affine: np.ndarray | None = None) -> MapResult:
         """``affine`` maps source-grid indices to patient mm (for lesion centroids)."""
         c = self.cal
-        prepared = _prepared(self.bundle, volume_hu, spacing, c.mask)[:2]
-        vals = _maps(self.bundle, [prepared], c.source, c.patch, c.overlap, c.per_voxel,
-                     c.min_mask_fraction, self._scorer)[0]
-        return self._result(vals, volume_hu, spacing, affine)
+        grid, m = _on_grid(self.bundle, volume_hu, spacing, c.mask)
+        stats = domain_stats(grid, m, self.bundle.preprocessing)
+        vals = _maps(self.bundle, [(self.bundle.preprocessing.intensities(grid, m), m)], c.source,
+                     c.patch, c.overlap, c.per_voxel, c.min_mask_fraction, self._scorer)[0]
+        return self._result(vals, volume_hu, spacing, affine, stats)
 
     def score_all(self, volume_hu: np.ndarray, spacing: tuple[float, float, float],
                   affine: np.ndarray | None = None) -> tuple[MapResult, dict[str, float]]:
@@ -376,17 +425,19 @@ class PatchMapScorer:
         if self._all is None:
             self._all = glow_map_sources_scorer(self.bundle.m0, self.bundle.m1,
                                                 self.bundle.preprocessing.n_bits)
-        grid01, m, _ = _prepared(self.bundle, volume_hu, spacing, c.mask)
+        grid, m = _on_grid(self.bundle, volume_hu, spacing, c.mask)
+        stats = domain_stats(grid, m, self.bundle.preprocessing)
+        grid01 = self.bundle.preprocessing.intensities(grid, m)
         maps = patch_maps(grid01, self._all, patch=c.patch, overlap=c.overlap, mask=m,
                           min_mask_fraction=c.min_mask_fraction, batch_size=64,
                           device=next(self.bundle.m0.parameters()).device)
         sizes = {name: abnormal_size(find_lesions(maps[name].values, float(v["voxel_threshold"]),
                                                   (iso,) * 3, min_size=c.min_size_cm3))
                  for name, v in c.validation.items() if name in maps}
-        return self._result(maps[c.name].values, volume_hu, spacing, affine), sizes
+        return self._result(maps[c.name].values, volume_hu, spacing, affine, stats), sizes
 
     def _result(self, vals: np.ndarray, volume_hu: np.ndarray, spacing: tuple[float, float, float],
-                affine: np.ndarray | None) -> MapResult:
+                affine: np.ndarray | None, stats: dict[str, float]) -> MapResult:
         """Lesions, abnormal volume and decision from a map on the model grid; the map and the
         lesions moved onto the source grid."""
         c = self.cal
@@ -410,4 +461,5 @@ class PatchMapScorer:
         return MapResult(values=src, lesions=moved, abnormal_cm3=size,
                          abnormal=size > c.size_threshold_cm3,
                          peak=float(finite.max()) if finite.size else float("nan"), source=c.source,
-                         percentile=c.percentile(size))
+                         percentile=c.percentile(size),
+                         domain={**stats, "outside": c.outside_domain(stats)})

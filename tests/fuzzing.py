@@ -806,7 +806,8 @@ def seed_corpus(*, badinput_cases: bool = True, max_bytes: int = 256 * 1024) -> 
         "phantom-head-ct": pack(badinput._files("head")),
         "phantom-chest-ct": pack(badinput._files("chest")),
         "phantom-head-ct-slice": badinput._files("head")[5],
-        "dicomgen-chest-ct": pack(dicomgen.ct_series("fuzz-ct", 25)),
+        # 40 x 40 x 50 mm: at least half a patch of the chest-CT model along every axis
+        "dicomgen-chest-ct": pack(dicomgen.ct_series("fuzz-ct", 25, rows=40, cols=40)),
         "dicomgen-cr": dicomgen.cr_image("fuzz-cr"),
         "dicomgen-dx": dicomgen.cr_image("fuzz-dx", modality="DX", sop_class=dicomgen.DX_PRESENTATION,
                                          rows=32, cols=32),

@@ -102,6 +102,31 @@ def test_scorer_maps_a_volume_on_its_own_finer_grid(patch_bundle: Bundle) -> Non
         assert le.size > 0
 
 
+def test_a_volume_unlike_the_validation_volumes_is_flagged(patch_bundle: Bundle) -> None:
+    """The scan's noise and the mask's volume, against the validation volumes' range."""
+    cal = map_calibration(patch_bundle)
+    assert set(cal.domain) == {"noise_hu", "mask_cm3"} and len(cal.domain["noise_hu"]) == 8
+    assert cal.noise_floor  # this bundle tops noise up: a quiet scan is in its domain
+    sc = PatchMapScorer(patch_bundle)
+    ps = make_chestct(2, shape=(16, 24, 32), spacing_mm=8.0, seed=11)
+    (v, sp), _ = ps.volumes()
+    r = sc.score(v, sp)
+    assert r.domain["outside"] == [] and r.domain["noise_hu"] > 0
+    # a header that says 2 mm where the voxels are 4 mm: lungs too small to be found
+    at4mm = make_chestct(1, shape=(32, 48, 64), spacing_mm=4.0, seed=12).images[0, 0]
+    small = sc.score(at4mm, (2.0, 2.0, 2.0))
+    assert small.domain["mask_cm3"] == 0.0
+    assert small.domain["outside"] == [f"mask_cm3 0 outside the validation volumes' "
+                                       f"{cal.domain['mask_cm3'][0]:.3g}-{cal.domain['mask_cm3'][-1]:.3g}"]
+    # a noisy scan (at this toy grid's 8 mm the lungs' texture reads as ~200 HU of noise; at
+    # 2-4 mm a scan's noise is 10-30 HU): above the range; below it only without a noise floor
+    hi = cal.domain["noise_hu"][-1]
+    assert cal.outside_domain({"noise_hu": hi * 1.3})[0].startswith("noise_hu")
+    assert cal.outside_domain({"noise_hu": hi * 1.2}) == []
+    assert replace(cal, noise_floor=False).outside_domain({"noise_hu": cal.domain["noise_hu"][0] / 2})
+    assert cal.outside_domain({"noise_hu": cal.domain["noise_hu"][0] / 2, "mask_cm3": float("nan")}) == []
+
+
 def test_scorer_refuses_bad_volumes_and_whole_image_bundles(patch_bundle: Bundle,
                                                             tiny_bundle: Bundle) -> None:
     sc = PatchMapScorer(patch_bundle)

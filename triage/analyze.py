@@ -158,7 +158,9 @@ def _patch_map(kind: str, scorer: PatchMapScorer, s: Series, levels: RankSetting
                     abnormal_cm3=float(res.abnormal_cm3), lesions=lesions,
                     map=np.asarray(res.values, dtype=np.float32),
                     details={"T_cm3": cal.size_threshold_cm3, "voxel_threshold": cal.voxel_threshold,
-                             "map_threshold": cal.voxel_threshold, "peak": res.peak})
+                             "map_threshold": cal.voxel_threshold, "peak": res.peak,
+                             # outside the validation volumes' noise or coverage: read with care
+                             "domain": res.domain})
 
 
 def to_stored_grid(values: np.ndarray, ops: Sequence[str]) -> np.ndarray:

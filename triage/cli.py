@@ -592,6 +592,7 @@ def _evaluate_patch_bundle(b: object, data: Path, out: Path, n_boot: int) -> Non
     n, volumes = _labelled_volumes(data)
     cases = []  # compact: each volume is dropped once its map is read (flows.mapeval.CaseMap)
     sizes: dict[str, list[float]] = {}  # every calibrated map's abnormal volume, side by side
+    outside: dict[str, list[str]] = {}  # cases outside the validation volumes' noise or coverage
     for v, sp, label, finding, truth, case in track(volumes, total=n, description="mapping volumes",
                                                     console=console):
         try:
@@ -600,6 +601,8 @@ def _evaluate_patch_bundle(b: object, data: Path, out: Path, n_boot: int) -> Non
             raise ValueError(f"{case}: {exc}") from exc
         for name, size in all_sizes.items():
             sizes.setdefault(name, []).append(size)
+        if r.domain.get("outside"):
+            outside[case] = r.domain["outside"]
         cases.append(case_from_result(v, r, scorer.cal.voxel_threshold, label=label,
                                       finding=finding, truth=truth, spacing=sp))
     window = (-1000.0, 300.0) if b.kind == "chestct" else (-20.0, 100.0)  # type: ignore[attr-defined]
@@ -607,7 +610,8 @@ def _evaluate_patch_bundle(b: object, data: Path, out: Path, n_boot: int) -> Non
     summary = write_report(out, cases, title=f"{b.name} on {data.name}",  # type: ignore[attr-defined]
                            window=window, n_boot=n_boot,
                            extra={"bundle": b.name, "map": scorer.cal.name,  # type: ignore[attr-defined]
-                                  "T_cm3": scorer.cal.size_threshold_cm3, "maps": maps})
+                                  "T_cm3": scorer.cal.size_threshold_cm3, "maps": maps,
+                                  "outside_domain": outside})
     table = Table(title=f"{b.name} on {data.name} ({scorer.cal.name} map)")  # type: ignore[attr-defined]
     table.add_column("metric")
     table.add_column("value")
@@ -623,6 +627,11 @@ def _evaluate_patch_bundle(b: object, data: Path, out: Path, n_boot: int) -> Non
         table.add_row(f"map {name}", format_auc(e, 3)
                       + (f", {diff['difference']:+.3f} vs chosen" if diff else " (chosen)"))
     Console().print(table)
+    if outside:
+        first, why = next(iter(outside.items()))
+        console.print(f"[yellow]{len(outside)} of {n} volumes lie outside the bundle's validation "
+                      f"volumes[/] (first: {first}: {'; '.join(why)}): their scores are "
+                      "extrapolations; summary.json lists them")
     console.print(f"report: {out / 'summary.md'}")
 
 
