@@ -371,3 +371,20 @@ def test_a_mask_saved_with_another_affine_is_refused(tmp_path: Path) -> None:
     nib.save(nib.Nifti1Image(np.asarray(nib.load(mask).dataobj), np.eye(4)), mask)  # a script's default
     with pytest.raises(ValueError, match=f"the mask {mask.name} lies elsewhere in the patient"):
         list(read_labelled(folder, volumes=True).cases())
+
+
+def test_evaluate_names_the_volumes_outside_the_bundles_domain(tmp_path: Path) -> None:
+    from flows.phantoms.chestct import make_chestct
+
+    folder = write_image_files(make_chestct(4, abnormal_fraction=0.5, seed=13), tmp_path / "ct", "nifti")
+    noisy = sorted(p for p in folder.glob("*.nii.gz") if "mask" not in p.name)[1]
+    img = nib.load(noisy)  # a sharp kernel or a low dose: far noisier than the validation scans
+    hu = np.asarray(img.dataobj) + np.random.default_rng(0).normal(0, 80, img.shape).astype(np.float32)
+    nib.save(nib.Nifti1Image(hu, img.affine), noisy)
+    res = runner.invoke(app, ["evaluate", "--bundle", str(ROOT / "models" / "chestct"), "--data", str(folder),
+                              "--out", str(tmp_path / "o"), "--n-boot", "20"])
+    assert res.exit_code == 0, (res.output, res.exception)
+    assert f"1 of 4 volumes lie outside the bundle's validation volumes (first: {noisy.name}: noise_hu" \
+        in " ".join(res.output.split())
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert list(summary["outside_domain"]) == [noisy.name]

@@ -117,6 +117,7 @@ def test_node_scores_a_mirrored_series_alike_and_maps_it_back(ct_pair: tuple[Pat
     assert rm.map is not None and ra.map is not None
     np.testing.assert_allclose(rm.map, ra.map[::-1, :, ::-1], equal_nan=True)
     assert rm.details["reoriented_from"] and "reoriented_from" not in ra.details
+    assert ra.details["domain"]["outside"] == [] and ra.details["domain"]["noise_hu"] > 0
     # a voxel threshold low enough for lesions, so that their positions are checked too
     scorer = models.patch_scorer("chestct")
     scorer.cal = replace(scorer.cal, voxel_threshold=float(np.nanpercentile(ra.map, 99.5)))

@@ -300,3 +300,13 @@ def test_study_timeline_from_receipt_to_delivery(tmp_path: Path, sqlite_db: Data
     rows = re.findall(r'<tr data-action="([^"]+)"><td>[^<]+</td><th>[^<]+</th><td>([^<]*)</td>', page.text)
     assert [a for a, _ in rows] == want
     assert [n.replace("&#39;", "'") for _, n in rows] == notes
+    assert 'data-domain="outside"' not in page.text
+    # a result unlike the bundle's validation scans says so on the page
+    from storage.models import Result
+
+    why = "noise_hu 80 outside the validation volumes' 11.8-29.1"
+    with sqlite_db.session() as ss:
+        res = ss.scalars(select(Result)).one()
+        res.details = {**res.details, "domain": {"noise_hu": 80.0, "outside": [why]}}
+    page = c.get(f"/studies/{study}")
+    assert re.search(r'data-domain="outside">[^<]*' + re.escape(why.replace("'", "&#39;")), page.text)
