@@ -27,6 +27,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from bench.accuracy import record  # noqa: E402
 from flows.evaluate import auc_rank, roc_auc_ci  # noqa: E402
 from flows.patchbundle import DEFAULT_MASK, _prepared  # noqa: E402
 from flows.patchmap import PatchGrid, select_patches  # noqa: E402
@@ -114,11 +115,7 @@ def main() -> None:
     res = {"tag": tag, "cfg": cfg, "auroc": round(ci.auc, 3), "ci": [round(ci.lo, 3), round(ci.hi, 3)],
            "per_finding": per, "top_patch_holds_lesion": round(float(np.mean(hits)), 3) if hits else None,
            "train_patches": len(x), "lesion_patches": len(pos), "s": round(time.time() - t0)}
-    line = json.dumps(res)
-    print(line, flush=True)
-    Path("runs").mkdir(exist_ok=True)
-    with open("runs/ctceiling.jsonl", "a") as f:
-        f.write(line + "\n")
+    record(res, "runs/ctceiling.jsonl")
 
 
 if __name__ == "__main__":
