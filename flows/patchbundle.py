@@ -353,7 +353,7 @@ def calibrate_patch_bundle(b: Bundle, validation: tuple[VolumeSet, np.ndarray],
                              per_voxel=per_voxel, min_mask_fraction=min_mask_fraction,
                              reference=reference, reference_cm3=ref,
                              domain={k: sorted(x for x in xs if np.isfinite(x)) for k, xs in domain.items()},
-                             noise_floor=prep.noise_floor is not None)
+                             noise_floor=bool(prep.noise_floor))
         cals[cal.name], sizes_of[cal.name] = cal, sizes
         report[cal.name] = {"auroc_volume": round(auc, 4), "voxel_threshold": thr, "T_cm3": t,
                             "reference_cm3": ref}

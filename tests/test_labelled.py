@@ -119,6 +119,11 @@ def test_evaluate_reports_a_class_too_small_for_an_auroc(tiny_bundle: Bundle, tm
     assert "n/a (1 abnormal, 5 normal)" in " ".join(res.output.split())
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert summary["scores"]["posterior"]["overall"]["auc"] is None
+    np.savez(tmp_path / "normals.npz", images=imgs, labels=np.zeros(6, dtype=int))
+    res = runner.invoke(app, ["evaluate", "--bundle", str(tiny_bundle.path), "--data",
+                              str(tmp_path / "normals.npz"), "--out", str(tmp_path / "o2")])
+    assert res.exit_code != 0
+    assert "all 6 cases are label 0 (normal); this report needs both classes" in " ".join(res.output.split())
 
 
 def test_training_reads_dicom_radiographs_of_different_sizes(tmp_path: Path) -> None:

@@ -61,17 +61,23 @@ def test_mirrored_rows_come_back_to_the_axial_order(axial: Series) -> None:
 
 def test_sagittal_series_is_permuted(axial: Series) -> None:
     a = volume_affine(axial)
-    # slices along x (left), rows towards the feet, columns towards the back
-    sag = np.transpose(axial.array, (2, 0, 1))[:, ::-1, :].copy()
-    origin = a @ np.array([4, 0, 0, 1.0])
-    stored = _series(sag, (2.0, 3.0, 1.0), origin[:3], (0, 1.0, 0, 0, 0, -1.0, 1.0, 0, 0))
+    # slices along the normal row x column = -x (towards the right), rows towards the feet,
+    # columns towards the back: stored voxel (k, r, c) is axial voxel (4 - r, c, 6 - k)
+    sag = np.transpose(axial.array, (2, 0, 1))[::-1, ::-1, :].copy()
+    stored = _series(sag, (2.0, 3.0, 1.0), (a @ np.array([4, 0, 6, 1.0]))[:3],
+                     (0, 1.0, 0, 0, 0, -1.0, -1.0, 0, 0))
+    d = np.asarray(stored.direction).reshape(3, 3)
+    np.testing.assert_allclose(np.cross(d[0], d[1]), d[2])  # as read_series stacks slices
     np.testing.assert_allclose(volume_affine(stored) @ np.array([6, 4, 5, 1.0]),
-                               a @ np.array([0, 5, 6, 1.0]))  # the same voxel in both
+                               a @ np.array([0, 5, 0, 1.0]))  # the same voxel in both
     c, back = canonical_volume(stored)
     assert back is not None
     np.testing.assert_array_equal(c.array, axial.array)
-    assert c.spacing == axial.spacing and c.sop_instance_uids == []
+    np.testing.assert_allclose(volume_affine(c), a, atol=1e-9)
+    assert c.spacing == axial.spacing and c.sop_instance_uids == []  # the slice axis moved
     np.testing.assert_array_equal(back.values(c.array), stored.array)
+    assert back.index([1, 2, 3]) == pytest.approx([3, 3, 2])
+    assert back.box([[0, 2], [1, 3], [0, 1]]) == [[6, 7], [3, 5], [1, 3]]
 
 
 def _mirror_rows(src: Path, dst: Path) -> None:

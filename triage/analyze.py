@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from nibabel.orientations import OrientationError
 
 from flows.bundle import Bundle, BundleError, load_bundle
 from flows.errors import ScoringError
@@ -198,8 +199,9 @@ def analyse_series(files: Sequence[Path], kind: str, models: Models,
         raise AnalysisError(f"routed as {kind} but the series is a single projection image")
     bundle = models.get(kind)
     t1 = time.perf_counter()
-    stored, (s, back) = s, canonical_volume(s)  # the models' axis order; maps go back to stored
+    stored = s
     try:
+        s, back = canonical_volume(s)  # the models' axis order; maps go back to the stored one
         out = (_patch_map(kind, models.patch_scorer(kind), s, levels) if _is_patch_bundle(bundle)
                else _posterior(kind, bundle, s, levels))
         if kind == "bct" and models.path("bct_patch") is not None:
@@ -207,17 +209,19 @@ def analyse_series(files: Sequence[Path], kind: str, models: Models,
             # the map, its threshold and lesions come from the patch bundle; the decision and
             # the level are the more urgent of the two
             out.abnormal_cm3, out.lesions, out.map = extra.abnormal_cm3, extra.lesions, extra.map
-            out.details.update({k: extra.details[k] for k in ("map_threshold", "T_cm3", "voxel_threshold")})
+            out.details.update({k: extra.details[k] for k in ("map_threshold", "T_cm3", "voxel_threshold",
+                                                              "domain")})
             out.abnormal = out.abnormal or extra.abnormal
             out.priority = min(out.priority, extra.priority)
             out.details["patch_bundle"] = f"{extra.bundle.name} {extra.bundle.version}"
-    except (ValueError, BundleError, ScoringError) as exc:  # PatchMapError is a ValueError
+        if back is not None:
+            out.map = back.values(out.map) if out.map is not None else None
+            for le in out.lesions or []:
+                le["centroid_index"], le["bbox"] = back.index(le["centroid_index"]), back.box(le["bbox"])
+            out.details["reoriented_from"] = s.meta["reoriented_from"]
+    # PatchMapError is a ValueError
+    except (ValueError, OrientationError, np.linalg.LinAlgError, BundleError, ScoringError) as exc:
         raise AnalysisError(f"scoring failed: {exc}") from exc
-    if back is not None:
-        out.map = back.values(out.map) if out.map is not None else None
-        for le in out.lesions or []:
-            le["centroid_index"], le["bbox"] = back.index(le["centroid_index"]), back.box(le["bbox"])
-        out.details["reoriented_from"] = s.meta["reoriented_from"]
     s = stored
     if out.map is not None and s.meta.get("orientation_ops"):
         out.map = to_stored_grid(out.map, s.meta["orientation_ops"])

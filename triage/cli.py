@@ -218,9 +218,9 @@ def _load_volumes(path: Path) -> tuple[Any, Any]:
     return vols, None
 
 
-def _all_normal(path: Path) -> None:
+def _all_normal(path: Path, volumes: bool) -> None:
     """A labelled set given as ``--normal`` must hold normal cases only (M0 is the normal model);
-    checked from its labels before any pixel is read."""
+    checked from its labels (of the cases training will read) before any pixel is read."""
     import numpy as np
 
     from triage.labelled import has_labels, read_labelled
@@ -228,7 +228,7 @@ def _all_normal(path: Path) -> None:
     if not has_labels(path):
         return
     if path.is_dir():
-        labels = read_labelled(path).labels
+        labels = read_labelled(path, volumes=volumes).labels
     else:
         with np.load(path, allow_pickle=False) as z:
             labels = np.asarray(z["labels"])
@@ -244,7 +244,7 @@ def _train_patch_bundle(p: object, out: Path, normal: Path, mixture: Path, valid
 
     if validation is None:
         raise ValueError("a patch bundle calibrates its map on a labelled --validation set")
-    _all_normal(normal)
+    _all_normal(normal, volumes=True)
     nv, _ = _load_volumes(normal)
     mv, _ = _load_volumes(mixture)
     vv, vl = _load_volumes(validation)
@@ -349,7 +349,7 @@ def train(
                                              batch_size=batch_size, device=device, members=members,
                                              resume=resume))
             return
-        _all_normal(normal)
+        _all_normal(normal, volumes=p.preprocessing.ndim == 3)
         n_imgs, _, _ = _load_set(normal, p.preprocessing, sets / "normal.npy")
         m_imgs, _, _ = _load_set(mixture, p.preprocessing, sets / "mixture.npy")
         val = None
@@ -549,13 +549,14 @@ def _radiograph_overlays(imgs: object, maps: object, score: object, findings: li
 
 
 def _both_classes(labels: Any, data: Path) -> None:
-    """An evaluation needs normal and abnormal cases: say so before any pixel is scored."""
+    """A whole-image report (ROC, histograms per class) needs normal and abnormal cases: say so
+    before any pixel is scored. (A patch bundle's report takes one class: its specificity.)"""
     import numpy as np
 
     y = np.asarray(labels)
     if y.size and (y == y[0]).all():
         raise ValueError(f"{data}: all {y.size} cases are label {int(y[0])} "
-                         f"({'abnormal' if y[0] else 'normal'}); an evaluation needs both classes")
+                         f"({'abnormal' if y[0] else 'normal'}); this report needs both classes")
 
 
 def _labelled_volumes(data: Path) -> tuple[int, Iterator[tuple[Any, tuple[float, ...], int, str, Any, str]]]:
@@ -566,7 +567,6 @@ def _labelled_volumes(data: Path) -> tuple[int, Iterator[tuple[Any, tuple[float,
 
     ps = _phantom_set(data)
     if ps is not None:
-        _both_classes(ps.labels, data)
         try:
             vols = ps.volumes()
         except ValueError as e:
@@ -576,7 +576,6 @@ def _labelled_volumes(data: Path) -> tuple[int, Iterator[tuple[Any, tuple[float,
     if not has_labels(data):
         raise ValueError(f"{data}: evaluation needs labels: {NO_LABELS}")
     ls = read_labelled(data, volumes=True)
-    _both_classes(ls.labels, data)
     return len(ls), ((s.array, s.spacing, int(label), finding, mask, case_name(s))
                      for (s, mask), label, finding in zip(ls.cases(), ls.labels, ls.findings, strict=True))
 
@@ -592,7 +591,7 @@ def _evaluate_patch_bundle(b: object, data: Path, out: Path, n_boot: int) -> Non
     n, volumes = _labelled_volumes(data)
     cases = []  # compact: each volume is dropped once its map is read (flows.mapeval.CaseMap)
     sizes: dict[str, list[float]] = {}  # every calibrated map's abnormal volume, side by side
-    outside: dict[str, list[str]] = {}  # cases outside the validation volumes' noise or coverage
+    outside: list[tuple[str, list[str]]] = []  # cases unlike the validation volumes, and why
     for v, sp, label, finding, truth, case in track(volumes, total=n, description="mapping volumes",
                                                     console=console):
         try:
@@ -602,7 +601,7 @@ def _evaluate_patch_bundle(b: object, data: Path, out: Path, n_boot: int) -> Non
         for name, size in all_sizes.items():
             sizes.setdefault(name, []).append(size)
         if r.domain.get("outside"):
-            outside[case] = r.domain["outside"]
+            outside.append((case, r.domain["outside"]))
         cases.append(case_from_result(v, r, scorer.cal.voxel_threshold, label=label,
                                       finding=finding, truth=truth, spacing=sp))
     window = (-1000.0, 300.0) if b.kind == "chestct" else (-20.0, 100.0)  # type: ignore[attr-defined]
@@ -611,7 +610,7 @@ def _evaluate_patch_bundle(b: object, data: Path, out: Path, n_boot: int) -> Non
                            window=window, n_boot=n_boot,
                            extra={"bundle": b.name, "map": scorer.cal.name,  # type: ignore[attr-defined]
                                   "T_cm3": scorer.cal.size_threshold_cm3, "maps": maps,
-                                  "outside_domain": outside})
+                                  "outside_domain": [{"case": c, "why": w} for c, w in outside]})
     table = Table(title=f"{b.name} on {data.name} ({scorer.cal.name} map)")  # type: ignore[attr-defined]
     table.add_column("metric")
     table.add_column("value")
@@ -628,7 +627,7 @@ def _evaluate_patch_bundle(b: object, data: Path, out: Path, n_boot: int) -> Non
                       + (f", {diff['difference']:+.3f} vs chosen" if diff else " (chosen)"))
     Console().print(table)
     if outside:
-        first, why = next(iter(outside.items()))
+        first, why = outside[0]
         console.print(f"[yellow]{len(outside)} of {n} volumes lie outside the bundle's validation "
                       f"volumes[/] (first: {first}: {'; '.join(why)}): their scores are "
                       "extrapolations; summary.json lists them")

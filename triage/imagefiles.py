@@ -69,7 +69,7 @@ def make_series(arr: np.ndarray, spacing: tuple[float, ...], name: str, modality
                   direction=direction, meta={"source_file": name})
 
 
-def _read_picture(path: Path, name: str) -> Series:
+def _read_picture(path: Path, name: str, binary_ok: bool = False) -> Series:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
@@ -78,7 +78,8 @@ def _read_picture(path: Path, name: str) -> Series:
             if frames > 1:
                 raise ImagingError(f"{name}: {frames} pages; store one image per file")
             im: Image.Image = f
-            if im.getexif().get(_EXIF_ORIENTATION, 1) != 1:  # a camera or phone export: stored turned
+            turned = int(im.getexif().get(_EXIF_ORIENTATION, 1))
+            if turned != 1:  # a camera or phone export: stored turned
                 im = ImageOps.exif_transpose(im)
             if im.mode == "P":
                 im = im.convert("RGBA" if "transparency" in im.info else "RGB")
@@ -96,9 +97,11 @@ def _read_picture(path: Path, name: str) -> Series:
         if colour.shape[2] == 3 and spread > _GREY_TOLERANCE * span:
             raise ImagingError(f"{name}: a colour image ({mode}); radiographs must be greyscale")
         arr = colour.astype(np.float32).mean(axis=2)
-    if mode == "1":
+    if mode == "1" and not binary_ok:
         raise ImagingError(f"{name}: a 1-bit image; radiographs need grey levels")
-    return make_series(arr, (float("nan"), float("nan")), name, "OT")
+    s = make_series(arr, (float("nan"), float("nan")), name, "OT")
+    s.meta["exif_orientation"] = turned
+    return s
 
 
 def _read_nifti(path: Path, name: str) -> Series:
@@ -151,15 +154,16 @@ def _read_npy(path: Path, name: str) -> Series:
     return make_series(np.asarray(arr), (nan,) * arr.ndim, name, "OT")
 
 
-def read_image_file(path: Path, *, root: Path | None = None) -> Series:
-    """One image file as a :class:`Series`; ``root`` makes its name (and UIDs) relative."""
+def read_image_file(path: Path, *, root: Path | None = None, mask: bool = False) -> Series:
+    """One image file as a :class:`Series`; ``root`` makes its name (and UIDs) relative.
+    ``mask``: a lesion mask, which may be a 1-bit picture."""
     path = Path(path)
     name = str(path.relative_to(root)) if root is not None else path.name
     if not path.is_file():
         raise ImagingError(f"{name}: no such file")
     kind = image_file_kind(path)
     if kind == "picture":
-        return _read_picture(path, name)
+        return _read_picture(path, name, binary_ok=mask)
     if kind == "nifti":
         return _read_nifti(path, name)
     if kind == "npy":

@@ -138,19 +138,25 @@ class Volumes(Sequence[tuple[np.ndarray, tuple[float, float, float]]]):
         return s.array, (sz, sy, sx)
 
 
-def _same_geometry(a: Series, b: Series, tol_mm: float = 0.01) -> bool:
-    """Whether two volumes' voxels lie at the same patient positions (both without geometry,
-    like pictures and .npy arrays, count as the same)."""
+def _same_geometry(a: Series, b: Series, tol_mm: float = 0.01) -> bool | None:
+    """Whether two volumes' voxels lie at the same patient positions; True when neither says
+    (pictures, .npy arrays), None when only one does."""
     from triage.orientation import volume_affine
 
-    if a.origin is None or a.direction is None or b.origin is None or b.direction is None:
-        return (a.origin is None) == (b.origin is None)
+    known = [s.origin is not None and s.direction is not None for s in (a, b)]
+    if not all(known):
+        return True if not any(known) else None
     return bool(np.allclose(volume_affine(a), volume_affine(b), rtol=0.0, atol=tol_mm))
 
 
 def case_name(s: Series) -> str:
-    """Where a case of a site's set came from, for messages: its file, or its DICOM folder."""
-    return str(s.meta.get("source_file") or s.meta.get("source_folder") or "a series")
+    """Where a case of a site's set came from, for messages: its file, or its DICOM folder and
+    series (one folder may hold several)."""
+    if s.meta.get("source_file"):
+        return str(s.meta["source_file"])
+    if s.meta.get("source_folder"):
+        return f"{s.meta['source_folder']} (series {s.series_instance_uid})"
+    return f"series {s.series_instance_uid}"
 
 
 def has_labels(path: Path) -> bool:
@@ -190,6 +196,7 @@ def _read_rows(path: Path) -> tuple[str, dict[str, _Row]]:
     if "mask" in cols and key != FILE_COLUMN:
         raise ValueError(f"{path}: a 'mask' column goes with a '{FILE_COLUMN}' column")
     table: dict[str, _Row] = {}
+    relabelled: list[tuple[int, str]] = []
     for line, row in enumerate(rows, start=2):
         uid, label = (row.get(key) or "").strip(), (row.get("label") or "").strip()
         if not uid:
@@ -200,7 +207,7 @@ def _read_rows(path: Path) -> tuple[str, dict[str, _Row]]:
         if label == "1" and finding.lower() == "normal":
             raise ValueError(f"{path}, line {line}: label 1 (abnormal) but finding 'normal'")
         if label == "0" and finding.lower() not in ("", "normal"):
-            raise ValueError(f"{path}, line {line}: label 0 (normal) but finding {finding!r}")
+            relabelled.append((line, finding))  # "No Finding", "negative": label 0 decides
         if key == FILE_COLUMN:  # one file, one key: ./a.png and a.png are the same image
             uid = posixpath.normpath(uid)
         if uid in table:
@@ -209,6 +216,11 @@ def _read_rows(path: Path) -> tuple[str, dict[str, _Row]]:
                           (row.get("mask") or "").strip())
     if not table:
         raise ValueError(f"{path}: no rows")
+    if relabelled:
+        names = sorted({f for _, f in relabelled})
+        log.warning("%s: %d row(s) with label 0 name a finding (%s; first on line %d); label 0 is "
+                    "read as normal", path, len(relabelled), ", ".join(repr(n) for n in names[:3]),
+                    relabelled[0][0])
     return key, table
 
 
@@ -313,15 +325,23 @@ def _read_file_rows(folder: Path, table: dict[str, _Row], volumes: bool | None) 
 
     def mask_reader(rel: str, mask: str) -> Callable[[Series], np.ndarray]:
         def read(s: Series) -> np.ndarray:
-            ms = read_image_file(root / mask, root=root)
+            ms = read_image_file(root / mask, root=root, mask=True)
             m = ms.array
+            turned = (s.meta.get("exif_orientation", 1), ms.meta.get("exif_orientation", 1))
+            if turned[0] != turned[1]:  # one of the two was turned upright on reading
+                raise ValueError(f"{csv_path}: {rel} carries EXIF Orientation {turned[0]} and its mask "
+                                 f"{mask} {turned[1]}: they would not line up; save both upright")
             if m.shape != s.array.shape:
                 raise ValueError(f"{csv_path}: the mask {mask} has shape {m.shape}, its image "
                                  f"{rel} {s.array.shape}")
-            if not _same_geometry(ms, s):  # same shape, another place: a mirrored mask, say
+            same = _same_geometry(ms, s)
+            if same is False:  # same shape, another place: a mirrored mask, say
                 raise ValueError(f"{csv_path}: the mask {mask} lies elsewhere in the patient than "
-                                 f"its image {rel} (their affines differ, or one has none); save "
-                                 "the mask with the image's affine")
+                                 f"its image {rel} (their affines differ); save the mask with the "
+                                 "image's affine")
+            if same is None:
+                log.warning("%s: only one of %s and its mask %s says where it lies in the patient; "
+                            "taken as aligned voxel for voxel", csv_path, rel, mask)
             return m != 0
         return read
 
