@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from triage.imaging import MAX_OUTPUT_BYTES, MAX_SIDE, ImagingError, Series
+from triage.orientation import canonical_volume
 
 __all__ = ["PICTURE_SUFFIXES", "image_file_kind", "image_file_paths", "make_series", "read_image_file"]
 
@@ -115,31 +116,29 @@ def _read_nifti(path: Path, name: str) -> Series:
             img = img.slicer[..., 0]
         elif len(shape) not in (2, 3):
             raise ImagingError(f"{name}: NIfTI of shape {shape}; one 2D image or 3D volume per file")
-        if len(img.shape) == 2:
-            img = nib.Nifti1Image(np.asarray(img.dataobj)[..., None], img.affine, img.header)
-        canon = nib.as_closest_canonical(img)  # array axes -> R, A, S
-        data = np.asarray(canon.get_fdata(dtype=np.float32))
-        affine = np.asarray(canon.affine, dtype=np.float64)
+        data = np.asarray(img.get_fdata(dtype=np.float32))
+        if data.ndim == 2:
+            data = data[..., None]
+        affine = np.asarray(img.affine, dtype=np.float64)
     except (ImageFileError, OSError, EOFError, ValueError) as exc:
         if isinstance(exc, ImagingError):
             raise
         raise ImagingError(f"{name}: unreadable NIfTI file ({type(exc).__name__}: {exc})") from exc
-    zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))  # voxel size along x, y, z
+    zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))  # voxel size along i, j, k
     if not np.all(np.isfinite(zooms)) or np.any(zooms <= 0):
         raise ImagingError(f"{name}: the header's voxel size {zooms.tolist()} is not positive")
-    # (x: R, y: A, z: S) -> (z: S, y: P, x: L), the array of an axial DICOM series
-    arr = data.transpose(2, 1, 0)[:, ::-1, ::-1]
-    nx, ny = data.shape[0], data.shape[1]
-    lps = np.diag([-1.0, -1.0, 1.0])
-    origin = lps @ (affine @ np.array([nx - 1, ny - 1, 0, 1.0]))[:3]
-    row_dir = lps @ -affine[:3, 0] / zooms[0]  # along a row: columns, towards the left
-    col_dir = lps @ -affine[:3, 1] / zooms[1]  # down a column: rows, towards posterior
-    normal = lps @ affine[:3, 2] / zooms[2]
-    if arr.shape[0] == 1:  # one slice: a 2D image
-        return make_series(arr[0], (float(zooms[1]), float(zooms[0])), name, "OT")
-    return make_series(arr, (float(zooms[2]), float(zooms[1]), float(zooms[0])), name, "OT",
-                   origin=(float(origin[0]), float(origin[1]), float(origin[2])),
-                   direction=tuple(float(v) for v in (*row_dir, *col_dir, *normal)))
+    # as stored: (k, j, i) as (slice, row, column), the affine's RAS turned into DICOM's LPS; then
+    # the one axis order every volume reaches the models in (triage.orientation)
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+    cosines = [lps[:3, a] / zooms[a] for a in (0, 1, 2)]  # column (i), row (j), slice (k) directions
+    stored = make_series(data.transpose(2, 1, 0), (float(zooms[2]), float(zooms[1]), float(zooms[0])),
+                         name, "OT", origin=(float(lps[0, 3]), float(lps[1, 3]), float(lps[2, 3])),
+                         direction=tuple(float(v) for v in np.concatenate(cosines)))
+    s = canonical_volume(stored)[0]
+    if s.array.shape[0] == 1:  # one axial slice: a 2D image
+        return make_series(s.array[0], (float(s.spacing[1]), float(s.spacing[2])), name, "OT")
+    s.meta = {"source_file": name}
+    return s
 
 
 def _read_npy(path: Path, name: str) -> Series:
