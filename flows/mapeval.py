@@ -108,10 +108,12 @@ def summarise(cases: Sequence[CaseMap], *, n_boot: int = 1000) -> dict[str, Any]
     tp = int((pred & (y == 1)).sum())
     fp = int((pred & (y == 0)).sum())
     fn = int((~pred & (y == 1)).sum())
+    n_pos, n_neg = int(y.sum()), int((y == 0).sum())
     out["accuracy"] = float((pred == (y == 1)).mean())
-    out["f1"] = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0
-    out["sensitivity"] = tp / max(int(y.sum()), 1)
-    out["specificity"] = float((~pred & (y == 0)).sum()) / max(int((y == 0).sum()), 1)
+    # undefined without abnormal (or normal) cases: None, not 0, in a set of one class
+    out["f1"] = 2 * tp / (2 * tp + fp + fn) if n_pos else None
+    out["sensitivity"] = tp / n_pos if n_pos else None
+    out["specificity"] = float((~pred & (y == 0)).sum()) / n_neg if n_neg else None
     with_truth = [c for c in cases if c.label and c.hit is not None]
     if with_truth:
         bins = {}

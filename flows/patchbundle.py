@@ -88,7 +88,9 @@ class MapCalibration:
             if not ref or not np.isfinite(v):
                 continue
             lo, hi = ref[0] / DOMAIN_MARGIN, ref[-1] * DOMAIN_MARGIN
-            if v > hi or (v < lo and not (k == "noise_hu" and self.noise_floor)):
+            # too little of the map above threshold is a clean scan, and a quiet one is topped up
+            low_ok = k.startswith("above:") or (k == "noise_hu" and self.noise_floor)
+            if v > hi or (v < lo and not low_ok):
                 out.append(f"{k} {v:.3g} outside the validation volumes' {ref[0]:.3g}-{ref[-1]:.3g}")
         return out
 
@@ -148,6 +150,14 @@ def _on_grid(bundle_or_preset: Bundle | Preset, volume_hu: np.ndarray,
     return grid, m
 
 
+def _above(values: np.ndarray, threshold: float) -> float:
+    """The share of a map's scored voxels above its voxel threshold. A focal finding keeps it at
+    a few percent; a scan unlike any the models were calibrated on (another kernel, slice
+    thickness or scanner) lifts the whole map, and with it this share."""
+    finite = values[np.isfinite(values)]
+    return float((finite > threshold).mean()) if finite.size else float("nan")
+
+
 DOMAIN_MARGIN = 1.25
 """A volume is outside a bundle's domain when a statistic lies beyond the validation volumes'
 range widened by this factor (below min / margin or above max × margin)."""
@@ -157,7 +167,8 @@ def domain_stats(grid_hu: np.ndarray, mask: np.ndarray | None, prep: Preprocessi
     """What a density model is most sensitive to besides anatomy, measured on the model grid
     before any noise harmonisation: the scan's noise (HU, inside the mask; kernel and dose) and
     the mask's volume (cm³, 0 when none is found; coverage, and a header whose voxel size is
-    wrong)."""
+    wrong). The share of the map above its threshold is added where the map is made
+    (``above:<map>``)."""
     assert prep.spacing is not None
     return {"noise_hu": float(noise_sd(grid_hu, prep.window, mask)),
             "mask_cm3": float(mask.sum()) * prep.spacing ** 3 / 1000.0 if mask is not None else 0.0}
@@ -344,6 +355,7 @@ def calibrate_patch_bundle(b: Bundle, validation: tuple[VolumeSet, np.ndarray],
                               ("likelihood", True), ("posterior", True)):
         maps = maps_of[f"{source}:voxel" if per_voxel else source]
         thr = voxel_threshold([m for m, lab in zip(maps, y, strict=True) if not lab], voxel_percentile)
+        domain[f"above:{source}{':voxel' if per_voxel else ''}"] = [_above(m, thr) for m in maps]
         sizes = _sizes(maps, thr, prep.spacing, min_size_cm3)
         t = choose_size_threshold(sizes, y)
         auc = auc_rank(y, sizes)
@@ -351,9 +363,7 @@ def calibrate_patch_bundle(b: Bundle, validation: tuple[VolumeSet, np.ndarray],
         cal = MapCalibration(source=source, patch=patch, overlap=overlap, mask=mask,
                              voxel_threshold=thr, min_size_cm3=min_size_cm3, size_threshold_cm3=t,
                              per_voxel=per_voxel, min_mask_fraction=min_mask_fraction,
-                             reference=reference, reference_cm3=ref,
-                             domain={k: sorted(x for x in xs if np.isfinite(x)) for k, xs in domain.items()},
-                             noise_floor=bool(prep.noise_floor))
+                             reference=reference, reference_cm3=ref, noise_floor=bool(prep.noise_floor))
         cals[cal.name], sizes_of[cal.name] = cal, sizes
         report[cal.name] = {"auroc_volume": round(auc, 4), "voxel_threshold": thr, "T_cm3": t,
                             "reference_cm3": ref}
@@ -365,7 +375,8 @@ def calibrate_patch_bundle(b: Bundle, validation: tuple[VolumeSet, np.ndarray],
                                        {k: v for k, v in sizes_of.items() if k != default})
     for k, (_, lower) in bounds.items():
         report[k]["gain_lower_bound"] = round(lower, 4)
-    chosen = replace(cals[pick or default], validation=report)
+    chosen = replace(cals[pick or default], validation=report,
+                     domain={k: sorted(x for x in xs if np.isfinite(x)) for k, xs in domain.items()})
     add_extra(b.path, PATCHMAP_FILE, json.dumps(asdict(chosen), indent=2).encode())
     log(f"patch bundle written to {b.path}: {chosen.name} map, T {chosen.size_threshold_cm3:.2f} cm³")
     return load_bundle(b.path, device=next(b.m0.parameters()).device)
@@ -457,6 +468,7 @@ class PatchMapScorer:
             moved.append(replace(le, centroid_index=tuple(map(float, ci)),
                                  centroid_mm=tuple(map(float, mm)), bbox=box))
         size = abnormal_size(moved)
+        stats = {**stats, f"above:{c.name}": _above(vals, c.voxel_threshold)}
         finite = vals[np.isfinite(vals)]
         return MapResult(values=src, lesions=moved, abnormal_cm3=size,
                          abnormal=size > c.size_threshold_cm3,

@@ -117,10 +117,11 @@ class Preprocessing:
         boxes = []
         for i in range(arr.shape[0]):
             img = arr[i].astype(np.float32, copy=False)
+            which = f"image {i}" if arr.shape[0] > 1 else "the image"
             if self.ndim == 3 and min(img.shape) < 2:
-                raise ValueError(f"{self.kind}: image {i} has shape {img.shape}: one slice is not a volume")
+                raise ValueError(f"{self.kind}: {which} has shape {img.shape}: one slice is not a volume")
             if float(img.max()) == float(img.min()):  # blank: a failed export, not anatomy
-                raise ValueError(f"{self.kind}: image {i} is blank (every pixel {float(img.flat[0]):g}); "
+                raise ValueError(f"{self.kind}: {which} is blank (every pixel {float(img.flat[0]):g}); "
                                  "nothing to score")
             if self.intensity == "window":
                 check_hounsfield(img, self.kind)

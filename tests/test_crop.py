@@ -58,7 +58,7 @@ def test_field_of_view_and_position_do_not_change_the_model_input() -> None:
 
 def test_blank_image_and_patch_models_are_refused_clearly() -> None:
     air = np.full((1, 8, 32, 32), -1000.0, np.float32)
-    with pytest.raises(ValueError, match="image 0 is blank"):
+    with pytest.raises(ValueError, match="the image is blank"):
         BCT.apply(air)
     air[0, 4, 16, 16] = -900.0  # not blank, but no tissue either
     with pytest.raises(ValueError, match="nothing above -300 to crop to"):

@@ -209,10 +209,16 @@ def test_a_mask_must_be_turned_as_its_image_and_may_be_1_bit(tmp_path: Path) -> 
     exif = Image.Exif()
     exif[0x0112] = 6
     Image.fromarray(np.ascontiguousarray(np.rot90(upright))).save(tmp_path / "a.png", exif=exif)
-    Image.fromarray(np.ascontiguousarray(np.rot90(lesion))).save(tmp_path / "a-mask.png")  # 1-bit, no EXIF
     (tmp_path / LABELS_CSV).write_text("file,label,finding,mask\na.png,1,nodule,a-mask.png\n")
-    with pytest.raises(ValueError, match=r"a\.png carries EXIF Orientation 6 and its mask a-mask\.png 1"):
+    # the mask drawn on the upright picture: the shapes show it, so it is read as it is (1-bit)
+    Image.fromarray(lesion).save(tmp_path / "a-mask.png")
+    ((s, m),) = list(read_labelled(tmp_path).cases())
+    assert np.array_equal(s.array, upright) and np.array_equal(m, lesion)
+    # stored turned, as the picture's pixels are, but without the tag: it would not line up
+    Image.fromarray(np.ascontiguousarray(np.rot90(lesion))).save(tmp_path / "a-mask.png")
+    with pytest.raises(ValueError, match=r"EXIF Orientation 6 and its mask a-mask\.png 1"):
         list(read_labelled(tmp_path).cases())
+    # turned and tagged like its picture
     Image.fromarray(np.ascontiguousarray(np.rot90(lesion))).save(tmp_path / "a-mask.png", exif=exif)
     ((s, m),) = list(read_labelled(tmp_path).cases())
     assert np.array_equal(s.array, upright) and np.array_equal(m, lesion)

@@ -105,7 +105,9 @@ def test_scorer_maps_a_volume_on_its_own_finer_grid(patch_bundle: Bundle) -> Non
 def test_a_volume_unlike_the_validation_volumes_is_flagged(patch_bundle: Bundle) -> None:
     """The scan's noise and the mask's volume, against the validation volumes' range."""
     cal = map_calibration(patch_bundle)
-    assert set(cal.domain) == {"noise_hu", "mask_cm3"} and len(cal.domain["noise_hu"]) == 8
+    maps = {"likelihood", "posterior", "likelihood:voxel", "posterior:voxel"}
+    assert set(cal.domain) == {"noise_hu", "mask_cm3", *(f"above:{m}" for m in maps)}
+    assert len(cal.domain["noise_hu"]) == 8
     assert cal.noise_floor  # this bundle tops noise up: a quiet scan is in its domain
     sc = PatchMapScorer(patch_bundle)
     ps = make_chestct(2, shape=(16, 24, 32), spacing_mm=8.0, seed=11)
@@ -124,6 +126,10 @@ def test_a_volume_unlike_the_validation_volumes_is_flagged(patch_bundle: Bundle)
     assert cal.outside_domain({"noise_hu": hi * 1.3})[0].startswith("noise_hu")
     assert cal.outside_domain({"noise_hu": hi * 1.2}) == []
     assert replace(cal, noise_floor=False).outside_domain({"noise_hu": cal.domain["noise_hu"][0] / 2})
+    # a map lifted as a whole (a scan unlike the validation ones) is flagged; a clean one is not
+    key = f"above:{cal.name}"
+    assert cal.outside_domain({key: 0.5})[0].startswith(key)
+    assert cal.outside_domain({key: 0.0}) == [] and key in r.domain
     assert cal.outside_domain({"noise_hu": cal.domain["noise_hu"][0] / 2, "mask_cm3": float("nan")}) == []
 
 

@@ -138,6 +138,13 @@ class Volumes(Sequence[tuple[np.ndarray, tuple[float, float, float]]]):
         return s.array, (sz, sy, sx)
 
 
+def _upright_by_shape(image: tuple[int, ...], mask: tuple[int, ...], orientation: int) -> bool:
+    """Whether an image and its mask read upright must line up although only one carried an EXIF
+    Orientation: a quarter turn (5-8) of a non-square picture changes its shape, so equal shapes
+    after reading mean both are upright."""
+    return orientation in (5, 6, 7, 8) and len(set(image)) > 1 and tuple(image) == tuple(mask)
+
+
 def _same_geometry(a: Series, b: Series, tol_mm: float = 0.01) -> bool | None:
     """Whether two volumes' voxels lie at the same patient positions; True when neither says
     (pictures, .npy arrays), None when only one does."""
@@ -328,9 +335,11 @@ def _read_file_rows(folder: Path, table: dict[str, _Row], volumes: bool | None) 
             ms = read_image_file(root / mask, root=root, mask=True)
             m = ms.array
             turned = (s.meta.get("exif_orientation", 1), ms.meta.get("exif_orientation", 1))
-            if turned[0] != turned[1]:  # one of the two was turned upright on reading
+            # one of the two was turned upright on reading: fine only where the shapes prove the
+            # other was stored upright (a quarter turn of a non-square image)
+            if turned[0] != turned[1] and not _upright_by_shape(s.array.shape, m.shape, max(turned)):
                 raise ValueError(f"{csv_path}: {rel} carries EXIF Orientation {turned[0]} and its mask "
-                                 f"{mask} {turned[1]}: they would not line up; save both upright")
+                                 f"{mask} {turned[1]}: they may not line up; save both upright")
             if m.shape != s.array.shape:
                 raise ValueError(f"{csv_path}: the mask {mask} has shape {m.shape}, its image "
                                  f"{rel} {s.array.shape}")
