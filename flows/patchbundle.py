@@ -177,6 +177,14 @@ def domain_stats(grid_hu: np.ndarray, mask: np.ndarray | None, prep: Preprocessi
 _T = TypeVar("_T")
 
 
+def _volume_name(vols: VolumeSet, i: int, what: str) -> str:
+    """``what`` volume i of n, and where it came from when the set can say (``describe(i)``, as
+    triage.labelled.Volumes does: its file or DICOM series)."""
+    where = f"{what} volume {i + 1} of {len(vols)}"
+    describe = getattr(vols, "describe", None)
+    return f"{where} ({describe(i)})" if describe is not None else where
+
+
 def _in_context(where: str, fn: Callable[..., _T], *args: Any) -> _T:
     """``fn(*args)``, a ValueError saying which volume of a set it was about."""
     try:
@@ -288,7 +296,7 @@ def build_patch_bundle(out: str | Path, *, preset: Preset, normal: VolumeSet, mi
     def patches(what: str, vols: VolumeSet, where: str, fraction: float) -> np.ndarray:
         got = []
         for i, (v, sp) in enumerate(vols):  # one volume in memory at a time: only its patches are kept
-            where_i = f"{what} volume {i + 1} of {len(vols)}"
+            where_i = _volume_name(vols, i, what)
             grid01, m, _ = _in_context(where_i, _prepared, preset, v, sp, where)
             got.append(sample_patches(grid01[None], m[None] if m is not None else None, patch,
                                       patches_per_volume, rng, min_mask_fraction=fraction))
@@ -340,7 +348,7 @@ def calibrate_patch_bundle(b: Bundle, validation: tuple[VolumeSet, np.ndarray],
     maps_of: dict[str, list[np.ndarray]] = {}
     domain: dict[str, list[float]] = {}
     for i, (v, sp) in enumerate(vols):
-        grid, m = _in_context(f"validation volume {i + 1} of {len(vols)}", _on_grid, b, v, sp, mask)
+        grid, m = _in_context(_volume_name(vols, i, "validation"), _on_grid, b, v, sp, mask)
         for k, x in domain_stats(grid, m, prep).items():
             domain.setdefault(k, []).append(x)
         grid01 = prep.intensities(grid, m)

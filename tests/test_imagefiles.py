@@ -429,3 +429,19 @@ def test_evaluate_names_the_volumes_outside_the_bundles_domain(tmp_path: Path) -
         in " ".join(res.output.split())
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert [o["case"] for o in summary["outside_domain"]] == [noisy.name]
+
+
+def test_a_training_volume_that_cannot_be_used_is_named(tmp_path: Path) -> None:
+    from flows.phantoms.chestct import make_chestct
+
+    normal = write_image_files(make_chestct(2, shape=(16, 24, 32), spacing_mm=8.0, seed=1), tmp_path / "n",
+                               "nifti", labelled=False)
+    nib.save(nib.Nifti1Image(np.full((4, 6, 6), -800.0, np.float32), np.diag([2.0, 2.0, 2.0, 1.0])),
+             normal / "fragment.nii.gz")
+    ps = make_chestct(4, shape=(16, 24, 32), spacing_mm=8.0, abnormal_fraction=0.5, seed=2)
+    val = write_image_files(ps, tmp_path / "v", "nifti")
+    res = runner.invoke(app, ["train", "--preset", "tiny-chestct", "--normal", str(normal), "--mixture",
+                              str(val), "--validation", str(val), "--out", str(tmp_path / "b")])
+    assert res.exit_code != 0
+    out = " ".join(res.output.split())
+    assert "normal volume 3 of 3 (fragment.nii.gz): chestct: the volume covers" in out

@@ -69,6 +69,22 @@ class LabelledSeries:
         return (read() for read in self.readers)
 
 
+@dataclass(frozen=True)
+class NamedReader:
+    """Reads one case when called; ``name`` says where it is (its file, or its DICOM folder and
+    series), so that a problem found later, in preprocessing or training, can name it."""
+
+    name: str
+    read: Callable[[], Series]
+
+    def __call__(self) -> Series:
+        return self.read()
+
+
+def _series_reader(g: SeriesFiles) -> NamedReader:
+    return NamedReader(f"{g.files[0].parent} (series {g.series_instance_uid})", g.read)
+
+
 def folder_readers(folder: Path, *, volumes: bool | None = None) -> list[Callable[[], Series]]:
     """One reader per image series under ``folder``, nothing read yet but DICOM headers: its
     DICOM series (grouped from their headers), then its picture and NIfTI files. With
@@ -76,12 +92,13 @@ def folder_readers(folder: Path, *, volumes: bool | None = None) -> list[Callabl
     only 2D images (projection radiographs, pictures)."""
     from triage.imagefiles import image_file_paths, read_image_file
 
-    readers: list[Callable[[], Series]] = [g.read for g in scan_series_folder(folder)
+    readers: list[Callable[[], Series]] = [_series_reader(g) for g in scan_series_folder(folder)
                                            if _kind_ok(g, volumes)]
     kinds = {None: {"picture", "nifti"}, True: {"nifti"}, False: {"picture"}}[volumes]
     paths = image_file_paths(folder, kinds=frozenset(kinds))
     _warn_same_names(folder, paths)
-    readers += [partial(read_image_file, p, root=folder) for p in paths]
+    readers += [NamedReader(str(p.relative_to(folder)), partial(read_image_file, p, root=folder))
+                for p in paths]
     return readers
 
 
@@ -119,6 +136,10 @@ class Volumes(Sequence[tuple[np.ndarray, tuple[float, float, float]]]):
 
     def __len__(self) -> int:
         return len(self.readers)
+
+    def describe(self, i: int) -> str:
+        """Where case ``i`` comes from (read nothing): for flows.patchbundle's messages."""
+        return str(getattr(self.readers[i], "name", f"case {i + 1}"))
 
     @overload
     def __getitem__(self, i: int) -> tuple[np.ndarray, tuple[float, float, float]]: ...
@@ -286,7 +307,7 @@ def read_labelled_folder(folder: Path, *, volumes: bool | None = None) -> Labell
     unused = sorted(set(table) - seen)
     if unused:
         raise ValueError(f"{path}: {len(unused)} row(s) name no series in the folder (first: {unused[0]})")
-    return LabelledSeries(np.asarray(labels, dtype=np.int64), findings, [g.read for g in found])
+    return LabelledSeries(np.asarray(labels, dtype=np.int64), findings, [_series_reader(g) for g in found])
 
 
 def _inside(folder: Path, rel: str, line: str) -> Path:
@@ -328,7 +349,7 @@ def _read_file_rows(folder: Path, table: dict[str, _Row], volumes: bool | None) 
                 raise ValueError(f"{csv_path}: {rel} is a {s.array.ndim}D array; this set needs "
                                  f"{_what(volumes)}")
             return s
-        return read
+        return NamedReader(rel, read)
 
     def mask_reader(rel: str, mask: str) -> Callable[[Series], np.ndarray]:
         def read(s: Series) -> np.ndarray:
