@@ -125,7 +125,7 @@ def _phantom_set(path: Path) -> Any:
         return None
 
 
-def _load_set(path: Path, prep: Preprocessing, store: Path | None = None
+def _load_set(path: Path, prep: Preprocessing, store: Path | None = None, normals_only: bool = False
               ) -> tuple[object, object, object]:
     """(preprocessed images, labels or None, phantom set or None) from .npz / folder. Images
     may differ in size (each is preprocessed on its own as it is read, into one array of
@@ -136,9 +136,13 @@ def _load_set(path: Path, prep: Preprocessing, store: Path | None = None
 
     ps = _phantom_set(path)
     if ps is not None:
+        if normals_only:
+            _all_normal(ps.labels, path)
         return prep.apply(ps.images), ps.labels, ps
     if has_labels(path):
         ls = read_labelled(path, volumes=prep.ndim == 3)
+        if normals_only:  # (``--normal``) before any pixel is read
+            _all_normal(ls.labels, path)
         return _on_model_grid(ls, len(ls), prep, store), ls.labels, None
     if path.is_dir():  # DICOM series and image files, each brought onto the model grid as read
         readers = folder_readers(path, volumes=prep.ndim == 3)
@@ -218,21 +222,11 @@ def _load_volumes(path: Path) -> tuple[Any, Any]:
     return vols, None
 
 
-def _all_normal(path: Path, volumes: bool) -> None:
-    """A labelled set given as ``--normal`` must hold normal cases only (M0 is the normal model);
-    checked from its labels (of the cases training will read) before any pixel is read."""
+def _all_normal(labels: Any, path: Path) -> None:
+    """A labelled set given as ``--normal`` must hold normal cases only (M0 is the normal model)."""
     import numpy as np
 
-    from triage.labelled import has_labels, read_labelled
-
-    if not has_labels(path):
-        return
-    if path.is_dir():
-        labels = read_labelled(path, volumes=volumes).labels
-    else:
-        with np.load(path, allow_pickle=False) as z:
-            labels = np.asarray(z["labels"])
-    if np.any(labels != 0):
+    if labels is not None and np.any(np.asarray(labels) != 0):
         k, n = int(np.count_nonzero(labels)), len(labels)
         raise ValueError(f"{path}: --normal holds {k} of {n} cases labelled abnormal; the normal set "
                          "must be all normal (drop those rows, or give the set as --mixture)")
@@ -244,8 +238,8 @@ def _train_patch_bundle(p: object, out: Path, normal: Path, mixture: Path, valid
 
     if validation is None:
         raise ValueError("a patch bundle calibrates its map on a labelled --validation set")
-    _all_normal(normal, volumes=True)
-    nv, _ = _load_volumes(normal)
+    nv, nl = _load_volumes(normal)  # lazy: the labels are checked before any pixel is read
+    _all_normal(nl, normal)
     mv, _ = _load_volumes(mixture)
     vv, vl = _load_volumes(validation)
     if vl is None:
@@ -349,8 +343,7 @@ def train(
                                              batch_size=batch_size, device=device, members=members,
                                              resume=resume))
             return
-        _all_normal(normal, volumes=p.preprocessing.ndim == 3)
-        n_imgs, _, _ = _load_set(normal, p.preprocessing, sets / "normal.npy")
+        n_imgs, _, _ = _load_set(normal, p.preprocessing, sets / "normal.npy", normals_only=True)
         m_imgs, _, _ = _load_set(mixture, p.preprocessing, sets / "mixture.npy")
         val = None
         if validation is not None:

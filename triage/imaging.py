@@ -493,14 +493,13 @@ def _is_part10(path: Path) -> bool:
 
 def _looks_like_bare_dicom(path: Path) -> bool:
     """A data set written without the Part 10 header: it starts with a group 0002 or 0008
-    element in little endian, tag then VR (explicit) or length (implicit)."""
+    element tag in little endian (only ever used for a warning)."""
     try:
         with path.open("rb") as fh:
             head = fh.read(8)
     except OSError:
         return False
-    return len(head) == 8 and head[:2] in (b"\x02\x00", b"\x08\x00") and (
-        head[4:6].isalpha() or head[4:8] != b"\x00\x00\x00\x00")
+    return len(head) == 8 and head[:2] in (b"\x02\x00", b"\x08\x00")
 
 
 def read_series_folder(folder: Path, *, spacing_tolerance: float = 0.01) -> list[Series]:
@@ -534,13 +533,17 @@ class SeriesFiles:
         order its slices, rows and columns were stored in."""
         from triage.orientation import canonical_volume
 
-        where = self.files[0].parent.relative_to(self.folder)
         try:
             s = canonical_volume(read_series(self.files, spacing_tolerance=spacing_tolerance))[0]
         except ImagingError as exc:
-            raise ImagingError(f"{self.folder}/{where}: {exc}") from exc
-        s.meta["source_folder"] = str(self.folder / where)
+            raise ImagingError(f"{self.files[0].parent}: {exc}") from exc
+        s.meta["source"] = self.name
         return s
+
+    @property
+    def name(self) -> str:
+        """Where the series is, for messages: its folder and UID (a folder may hold several)."""
+        return f"{self.files[0].parent} (series {self.series_instance_uid})"
 
 
 def scan_series_folder(folder: Path) -> list[SeriesFiles]:

@@ -82,7 +82,7 @@ class NamedReader:
 
 
 def _series_reader(g: SeriesFiles) -> NamedReader:
-    return NamedReader(f"{g.files[0].parent} (series {g.series_instance_uid})", g.read)
+    return NamedReader(g.name, g.read)
 
 
 def folder_readers(folder: Path, *, volumes: bool | None = None) -> list[Callable[[], Series]]:
@@ -149,12 +149,9 @@ class Volumes(Sequence[tuple[np.ndarray, tuple[float, float, float]]]):
     def __getitem__(self, i: int | slice) -> tuple[np.ndarray, tuple[float, float, float]] | Volumes:
         if isinstance(i, slice):
             return Volumes(self.readers[i])
-        from flows.preprocess import check_hounsfield
-
-        s = self.readers[i]()
+        s = self.readers[i]()  # flows checks the HU and names the volume (describe)
         if not s.is_volume:
             raise ValueError(f"{case_name(s)} is not a volume (shape {s.array.shape})")
-        check_hounsfield(s.array, case_name(s))
         sz, sy, sx = (float(x) for x in s.spacing)
         return s.array, (sz, sy, sx)
 
@@ -180,11 +177,7 @@ def _same_geometry(a: Series, b: Series, tol_mm: float = 0.01) -> bool | None:
 def case_name(s: Series) -> str:
     """Where a case of a site's set came from, for messages: its file, or its DICOM folder and
     series (one folder may hold several)."""
-    if s.meta.get("source_file"):
-        return str(s.meta["source_file"])
-    if s.meta.get("source_folder"):
-        return f"{s.meta['source_folder']} (series {s.series_instance_uid})"
-    return f"series {s.series_instance_uid}"
+    return str(s.meta.get("source_file") or s.meta.get("source") or f"series {s.series_instance_uid}")
 
 
 def has_labels(path: Path) -> bool:
